@@ -1,0 +1,29 @@
+"""lfma_kernels: fast LFMA (Layerwise Fourier Masked Adapter) layers for PyTorch.
+
+``dW = alpha * Re(ifft2(F))`` with ``F`` nonzero at K selected frequencies, evaluated without a
+dense spectrum or FFT where that is cheaper, folded into the frozen weight, and cached in eval.
+"""
+from . import reference
+from .functional import available_backends, delta_weight, lfma_linear
+from .layers import LFMALinear
+from .model import (
+    LFMAConfig,
+    ParameterCount,
+    apply_lfma,
+    lfma_state_dict,
+    load_lfma,
+    merge_lfma,
+    save_lfma,
+    trainable_parameters,
+    unload_lfma,
+    unmerge_lfma,
+)
+from .selection import Frequencies, num_frequencies, select_frequencies
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Frequencies", "LFMAConfig", "LFMALinear", "ParameterCount", "apply_lfma", "available_backends",
+    "delta_weight", "lfma_linear", "lfma_state_dict", "load_lfma", "merge_lfma", "num_frequencies",
+    "reference", "save_lfma", "select_frequencies", "trainable_parameters", "unload_lfma", "unmerge_lfma",
+]

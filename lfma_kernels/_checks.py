@@ -1,0 +1,45 @@
+"""Input validation shared by the functional API, the layer and the model tooling.
+
+Every check raises before anything is modified. Index range checks read the indices on the
+host (a device sync on GPU), so they run in the public entry points and once per layer
+construction, never inside a training step.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+
+def check_shape(shape: Sequence[int]) -> Tuple[int, int]:
+    if len(shape) != 2 or any(int(s) < 1 for s in shape):
+        raise ValueError(f"shape must be (d_out, d_in) with positive sizes, got {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def check_k(k: int, shape: Sequence[int]) -> int:
+    d_out, d_in = check_shape(shape)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {k!r}")
+    if not 1 <= k <= d_out * d_in:
+        raise ValueError(f"k must be in [1, d_out*d_in = {d_out * d_in}] for shape {(d_out, d_in)}, got {k}")
+    return k
+
+
+def check_frequencies(coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: Sequence[int]) -> None:
+    """Validate coefficients ``[K, 2]`` and the integer positions they sit at."""
+    d_out, d_in = check_shape(shape)
+    if coeffs.dim() != 2 or coeffs.shape[1] != 2 or coeffs.shape[0] < 1:
+        raise ValueError(f"coeffs must be a real tensor of shape [K, 2] (real, imag) with K >= 1, got {tuple(coeffs.shape)}")
+    if coeffs.is_complex() or not coeffs.is_floating_point():
+        raise ValueError(f"coeffs must be a real floating-point tensor [K, 2], got dtype {coeffs.dtype}")
+    for name, idx in (("rows", rows), ("cols", cols)):
+        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be a 1-D int64 tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+    if rows.shape[0] != cols.shape[0] or rows.shape[0] != coeffs.shape[0]:
+        raise ValueError(
+            f"rows, cols and coeffs must have the same length K, got {rows.shape[0]}, {cols.shape[0]}, {coeffs.shape[0]}")
+    for name, idx, bound in (("rows", rows, d_out), ("cols", cols, d_in)):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"{name} must lie in [0, {bound}) for shape {(d_out, d_in)}, found values in [{lo}, {hi}]")

@@ -1,0 +1,166 @@
+"""``LFMALinear``: a frozen ``nn.Linear`` plus K trained complex coefficients at fixed frequencies."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import check_frequencies, check_k
+from .ops import dispatch
+from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
+
+__all__ = ["LFMALinear"]
+
+
+def check_backend_name(backend: str) -> None:
+    if backend != "auto" and backend not in dispatch.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(dispatch.BACKENDS)}")
+
+
+class LFMALinear(nn.Module):
+    """``y = x (W + dW)^T + b`` with ``dW = alpha * Re(ifft2(F))``, ``F`` nonzero at K frequencies.
+
+    The wrapped ``base`` is frozen in place; only ``coeffs`` (``[K, 2]`` float32: real, imag) train.
+    Positions are the K strongest 2-D frequencies of an init matrix (``init="random"``: a seeded
+    Gaussian of std ``init_std``; ``"weight"``: the frozen weight; or a tensor), or, through
+    ``frequencies=``, positions and initial values chosen by the caller (FourierFT-style shared
+    positions, or a saved adapter).
+
+    In eval mode with no gradient needed for ``coeffs`` the layer multiplies by a cached
+    ``W + dW``, so inference costs exactly what the frozen layer costs. The cache is rebuilt when
+    ``coeffs`` or the weight change (in place included: it is keyed on the tensors' version
+    counters), and dropped on ``train()``, ``merge``/``unmerge`` and device or dtype moves.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        k: Optional[int] = None,
+        top_k_ratio: Optional[float] = None,
+        alpha: float = 12.0,
+        init: Union[str, torch.Tensor] = "random",
+        init_std: float = 1e-3,
+        seed: int = 0,
+        hermitian: bool = False,
+        backend: str = "auto",
+        frequencies: Optional[Frequencies] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LFMALinear wraps an nn.Linear, got {type(base).__name__}")
+        check_backend_name(backend)
+        shape = (base.out_features, base.in_features)
+        if frequencies is None:
+            if (k is None) == (top_k_ratio is None):
+                raise ValueError("pass exactly one of k and top_k_ratio")
+            k = check_k(k, shape) if k is not None else num_frequencies(shape, top_k_ratio)
+            frequencies = select_frequencies(init_matrix(init, base.weight, std=init_std, seed=seed), k,
+                                             hermitian=hermitian)
+        else:
+            values = frequencies.values
+            if not values.is_complex() or values.dim() != 1:
+                raise ValueError(f"frequencies.values must be a complex 1-D tensor, got {values.dtype} {tuple(values.shape)}")
+            check_frequencies(torch.view_as_real(values), frequencies.rows, frequencies.cols, shape)
+        device = base.weight.device
+        base.requires_grad_(False)
+        self.base = base
+        self.coeffs = nn.Parameter(torch.view_as_real(frequencies.values.detach()).to(device, torch.float32).clone())
+        self.register_buffer("rows", frequencies.rows.detach().to(device, torch.int64).clone())
+        self.register_buffer("cols", frequencies.cols.detach().to(device, torch.int64).clone())
+        self.alpha = float(alpha)
+        self.hermitian = bool(hermitian)
+        self.backend = backend
+        self._merged = False
+        self._cache: Optional[torch.Tensor] = None
+        self._cache_key: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def k(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def _impl(self, x: torch.Tensor):
+        return dispatch.resolve(self.backend, x.device, x.dtype, self.k, (self.out_features, self.in_features))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged:
+            return self.base(x)
+        if not self.training and not (torch.is_grad_enabled() and self.coeffs.requires_grad):
+            return F.linear(x, self._cached_weight(), self.base.bias)
+        return self._impl(x).lfma_linear(x, self.base.weight, self.base.bias, self.coeffs, self.rows, self.cols,
+                                         self.alpha)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``dW`` (float32, shaped like the weight), differentiable w.r.t. ``coeffs``."""
+        return self._impl(self.coeffs).delta_weight(self.coeffs, self.rows, self.cols,
+                                                    (self.out_features, self.in_features), self.alpha)
+
+    def _folded_weight(self, sign: float = 1.0) -> torch.Tensor:
+        w = self.base.weight
+        coeffs = self.coeffs if sign > 0 else -self.coeffs.detach()
+        return self._impl(w).folded_weight(w, coeffs, self.rows, self.cols, self.alpha)
+
+    def _cached_weight(self) -> torch.Tensor:
+        w, c = self.base.weight, self.coeffs
+        key = (c._version, c.data_ptr(), w._version, w.data_ptr(), w.device, w.dtype)
+        if self._cache is None or self._cache_key != key:
+            self._cache = self._folded_weight()
+            self._cache_key = key
+        return self._cache
+
+    def _drop_cache(self) -> None:
+        self._cache, self._cache_key = None, None
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Add ``dW`` into the frozen weight; ``safe=True`` refuses non-finite results and leaves
+        the weight untouched. Merging a merged layer does nothing."""
+        if self._merged:
+            return
+        merged = self._folded_weight()
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError("merge(safe=True): W + dW has non-finite values; the weight was left untouched")
+        self.base.weight.copy_(merged)
+        self._merged = True
+        self._drop_cache()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``dW`` from the weight again (exact up to rounding in the weight's dtype)."""
+        if not self._merged:
+            return
+        self.base.weight.copy_(self._folded_weight(sign=-1.0))
+        self._merged = False
+        self._drop_cache()
+
+    # ------------------------------------------------------------------ nn.Module hooks
+    def train(self, mode: bool = True) -> "LFMALinear":
+        self._drop_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        n = self.out_features * self.in_features
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+                f"ratio={self.k / n:.4g}, real_params={2 * self.k}, alpha={self.alpha}, "
+                f"hermitian={self.hermitian}, backend={self.backend!r}, merged={self._merged}")

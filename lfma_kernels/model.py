@@ -1,0 +1,302 @@
+"""Model-level tooling: apply LFMA to chosen ``nn.Linear`` layers, count, save/load, merge, unload."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ._checks import check_frequencies
+from .layers import LFMALinear, check_backend_name
+from .selection import Frequencies, num_frequencies
+
+__all__ = [
+    "LFMAConfig", "ParameterCount", "apply_lfma", "lfma_state_dict", "save_lfma", "load_lfma",
+    "merge_lfma", "unmerge_lfma", "unload_lfma", "trainable_parameters", "lfma_layers",
+]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "lfma_config.json"
+_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class LFMAConfig:
+    """Which layers get an adapter and how it is built (see ``LFMALinear`` for the options).
+
+    ``target_modules``: a list of module-name suffixes (``"query"`` matches ``encoder.layer.0.
+    attention.query``; ``"attn.q_proj"`` matches on whole dotted components) or one regex string
+    matched against the full name. ``modules_to_save``: suffixes of modules (a fresh classifier
+    head, say) trained fully and saved with the adapter. Layer ``i`` of the matches, in
+    ``named_modules`` order, draws its random init matrix with seed ``seed + i``, so layers of one
+    shape get different frequencies.
+    """
+
+    target_modules: Union[str, List[str]]
+    k: Optional[int] = None
+    top_k_ratio: Optional[float] = None
+    alpha: float = 12.0
+    init: str = "random"
+    init_std: float = 1e-3
+    seed: int = 0
+    hermitian: bool = False
+    backend: str = "auto"
+    modules_to_save: Sequence[str] = ()
+
+    def __init__(self, target_modules: Union[str, Sequence[str]], *, k: Optional[int] = None,
+                 top_k_ratio: Optional[float] = None, alpha: float = 12.0, init: str = "random",
+                 init_std: float = 1e-3, seed: int = 0, hermitian: bool = False, backend: str = "auto",
+                 modules_to_save: Sequence[str] = ()) -> None:
+        if (k is None) == (top_k_ratio is None):
+            raise ValueError("LFMAConfig: pass exactly one of k and top_k_ratio")
+        if top_k_ratio is not None and not 0 < top_k_ratio <= 1:
+            raise ValueError(f"LFMAConfig: top_k_ratio must be in (0, 1], got {top_k_ratio}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"LFMAConfig: k must be a positive int, got {k!r}")
+        if not isinstance(init, str):
+            raise ValueError("LFMAConfig: init must be 'random' or 'weight' (a tensor init is per layer: "
+                             "build LFMALinear directly)")
+        check_backend_name(backend)
+        if isinstance(target_modules, str):
+            re.compile(target_modules)
+        else:
+            target_modules = list(target_modules)
+            if not target_modules:
+                raise ValueError("LFMAConfig: target_modules is empty")
+        self.target_modules = target_modules
+        self.k, self.top_k_ratio, self.alpha, self.init = k, top_k_ratio, float(alpha), init
+        self.init_std, self.seed, self.hermitian, self.backend = float(init_std), int(seed), bool(hermitian), backend
+        self.modules_to_save = tuple(modules_to_save)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["modules_to_save"] = list(self.modules_to_save)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LFMAConfig":
+        d = dict(d)
+        return cls(d.pop("target_modules"), **d)
+
+
+class ParameterCount(NamedTuple):
+    coefficients: int  # trained complex LFMA coefficients
+    real: int          # trained real scalars (2 per coefficient, plus modules_to_save)
+    total: int         # every parameter of the model
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(_suffix_match(name, t) for t in targets)
+
+
+def _target_names(model: nn.Module, config: LFMAConfig) -> List[str]:
+    """Names of the modules ``config`` adapts; raises before anything is changed."""
+    adapted = tuple(n + "." for n in lfma_layers(model))
+    names = [n for n, m in model.named_modules() if n and not isinstance(m, LFMALinear) and
+             not n.startswith(adapted) and _matches(n, config.target_modules)]
+    if not names:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        shown = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
+        raise ValueError(f"target_modules={config.target_modules!r} matched no module; the model's nn.Linear "
+                         f"layers are: {shown or '(none)'}")
+    for n in names:
+        module = model.get_submodule(n)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"target {n!r} is a {type(module).__name__}, LFMA adapts nn.Linear layers only")
+    return names
+
+
+def lfma_layers(model: nn.Module) -> Dict[str, LFMALinear]:
+    """Every ``LFMALinear`` in ``model`` by its qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LFMALinear)}
+
+
+def _save_names(model: nn.Module, config: LFMAConfig) -> List[str]:
+    names = [n for n, _ in model.named_modules() if n and any(_suffix_match(n, s) for s in config.modules_to_save)]
+    missing = [s for s in config.modules_to_save if not any(_suffix_match(n, s) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} matched no module of the model")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _layer_k(config: LFMAConfig, shape: Tuple[int, int]) -> int:
+    return config.k if config.k is not None else num_frequencies(shape, config.top_k_ratio)
+
+
+def apply_lfma(model: nn.Module, config: LFMAConfig,
+               frequencies: Optional[Dict[str, Frequencies]] = None) -> nn.Module:
+    """Wrap every target ``nn.Linear`` in an ``LFMALinear`` in place and freeze everything but the
+    coefficients and ``modules_to_save``. ``frequencies`` (by layer name) overrides the selection,
+    as ``load_lfma`` does. Validates every layer before changing any."""
+    names = _target_names(model, config)
+    save_names = _save_names(model, config)
+    for n in names:
+        base = model.get_submodule(n)
+        k = config.k if frequencies is None or n not in frequencies else None
+        if k is not None and k > base.out_features * base.in_features:
+            raise ValueError(f"layer {n!r}: k={k} exceeds d_out*d_in = {base.out_features * base.in_features}")
+        if config.top_k_ratio is not None:
+            num_frequencies((base.out_features, base.in_features), config.top_k_ratio)
+    layers = {}
+    for i, n in enumerate(names):
+        base = model.get_submodule(n)
+        given = None if frequencies is None else frequencies.get(n)
+        if given is not None:
+            layers[n] = LFMALinear(base, alpha=config.alpha, hermitian=config.hermitian, backend=config.backend,
+                                   frequencies=given)
+        else:
+            layers[n] = LFMALinear(base, k=config.k, top_k_ratio=config.top_k_ratio, alpha=config.alpha,
+                                   init=config.init, init_std=config.init_std, seed=config.seed + i,
+                                   hermitian=config.hermitian, backend=config.backend)
+    model.requires_grad_(False)
+    for n, layer in layers.items():
+        _set_submodule(model, n, layer)
+        layer.coeffs.requires_grad_(True)
+    for n in save_names:
+        model.get_submodule(n).requires_grad_(True)
+    model.lfma_config = config
+    return model
+
+
+def lfma_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The adapter: ``coeffs``, ``rows``, ``cols`` of every layer plus the ``modules_to_save`` weights."""
+    state: Dict[str, torch.Tensor] = {}
+    for n, layer in lfma_layers(model).items():
+        for key in ("coeffs", "rows", "cols"):
+            state[f"{n}.{key}"] = getattr(layer, key).detach()
+    config = getattr(model, "lfma_config", None)
+    if config is not None:
+        for n in _save_names(model, config):
+            for key, tensor in model.get_submodule(n).state_dict().items():
+                state[f"{n}.{key}"] = tensor.detach()
+    return state
+
+
+def save_lfma(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
+    """Write ``adapter_model.safetensors`` and ``lfma_config.json`` into ``directory``."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "lfma_config", None)
+    if config is None or not lfma_layers(model):
+        raise ValueError("the model has no LFMA adapter to save (call apply_lfma first)")
+    layers = {n: [m.out_features, m.in_features, m.k] for n, m in lfma_layers(model).items()}
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in lfma_state_dict(model).items()}
+    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "lfma", "version": str(_FORMAT_VERSION)})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump({"format_version": _FORMAT_VERSION, "config": config.to_dict(), "layers": layers}, f, indent=2)
+
+
+def _load_files(directory) -> Tuple[LFMAConfig, Dict[str, list], Dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no LFMA adapter at {directory}: {os.path.basename(path)} is missing")
+    with open(config_path) as f:
+        saved = json.load(f)
+    if saved.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"{config_path}: unsupported format_version {saved.get('format_version')!r}")
+    return LFMAConfig.from_dict(saved["config"]), saved["layers"], load_file(weights_path)
+
+
+def load_lfma(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
+    """Apply the saved config to ``model`` (a model without adapters) and load the saved adapter.
+
+    Every layer's shape, K and index range, and every ``modules_to_save`` tensor, is checked
+    against the model before anything is changed; a mismatch raises ``ValueError`` naming the layer.
+    """
+    config, layers, state = _load_files(directory)
+    if lfma_layers(model):
+        raise ValueError("load_lfma expects a model without LFMA adapters; this one has "
+                         f"{len(lfma_layers(model))} (unload_lfma it, or load into a fresh model)")
+    names = _target_names(model, config)
+    if sorted(names) != sorted(layers):
+        extra, missing = sorted(set(names) - set(layers)), sorted(set(layers) - set(names))
+        raise ValueError(f"the saved adapter does not fit this model: layers only in the model {extra}, "
+                         f"only in the adapter {missing}")
+    frequencies = {}
+    for n in names:
+        base = model.get_submodule(n)
+        shape = (base.out_features, base.in_features)
+        d_out, d_in, k = layers[n]
+        if (d_out, d_in) != shape:
+            raise ValueError(f"layer {n!r}: the adapter was saved for shape {(d_out, d_in)}, the model's is {shape}")
+        try:
+            coeffs, rows, cols = (state[f"{n}.{key}"] for key in ("coeffs", "rows", "cols"))
+        except KeyError as e:
+            raise ValueError(f"layer {n!r}: {e.args[0]} is missing from {WEIGHTS_NAME}") from None
+        try:
+            check_frequencies(coeffs, rows, cols, shape)
+        except ValueError as e:
+            raise ValueError(f"layer {n!r}: {e}") from None
+        if coeffs.shape[0] != k or k != _layer_k(config, shape):
+            raise ValueError(f"layer {n!r}: the adapter holds {coeffs.shape[0]} coefficients, its config "
+                             f"gives k={_layer_k(config, shape)}")
+        device = base.weight.device
+        frequencies[n] = Frequencies(rows.to(device), cols.to(device),
+                                     torch.view_as_complex(coeffs.float().contiguous()).to(device))
+    save_state = {}
+    for n in _save_names(model, config):
+        module_state = model.get_submodule(n).state_dict()
+        for key, tensor in module_state.items():
+            saved = state.get(f"{n}.{key}")
+            if saved is None or saved.shape != tensor.shape:
+                got = "missing" if saved is None else f"shape {tuple(saved.shape)}"
+                raise ValueError(f"module to save {n!r}: {key} is {got} in the adapter, the model has "
+                                 f"shape {tuple(tensor.shape)}")
+        save_state[n] = {key: state[f"{n}.{key}"] for key in module_state}
+    apply_lfma(model, config, frequencies=frequencies)
+    for n, module_state in save_state.items():
+        model.get_submodule(n).load_state_dict(module_state)
+    return model
+
+
+def merge_lfma(model: nn.Module, safe: bool = False) -> None:
+    """Merge every adapter; with ``safe=True`` all layers are checked before any is merged."""
+    layers = list(lfma_layers(model).items())
+    if safe:
+        for n, layer in layers:
+            if not layer.merged and not torch.isfinite(layer._folded_weight()).all():
+                raise ValueError(f"merge_lfma(safe=True): layer {n!r} would get non-finite weights; nothing was merged")
+    for _, layer in layers:
+        layer.merge()
+
+
+def unmerge_lfma(model: nn.Module) -> None:
+    for layer in lfma_layers(model).values():
+        layer.unmerge()
+
+
+def unload_lfma(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain ``nn.Linear`` layers back; returns the model."""
+    merge_lfma(model)
+    for n, layer in lfma_layers(model).items():
+        _set_submodule(model, n, layer.base)
+    if hasattr(model, "lfma_config"):
+        del model.lfma_config
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Complex LFMA coefficients trained, real scalars trained (all trainable parameters), all parameters."""
+    coefficients = sum(m.k for m in lfma_layers(model).values() if m.coeffs.requires_grad)
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return ParameterCount(coefficients, real, total)

@@ -1,0 +1,1 @@
+"""Backends: one module per implementation, chosen through :mod:`lfma_kernels.ops.dispatch`."""

@@ -1,0 +1,235 @@
+"""The ``torch`` backend: pure PyTorch, any device.
+
+``dW`` is evaluated either as the separable rank-2K product of exact-phase cos/sin tables
+(cheap for small K) or by scattering the K coefficients into a Hermitian half-spectrum and
+running one ``irfft2`` (cheap for large K). ``lfma_linear`` folds ``dW`` into ``W`` so the layer
+costs one GEMM forward and one for ``dL/dx``; ``dL/dcoeffs`` comes from the cheaper of the dense
+weight gradient ``G = g^T x`` (then a partial DFT of ``G`` at the K points) and the separable
+batch path ``P = g A``, ``Q = x B`` (DESIGN section 1).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .common import compute_dtype, fold_weight, scale
+
+__all__ = [
+    "delta_weight",
+    "folded_weight",
+    "lfma_linear",
+    "phase_tables",
+    "delta_weight_separable",
+    "delta_weight_fft",
+    "coeff_grad_separable",
+    "coeff_grad_fft",
+    "coeff_grad_batch",
+    "use_separable",
+    "use_batch_grad",
+]
+
+# Crossover between the separable product (d_out*d_in*2K multiply-adds) and scatter + one real
+# 2-D FFT: the FFT wins when 2K > c(N) * log2(N). Measured with benchmarks/crossover.py on the
+# project's 2-core CPU (torch 2.13, float32, 2026-11-26): irfft2 overtakes the product at K ~ 70
+# for 768x768, ~100 for 1024x1024, ~150 for 768x3072 and ~350 for 4096x4096, so c is 7.3 at
+# 768x768 and grows like N^0.4 (the large transforms fall out of cache while the GEMM does not).
+# The forward rfft2 that reads the coefficient gradient is ~3.2x cheaper than irfft2 here.
+_FFT_C_768 = 7.3
+_RFFT_SPEEDUP = 3.2
+
+
+def phase_tables(idx: torch.Tensor, d: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``cos/sin(2 pi (m * idx[k] mod d) / d)`` for ``m < d``, shape ``[d, K]``.
+
+    The phase is reduced with exact integer arithmetic before any float is formed and then
+    looked up in a length-``d`` table built in float64: a float32 angle ``2 pi m u / d`` would
+    carry ~1e-4 relative error at d=768, the table lookup is correctly rounded.
+    """
+    device = idx.device
+    residue = (torch.arange(d, device=device, dtype=torch.int64)[:, None] * idx.to(torch.int64)[None, :]) % d
+    angle = torch.arange(d, device=device, dtype=torch.float64) * (2.0 * math.pi / d)
+    return torch.cos(angle).to(dtype)[residue], torch.sin(angle).to(dtype)[residue]
+
+
+def _separable_factors(coeffs, rows, cols, shape, alpha):
+    """``dW = L @ R^T`` with ``L = s [A_c a - A_s b, -(A_s a + A_c b)]`` and ``R = [B_c, B_s]``."""
+    dtype = compute_dtype(coeffs.dtype)
+    a, b = coeffs[:, 0].to(dtype), coeffs[:, 1].to(dtype)
+    ac, as_ = phase_tables(rows, shape[0], dtype)
+    bc, bs = phase_tables(cols, shape[1], dtype)
+    s = scale(shape, alpha)
+    left = torch.cat([(ac * a - as_ * b) * s, (as_ * a + ac * b) * (-s)], dim=1)
+    return left, torch.cat([bc, bs], dim=1)
+
+
+def delta_weight_separable(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
+    left, right = _separable_factors(coeffs, rows, cols, shape, alpha)
+    return left @ right.T
+
+
+def _half_spectrum_index(rows, cols, shape):
+    """Where each coefficient and its conjugate mirror land in an ``rfft2``-layout half spectrum.
+
+    Positions outside the stored half are redirected to column 0 with a zero weight, so there is
+    no boolean indexing (and no host sync on GPU)."""
+    d_out, d_in = shape
+    half = d_in // 2
+    mirror_rows, mirror_cols = (-rows) % d_out, (-cols) % d_in
+    keep, keep_mirror = cols <= half, mirror_cols <= half
+    return (rows, torch.where(keep, cols, 0), keep), (mirror_rows, torch.where(keep_mirror, mirror_cols, 0), keep_mirror)
+
+
+def delta_weight_fft(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
+    """Scatter into the Hermitian part ``(F + conj(F[-u,-v])) / 2`` of the spectrum and ``irfft2``:
+    ``Re(ifft2(F))`` equals ``ifft2`` of that Hermitian part, and ``irfft2`` needs half the work of
+    the paper's complex ``ifft2``."""
+    d_out, d_in = shape
+    dtype = compute_dtype(coeffs.dtype)
+    c = torch.complex(coeffs[:, 0].to(dtype), coeffs[:, 1].to(dtype)) * 0.5
+    (r, v, keep), (mr, mv, keep_m) = _half_spectrum_index(rows, cols, shape)
+    zero = torch.zeros((), dtype=c.dtype, device=c.device)
+    spectrum = torch.zeros((d_out, d_in // 2 + 1), dtype=c.dtype, device=c.device)
+    spectrum.index_put_((r, v), torch.where(keep, c, zero), accumulate=True)
+    spectrum.index_put_((mr, mv), torch.where(keep_m, c.conj(), zero), accumulate=True)
+    return torch.fft.irfft2(spectrum, s=(d_out, d_in)) * alpha
+
+
+def coeff_grad_separable(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
+    """``s * (sum G cos(theta), -sum G sin(theta))`` through ``G @ [B_c, B_s]`` (``d_out*d_in*2K``)."""
+    shape = grad_dw.shape
+    k = rows.shape[0]
+    ac, as_ = phase_tables(rows, shape[0], grad_dw.dtype)
+    bc, bs = phase_tables(cols, shape[1], grad_dw.dtype)
+    t = grad_dw @ torch.cat([bc, bs], dim=1)
+    tc, ts = t[:, :k], t[:, k:]
+    s = scale(shape, alpha)
+    return torch.stack([(ac * tc - as_ * ts).sum(0) * s, (as_ * tc + ac * ts).sum(0) * (-s)], dim=1)
+
+
+def coeff_grad_fft(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
+    """``s * (Re, Im) fft2(G)[u, v]``, read from one ``rfft2`` (``G`` is real, so the other half is
+    the conjugate mirror)."""
+    shape = grad_dw.shape
+    spectrum = torch.fft.rfft2(grad_dw)
+    (r, v, keep), (mr, mv, _) = _half_spectrum_index(rows, cols, shape)
+    value = torch.where(keep, spectrum[r, v], spectrum[mr, mv].conj())
+    return torch.view_as_real(value) * scale(shape, alpha)
+
+
+def coeff_grad_batch(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
+    """``dL/dcoeffs`` without forming ``G = g^T x``: ``P = g A``, ``Q = x B`` and
+    ``(dL/da, dL/db) = s (Re, -Im) sum_t P Q``; cost ``tokens * 2K * (d_out + d_in)``."""
+    k = rows.shape[0]
+    table_dtype = x2d.dtype
+    ac, as_ = phase_tables(rows, shape[0], table_dtype)
+    bc, bs = phase_tables(cols, shape[1], table_dtype)
+    p = (g2d @ torch.cat([ac, as_], dim=1)).to(dtype)
+    q = (x2d @ torch.cat([bc, bs], dim=1)).to(dtype)
+    pr, pi, qr, qi = p[:, :k], p[:, k:], q[:, :k], q[:, k:]
+    s = scale(shape, alpha)
+    return torch.stack([(pr * qr - pi * qi).sum(0) * s, (pr * qi + pi * qr).sum(0) * (-s)], dim=1)
+
+
+def _fft_cost(shape: Sequence[int], inverse: bool) -> float:
+    """An FFT's cost in the separable product's units (multiply-adds), see the constants above."""
+    n = shape[0] * shape[1]
+    c = _FFT_C_768 * (n / (768 * 768)) ** 0.4 / (1.0 if inverse else _RFFT_SPEEDUP)
+    return c * n * math.log2(max(n, 2))
+
+
+def use_separable(k: int, shape: Sequence[int], *, inverse: bool = True) -> bool:
+    """Separable product for ``dW`` (``inverse``) or for the gradient from ``G``, versus an FFT."""
+    return shape[0] * shape[1] * 2 * k < _fft_cost(shape, inverse)
+
+
+def use_batch_grad(tokens: int, k: int, shape: Sequence[int]) -> bool:
+    """Batch path (``tokens*2K*(d_out+d_in)``) versus ``G = g^T x`` plus a gather from ``G``."""
+    d_out, d_in = shape
+    dense = tokens * d_out * d_in + min(d_out * d_in * 2 * k, _fft_cost(shape, inverse=False))
+    return tokens * 2 * k * (d_out + d_in) < dense
+
+
+def _delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
+    if use_separable(rows.shape[0], shape):
+        return delta_weight_separable(coeffs, rows, cols, shape, alpha)
+    return delta_weight_fft(coeffs, rows, cols, shape, alpha)
+
+
+def _coeff_grad_dense(grad_dw, rows, cols, alpha, dtype) -> torch.Tensor:
+    grad_dw = grad_dw.to(compute_dtype(dtype))
+    if use_separable(rows.shape[0], grad_dw.shape, inverse=False):
+        return coeff_grad_separable(grad_dw, rows, cols, alpha)
+    return coeff_grad_fft(grad_dw, rows, cols, alpha)
+
+
+class DeltaWeightFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, coeffs, rows, cols, shape, alpha):
+        ctx.save_for_backward(rows, cols)
+        ctx.alpha, ctx.coeffs_dtype = alpha, coeffs.dtype
+        return _delta_weight(coeffs, rows, cols, tuple(shape), alpha)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_dw):
+        rows, cols = ctx.saved_tensors
+        grad = _coeff_grad_dense(grad_dw, rows, cols, ctx.alpha, ctx.coeffs_dtype)
+        return grad.to(ctx.coeffs_dtype), None, None, None, None
+
+
+class LFMALinearFunction(torch.autograd.Function):
+    """``F.linear(x, W + dW, bias)`` with one forward GEMM and a fused coefficient gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, coeffs, rows, cols, alpha):
+        shape = tuple(weight.shape)
+        w_eff = fold_weight(weight, _delta_weight(coeffs, rows, cols, shape, alpha))
+        out = F.linear(x, w_eff, bias)
+        ctx.save_for_backward(x, w_eff, rows, cols)
+        ctx.alpha, ctx.coeffs_dtype, ctx.has_bias = alpha, coeffs.dtype, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w_eff, rows, cols = ctx.saved_tensors
+        need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
+        shape = tuple(w_eff.shape)
+        g2d = grad_out.reshape(-1, shape[0])
+        x2d = x.reshape(-1, shape[1])
+        grad_x = grad_w = grad_b = grad_c = None
+        if need_x:
+            grad_x = (g2d @ w_eff).reshape(x.shape)
+        g_dense = None
+        if need_w or (need_c and not use_batch_grad(x2d.shape[0], rows.shape[0], shape)):
+            g_dense = g2d.T @ x2d
+        if need_w:
+            grad_w = g_dense
+        if need_c:
+            if g_dense is not None:
+                grad_c = _coeff_grad_dense(g_dense, rows, cols, ctx.alpha, ctx.coeffs_dtype)
+            else:
+                grad_c = coeff_grad_batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(ctx.coeffs_dtype))
+            grad_c = grad_c.to(ctx.coeffs_dtype)
+        if need_b and ctx.has_bias:
+            grad_b = g2d.sum(0)
+        return grad_x, grad_w, grad_b, grad_c, None, None, None
+
+
+def delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
+    """``dW`` in float32 (float64 for float64 coefficients), differentiable w.r.t. ``coeffs``."""
+    return DeltaWeightFunction.apply(coeffs, rows, cols, tuple(shape), float(alpha))
+
+
+def lfma_linear(x, weight, bias: Optional[torch.Tensor], coeffs, rows, cols, alpha) -> torch.Tensor:
+    return LFMALinearFunction.apply(x, weight, bias, coeffs, rows, cols, float(alpha))
+
+
+def folded_weight(weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
+    """``W + dW`` in ``W``'s dtype, no autograd: the eval cache and ``merge`` use it."""
+    with torch.no_grad():
+        return fold_weight(weight, _delta_weight(coeffs, rows, cols, tuple(weight.shape), float(alpha)))
