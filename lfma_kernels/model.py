@@ -229,8 +229,8 @@ def load_lfma(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module
     names = _target_names(model, config)
     if sorted(names) != sorted(layers):
         extra, missing = sorted(set(names) - set(layers)), sorted(set(layers) - set(names))
-        raise ValueError(f"the saved adapter does not fit this model: layers only in the model {extra}, "
-                         f"only in the adapter {missing}")
+        raise ValueError(f"the saved adapter does not fit this model: adapter layers the model lacks: {missing}; "
+                         f"model layers matching the saved targets that the adapter lacks: {extra}")
     frequencies = {}
     for n in names:
         base = model.get_submodule(n)

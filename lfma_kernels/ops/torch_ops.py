@@ -27,9 +27,10 @@ __all__ = [
     "delta_weight_fft",
     "coeff_grad_separable",
     "coeff_grad_fft",
-    "coeff_grad_batch",
+    "coeff_grad_batch_gemm",
+    "coeff_grad_batch_fft",
     "use_separable",
-    "use_batch_grad",
+    "coeff_grad_path",
 ]
 
 # Crossover between the separable product (d_out*d_in*2K multiply-adds) and scatter + one real
@@ -40,6 +41,10 @@ __all__ = [
 # The forward rfft2 that reads the coefficient gradient is ~3.2x cheaper than irfft2 here.
 _FFT_C_768 = 7.3
 _RFFT_SPEEDUP = 3.2
+# One batch of row rffts (tokens x d) costs _ROW_FFT_C * tokens * d * log2(d) GEMM multiply-adds:
+# at 4096 tokens an rfft of 768- or 1024-wide rows ran ~2.5x faster than the [768, 352] table
+# GEMM of the small-K batch path (benchmarks/crossover.py, same machine and date).
+_ROW_FFT_C = 16.0
 
 
 def phase_tables(idx: torch.Tensor, d: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -120,18 +125,39 @@ def coeff_grad_fft(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
     return torch.view_as_real(value) * scale(shape, alpha)
 
 
-def coeff_grad_batch(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
-    """``dL/dcoeffs`` without forming ``G = g^T x``: ``P = g A``, ``Q = x B`` and
-    ``(dL/da, dL/db) = s (Re, -Im) sum_t P Q``; cost ``tokens * 2K * (d_out + d_in)``."""
+def _pq_to_grad(p: torch.Tensor, q: torch.Tensor, shape, alpha) -> torch.Tensor:
+    """``(dL/da, dL/db) = s (Re, -Im) sum_t P[t] Q[t]`` for complex ``P``, ``Q`` of shape ``[tokens, K]``."""
+    total = (p * q).sum(0)
+    return torch.stack([total.real, -total.imag], dim=1) * scale(shape, alpha)
+
+
+def coeff_grad_batch_gemm(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
+    """``dL/dcoeffs`` without forming ``G = g^T x``: ``P = g A``, ``Q = x B`` through two GEMMs with the
+    exact-phase tables; cost ``tokens * 2K * (d_out + d_in)``."""
     k = rows.shape[0]
-    table_dtype = x2d.dtype
-    ac, as_ = phase_tables(rows, shape[0], table_dtype)
-    bc, bs = phase_tables(cols, shape[1], table_dtype)
+    ac, as_ = phase_tables(rows, shape[0], x2d.dtype)
+    bc, bs = phase_tables(cols, shape[1], x2d.dtype)
     p = (g2d @ torch.cat([ac, as_], dim=1)).to(dtype)
     q = (x2d @ torch.cat([bc, bs], dim=1)).to(dtype)
-    pr, pi, qr, qi = p[:, :k], p[:, k:], q[:, :k], q[:, k:]
-    s = scale(shape, alpha)
-    return torch.stack([(pr * qr - pi * qi).sum(0) * s, (pr * qi + pi * qr).sum(0) * (-s)], dim=1)
+    return _pq_to_grad(torch.complex(p[:, :k], p[:, k:]), torch.complex(q[:, :k], q[:, k:]), shape, alpha)
+
+
+def _row_spectrum_at(z2d: torch.Tensor, idx: torch.Tensor, d: int) -> torch.Tensor:
+    """``sum_m z[t, m] exp(+2 pi i m idx_k / d)`` for every row ``t``, read from one ``rfft`` of the rows:
+    ``exp(+2 pi i m u / d) = exp(-2 pi i m ((-u) mod d) / d)``, and bins past ``d/2`` are conjugate mirrors."""
+    spectrum = torch.fft.rfft(z2d, dim=1)
+    j = (-idx) % d
+    keep = j <= d // 2
+    value = spectrum.index_select(1, torch.where(keep, j, idx))
+    return torch.where(keep, value, value.conj())
+
+
+def coeff_grad_batch_fft(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
+    """The batch path with ``P = g A`` and ``Q = x B`` read off one real FFT of each row of ``g`` and
+    ``x``: ``tokens * (d_out log d_out + d_in log d_in)`` instead of ``tokens * 2K * (d_out + d_in)``."""
+    p = _row_spectrum_at(g2d.to(dtype), rows, shape[0])
+    q = _row_spectrum_at(x2d.to(dtype), cols, shape[1])
+    return _pq_to_grad(p, q, shape, alpha)
 
 
 def _fft_cost(shape: Sequence[int], inverse: bool) -> float:
@@ -146,11 +172,17 @@ def use_separable(k: int, shape: Sequence[int], *, inverse: bool = True) -> bool
     return shape[0] * shape[1] * 2 * k < _fft_cost(shape, inverse)
 
 
-def use_batch_grad(tokens: int, k: int, shape: Sequence[int]) -> bool:
-    """Batch path (``tokens*2K*(d_out+d_in)``) versus ``G = g^T x`` plus a gather from ``G``."""
+def coeff_grad_path(tokens: int, k: int, shape: Sequence[int]) -> str:
+    """How ``lfma_linear``'s backward gets ``dL/dcoeffs``: ``"dense"`` (``G = g^T x``, ``tokens*d_out*d_in``,
+    then a gather from ``G``), ``"gemm"`` (batch path through the phase tables, ``tokens*2K*(d_out+d_in)``)
+    or ``"fft"`` (batch path through a real FFT of every row of ``g`` and ``x``)."""
     d_out, d_in = shape
-    dense = tokens * d_out * d_in + min(d_out * d_in * 2 * k, _fft_cost(shape, inverse=False))
-    return tokens * 2 * k * (d_out + d_in) < dense
+    costs = {
+        "dense": tokens * d_out * d_in + min(d_out * d_in * 2 * k, _fft_cost(shape, inverse=False)),
+        "gemm": tokens * 2 * k * (d_out + d_in),
+        "fft": _ROW_FFT_C * tokens * (d_out * math.log2(max(d_out, 2)) + d_in * math.log2(max(d_in, 2))),
+    }
+    return min(costs, key=costs.get)
 
 
 def _delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
@@ -204,16 +236,16 @@ class LFMALinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_c = None
         if need_x:
             grad_x = (g2d @ w_eff).reshape(x.shape)
-        g_dense = None
-        if need_w or (need_c and not use_batch_grad(x2d.shape[0], rows.shape[0], shape)):
-            g_dense = g2d.T @ x2d
+        path = "dense" if need_w else coeff_grad_path(x2d.shape[0], rows.shape[0], shape)
+        g_dense = g2d.T @ x2d if need_w or (need_c and path == "dense") else None
         if need_w:
             grad_w = g_dense
         if need_c:
-            if g_dense is not None:
+            if path == "dense":
                 grad_c = _coeff_grad_dense(g_dense, rows, cols, ctx.alpha, ctx.coeffs_dtype)
             else:
-                grad_c = coeff_grad_batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(ctx.coeffs_dtype))
+                batch = coeff_grad_batch_gemm if path == "gemm" else coeff_grad_batch_fft
+                grad_c = batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(ctx.coeffs_dtype))
             grad_c = grad_c.to(ctx.coeffs_dtype)
         if need_b and ctx.has_bias:
             grad_b = g2d.sum(0)

@@ -1,0 +1,189 @@
+"""LFMALinear: the contract of DESIGN section 3, the eval cache, merge/unmerge, bad input."""
+import pytest
+import torch
+import torch.nn as nn
+
+import lfma_kernels as lfma
+from lfma_kernels.ops import torch_ops
+from conftest import FAST_BACKENDS, rel_err
+
+
+def make_layer(d_in=80, d_out=48, **kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("k", 17)
+    return lfma.LFMALinear(nn.Linear(d_in, d_out), **kwargs)
+
+
+@pytest.fixture
+def count_folds(monkeypatch):
+    """Counts how often W + dW is rebuilt (a cache miss)."""
+    calls = []
+    original = torch_ops.folded_weight
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch_ops, "folded_weight", counting)
+    return calls
+
+
+def test_contract_attributes():
+    base = nn.Linear(80, 48)
+    layer = lfma.LFMALinear(base, top_k_ratio=0.01, alpha=3.0)
+    assert layer.base is base and layer.alpha == 3.0 and isinstance(layer.alpha, float)
+    assert isinstance(layer.coeffs, nn.Parameter) and layer.coeffs.dtype == torch.float32
+    assert layer.coeffs.shape == (38, 2) and layer.coeffs.requires_grad
+    assert layer.rows.dtype == layer.cols.dtype == torch.int64
+    assert not any(p.requires_grad for p in base.parameters())
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["coeffs"]
+    assert {"coeffs", "rows", "cols", "base.weight", "base.bias"} == set(layer.state_dict())
+    assert "k=38" in repr(layer) and "real_params=76" in repr(layer) and "ratio=0.009896" in repr(layer)
+
+
+def test_initial_coefficients_are_the_init_spectrum():
+    init = torch.randn(48, 80)
+    layer = make_layer(init=init, k=10)
+    spectrum = torch.fft.fft2(init)
+    assert torch.equal(torch.view_as_complex(layer.coeffs.detach().contiguous()), spectrum[layer.rows, layer.cols])
+    a = make_layer(seed=1)
+    b = make_layer(seed=1)
+    c = make_layer(seed=2)
+    assert torch.equal(a.rows, b.rows) and not torch.equal(a.rows, c.rows)
+    w = make_layer(init="weight")
+    spectrum = torch.fft.fft2(w.base.weight.detach())
+    assert torch.equal(torch.view_as_complex(w.coeffs.detach().contiguous()), spectrum[w.rows, w.cols])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["auto", "reference"])
+def test_forward_backward_matches_oracle(backend):
+    layer = make_layer(backend=backend, hermitian=True)
+    x = torch.randn(2, 3, 80, requires_grad=True)
+    out = layer(x)
+    out.pow(2).sum().backward()
+    c = layer.coeffs.detach().double().requires_grad_(True)
+    xd = x.detach().double().requires_grad_(True)
+    ref = lfma.reference.lfma_linear(xd, layer.base.weight.double(), layer.base.bias.double(), c, layer.rows,
+                                     layer.cols, layer.alpha)
+    ref.pow(2).sum().backward()
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(layer.coeffs.grad, c.grad) <= 1e-5 and rel_err(x.grad, xd.grad) <= 1e-5
+    assert layer.base.weight.grad is None
+    assert rel_err(layer.delta_weight(), lfma.reference.delta_weight(c, layer.rows, layer.cols, (48, 80), layer.alpha)) <= 1e-5
+
+
+def test_eval_cache_hits_and_invalidation(count_folds):
+    layer = make_layer()
+    x = torch.randn(4, 80)
+    layer.eval()
+    with torch.no_grad():
+        first = layer(x)
+        layer(x)
+        layer(x)
+    assert len(count_folds) == 1, "the eval forward rebuilt W + dW although nothing changed"
+    with torch.inference_mode():
+        layer(x)
+    assert len(count_folds) == 1
+
+    # in-place coefficient update, as an optimizer step does
+    opt = torch.optim.SGD([layer.coeffs], lr=1e-3)
+    layer.coeffs.grad = torch.randn_like(layer.coeffs)
+    opt.step()
+    with torch.no_grad():
+        after_step = layer(x)
+    assert len(count_folds) == 2 and not torch.equal(first, after_step)
+    layer.train()
+    expected = layer(x)
+    assert rel_err(after_step, expected) <= 1e-6
+
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        layer.coeffs.mul_(2.0)
+        doubled = layer(x)
+    assert len(count_folds) == 4
+    layer.train()
+    assert rel_err(doubled, layer(x)) <= 1e-6
+
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        n = len(count_folds)
+        layer.double()
+        layer(x.double())
+    assert len(count_folds) == n + 1
+
+
+def test_eval_with_grad_enabled_still_trains_coeffs():
+    """model.eval() during training (to turn dropout off) must not silently stop coefficient grads."""
+    layer = make_layer().eval()
+    layer(torch.randn(3, 80)).sum().backward()
+    assert layer.coeffs.grad is not None and layer.coeffs.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("adam_foreach", [False, True])
+def test_cache_follows_optimizer_steps(adam_foreach):
+    layer = make_layer()
+    opt = torch.optim.Adam([layer.coeffs], lr=1e-2, foreach=adam_foreach)
+    x = torch.randn(5, 80)
+    for _ in range(3):
+        layer.train()
+        layer(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        layer.eval()
+        with torch.no_grad():
+            cached = layer(x)
+        assert rel_err(cached, lfma.reference.lfma_linear(
+            x.double(), layer.base.weight.double(), layer.base.bias.double(), layer.coeffs.detach().double(),
+            layer.rows, layer.cols, layer.alpha)) <= 1e-5
+
+
+def test_merge_unmerge_round_trip():
+    layer = make_layer()
+    x = torch.randn(6, 80)
+    original = layer.base.weight.detach().clone()
+    expected = layer(x).detach()
+    layer.merge()
+    assert layer.merged
+    assert rel_err(layer(x), expected) <= 1e-6
+    assert rel_err(layer.base(x), expected) <= 1e-6
+    layer.merge()  # merging twice is a no-op
+    assert rel_err(layer(x), expected) <= 1e-6
+    layer.unmerge()
+    assert not layer.merged
+    assert torch.allclose(layer.base.weight, original, atol=1e-6)
+    assert rel_err(layer(x), expected) <= 1e-6
+
+
+def test_safe_merge_refuses_non_finite():
+    layer = make_layer()
+    original = layer.base.weight.detach().clone()
+    with torch.no_grad():
+        layer.coeffs[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.base.weight, original) and not layer.merged
+
+
+def test_bad_construction():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        lfma.LFMALinear(nn.Conv1d(4, 4, 1), k=2)
+    base = nn.Linear(8, 6)
+    for kwargs, match in [
+        ({}, "exactly one"), ({"k": 2, "top_k_ratio": 0.1}, "exactly one"), ({"k": 0}, "k must be"),
+        ({"k": 49}, "k must be"), ({"top_k_ratio": 1.5}, "top_k_ratio"), ({"top_k_ratio": 0.001}, "selects no"),
+        ({"k": 2, "init": "zeros"}, "init must be"), ({"k": 2, "backend": "jax"}, "unknown backend"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lfma.LFMALinear(base, **kwargs)
+        assert all(p.requires_grad for p in base.parameters()), "a failed construction froze the base layer"
+
+
+def test_frequencies_argument():
+    rows, cols = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 7])
+    values = torch.randn(3, dtype=torch.complex64)
+    layer = lfma.LFMALinear(nn.Linear(8, 6), frequencies=lfma.Frequencies(rows, cols, values))
+    assert layer.k == 3 and torch.equal(layer.rows, rows)
+    with pytest.raises(ValueError, match="rows must lie in"):
+        lfma.LFMALinear(nn.Linear(8, 6), frequencies=lfma.Frequencies(rows + 4, cols, values))

@@ -1,0 +1,177 @@
+"""Model tooling: apply, freeze, count, save/load, merge/unmerge/unload, bad input."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lfma_kernels as lfma
+from conftest import rel_err
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(x + self.query(x) * torch.sigmoid(self.key(x)) + self.value(x))
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self, d=24, layers=3, classes=5):
+        super().__init__()
+        self.layer = nn.ModuleList(Attention(d) for _ in range(layers))
+        self.classifier = nn.Linear(d, classes)
+
+    def forward(self, x):
+        for block in self.layer:
+            x = block(x)
+        return self.classifier(x.mean(1))
+
+
+def fresh_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return TinyEncoder(**kwargs)
+
+
+def test_apply_by_suffix_freezes_and_counts():
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["query", "value"], k=7, modules_to_save=["classifier"]))
+    adapted = [n for n, m in model.named_modules() if isinstance(m, lfma.LFMALinear)]
+    assert adapted == [f"layer.{i}.{p}" for i in range(3) for p in ("query", "value")]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.coeffs" for n in adapted} | {"classifier.weight", "classifier.bias"}
+    count = lfma.trainable_parameters(model)
+    assert count == lfma.ParameterCount(6 * 7, 6 * 14 + 24 * 5 + 5, sum(p.numel() for p in model.parameters()))
+    # layers of one shape draw different init matrices, hence different frequencies
+    assert not torch.equal(model.layer[0].query.rows, model.layer[1].query.rows)
+
+
+def test_apply_by_regex_and_dotted_suffix():
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(r"layer\.[02]\.key", top_k_ratio=0.05))
+    assert isinstance(model.layer[0].key, lfma.LFMALinear) and isinstance(model.layer[2].key, lfma.LFMALinear)
+    assert not isinstance(model.layer[1].key, lfma.LFMALinear)
+    assert model.layer[0].key.k == int(24 * 24 * 0.05)
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["1.query"], k=3))
+    assert [n for n, m in model.named_modules() if isinstance(m, lfma.LFMALinear)] == ["layer.1.query"]
+
+
+@pytest.mark.parametrize("layers, shape, ratio, targets, expected", [
+    (12, 768, 0.0003, ["query"], 2_112),            # ViT-B, query
+    (12, 768, 0.0016, ["query", "value"], 22_632),  # RoBERTa-base, query + value
+])
+def test_paper_counts_on_models(layers, shape, ratio, targets, expected):
+    model = nn.Module()
+    model.layer = nn.ModuleList(nn.ModuleDict({"query": nn.Linear(shape, shape), "value": nn.Linear(shape, shape)})
+                                for _ in range(layers))
+    lfma.apply_lfma(model, lfma.LFMAConfig(targets, top_k_ratio=ratio))
+    count = lfma.trainable_parameters(model)
+    assert count.coefficients == expected and count.real == 2 * expected
+
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["query", "value"], top_k_ratio=0.02, hermitian=True,
+                                                           alpha=5.0, modules_to_save=["classifier"]))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(2, 6, 24)
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    lfma.save_lfma(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_model.safetensors", "lfma_config.json"]
+    saved = json.load(open(tmp_path / "lfma_config.json"))
+    assert saved["config"]["hermitian"] is True and saved["config"]["alpha"] == 5.0
+
+    loaded = lfma.load_lfma(fresh_model(), tmp_path)  # same base weights (seed 0), fresh head
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    state, state2 = lfma.lfma_state_dict(model), lfma.lfma_state_dict(loaded)
+    assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
+    assert "classifier.weight" in state and "layer.0.query.coeffs" in state
+    assert lfma.trainable_parameters(loaded) == lfma.trainable_parameters(model)
+
+
+def _saved(tmp_path, **config):
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["query"], k=5, modules_to_save=["classifier"], **config))
+    lfma.save_lfma(model, tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("target, match", [
+    (lambda: fresh_model(d=16), "layer.0.query"),             # other shapes
+    (lambda: fresh_model(layers=2), r"the model lacks: \['layer.2.query'\]"),  # other structure
+    (lambda: fresh_model(classes=3), "classifier"),            # head of another size
+])
+def test_load_mismatch_names_layer_and_changes_nothing(tmp_path, target, match):
+    _saved(tmp_path)
+    model = target()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        lfma.load_lfma(model, tmp_path)
+    assert not any(isinstance(m, lfma.LFMALinear) for m in model.modules())
+    assert before.keys() == model.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_rejects_config_mismatch(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / "lfma_config.json"
+    saved = json.load(open(path))
+    saved["config"]["k"] = 6
+    json.dump(saved, open(path, "w"))
+    with pytest.raises(ValueError, match="layer.0.query"):
+        lfma.load_lfma(fresh_model(), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        lfma.load_lfma(fresh_model(), tmp_path / "nowhere")
+
+
+def test_merge_unmerge_unload(tmp_path):
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["query", "value"], k=9))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lfma.LFMALinear):
+                m.coeffs.mul_(50.0)  # make dW matter
+    x = torch.randn(2, 5, 24)
+    expected = model(x).detach()
+    weight = model.layer[0].query.base.weight.detach().clone()
+    lfma.merge_lfma(model, safe=True)
+    assert all(m.merged for m in model.modules() if isinstance(m, lfma.LFMALinear))
+    assert rel_err(model(x), expected) <= 1e-5
+    lfma.unmerge_lfma(model)
+    assert torch.allclose(model.layer[0].query.base.weight, weight, atol=1e-6)
+    plain = lfma.unload_lfma(model)
+    assert not any(isinstance(m, lfma.LFMALinear) for m in plain.modules())
+    assert type(plain.layer[0].query) is nn.Linear
+    assert rel_err(plain(x), expected) <= 1e-5
+
+
+def test_merge_safe_checks_every_layer_first():
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["query"], k=3))
+    with torch.no_grad():
+        model.layer[2].query.coeffs[0, 0] = float("nan")
+    weights = [model.layer[i].query.base.weight.detach().clone() for i in range(3)]
+    with pytest.raises(ValueError, match="layer.2.query"):
+        lfma.merge_lfma(model, safe=True)
+    assert all(torch.equal(model.layer[i].query.base.weight, weights[i]) for i in range(3))
+    assert not any(model.layer[i].query.merged for i in range(3))
+
+
+def test_bad_targets_change_nothing():
+    model = fresh_model()
+    with pytest.raises(ValueError, match=r"matched no module.*layer\.0\.query"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["q_proj"], k=2))
+    with pytest.raises(TypeError, match="layer.0.norm"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["norm"], k=2))
+    with pytest.raises(ValueError, match="k=1000"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["query"], k=1000))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["query"], k=2, modules_to_save=["head"]))
+    assert not any(isinstance(m, lfma.LFMALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    for kwargs in ({}, {"k": 2, "top_k_ratio": 0.1}, {"top_k_ratio": 0.0}, {"k": 2, "backend": "numpy"}):
+        with pytest.raises(ValueError):
+            lfma.LFMAConfig(["query"], **kwargs)

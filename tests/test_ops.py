@@ -1,0 +1,183 @@
+"""Every fast backend against the float64 oracle: outputs, gradients, gradcheck, dtypes, bad input."""
+import pytest
+import torch
+
+import lfma_kernels as lfma
+from lfma_kernels.ops import torch_ops
+from conftest import FAST_BACKENDS, random_frequencies, rel_err
+
+SHAPES_K = [((48, 80), 1), ((48, 80), 37), ((97, 64), 1), ((97, 64), 203), ((33, 33), 33), ((16, 24), 384)]
+
+
+@pytest.fixture(params=["separable", "fft"])
+def dw_path(request, monkeypatch):
+    """Run a test once through each way the torch backend can build dW (and read dL/dcoeffs from G)."""
+    monkeypatch.setattr(torch_ops, "use_separable", lambda k, shape, inverse=True: request.param == "separable")
+    return request.param
+
+
+@pytest.fixture(params=["dense", "gemm", "fft"])
+def grad_path(request, monkeypatch):
+    """Run a test once through each way lfma_linear's backward can get dL/dcoeffs."""
+    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["auto"])
+@pytest.mark.parametrize("shape, k", SHAPES_K)
+def test_delta_weight_matches_oracle(backend, shape, k, dw_path, gen):
+    coeffs, rows, cols = random_frequencies(shape, k, generator=gen)
+    ref = lfma.reference.delta_weight(coeffs.double(), rows, cols, shape, 12.0)
+    out = lfma.delta_weight(coeffs, rows, cols, shape, 12.0, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == shape
+    assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("k", [7, 400])
+def test_delta_weight_phase_precision_4096(backend, k, gen):
+    """A float32 angle 2*pi*m*u/d would be off by ~1e-4 here; exact integer reduction keeps 1e-5."""
+    shape = (4096, 4096)
+    coeffs, rows, cols = random_frequencies(shape, k, generator=gen)
+    # The closed form at a few hundred entries is an independent float64 oracle at this size.
+    ref = lfma.reference.delta_weight(coeffs.double(), rows, cols, shape, 1.0)
+    out = lfma.delta_weight(coeffs, rows, cols, shape, 1.0, backend=backend)
+    assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_delta_weight_output_dtype_and_repeats(backend, gen):
+    coeffs, rows, cols = random_frequencies((20, 30), 5, generator=gen)
+    once = lfma.delta_weight(coeffs, rows, cols, (20, 30), 2.0, backend=backend)
+    twice = lfma.delta_weight(torch.cat([coeffs, coeffs]), torch.cat([rows, rows]), torch.cat([cols, cols]),
+                              (20, 30), 2.0, backend=backend)
+    assert rel_err(twice, 2 * once) <= 1e-6
+    half = lfma.delta_weight(coeffs, rows, cols, (20, 30), 2.0, backend=backend, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and rel_err(half, once) <= 1e-2
+    assert lfma.delta_weight(coeffs.double(), rows, cols, (20, 30), 2.0, backend=backend).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("shape, k", [((6, 10), 3), ((7, 5), 9)])
+def test_delta_weight_gradcheck(backend, shape, k, dw_path, gen):
+    coeffs, rows, cols = random_frequencies(shape, k, generator=gen, dtype=torch.float64)
+    coeffs.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda c: lfma.delta_weight(c, rows, cols, shape, 1.7, backend=backend), (coeffs,))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lfma_linear_gradcheck(backend, with_bias, grad_path, dw_path, gen):
+    shape, k = (6, 9), 4
+    coeffs, rows, cols = random_frequencies(shape, k, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 3, shape[1], generator=gen, dtype=torch.float64)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    bias = torch.randn(shape[0], generator=gen, dtype=torch.float64) if with_bias else None
+    inputs = [t.requires_grad_(True) for t in (x, weight, coeffs)] + ([bias.requires_grad_(True)] if with_bias else [])
+
+    def fn(x, weight, coeffs, *maybe_bias):
+        return lfma.lfma_linear(x, weight, maybe_bias[0] if maybe_bias else None, coeffs, rows, cols, 2.5,
+                                backend=backend)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+    # the usual case: frozen weight, only x and coeffs need grad
+    weight.requires_grad_(False)
+    assert torch.autograd.gradcheck(lambda x, c: fn(x, weight, c), (x, coeffs))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["auto"])
+@pytest.mark.parametrize("shape, k", [((48, 80), 37), ((97, 64), 203), ((33, 33), 1)])
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3, 4)])
+def test_lfma_linear_matches_oracle(backend, shape, k, lead, grad_path, gen):
+    coeffs, rows, cols = random_frequencies(shape, k, generator=gen)
+    x = torch.randn(*lead, shape[1], generator=gen)
+    weight = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+    bias = torch.randn(shape[0], generator=gen)
+    grad = torch.randn(*lead, shape[0], generator=gen)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, coeffs)]
+        out = fn(leaves[0], weight.to(dtype), bias.to(dtype), leaves[1])
+        out.backward(grad.to(dtype))
+        return out, leaves[0].grad, leaves[1].grad
+
+    ref = run(lambda x, w, b, c: lfma.reference.lfma_linear(x, w, b, c, rows, cols, 12.0), torch.float64)
+    out = run(lambda x, w, b, c: lfma.lfma_linear(x, w, b, c, rows, cols, 12.0, backend=backend), torch.float32)
+    for got, want, name in zip(out, ref, ("output", "grad x", "grad coeffs")):
+        assert got.dtype == torch.float32, name
+        assert rel_err(got, want) <= 1e-5, name
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lfma_linear_low_precision(backend, dtype, grad_path, gen):
+    """bf16/fp16 activations and weight, float32 coefficients: dW accumulates in float32."""
+    shape, k = (48, 80), 30
+    coeffs, rows, cols = random_frequencies(shape, k, generator=gen)
+    x = torch.randn(7, shape[1], generator=gen)
+    weight = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+    g = torch.randn(7, shape[0], generator=gen)
+    ref_c = coeffs.double().requires_grad_(True)
+    ref = lfma.reference.lfma_linear(x.double(), weight.double(), None, ref_c, rows, cols, 12.0)
+    ref.backward(g.double())
+    c = coeffs.clone().requires_grad_(True)
+    xl = x.to(dtype).requires_grad_(True)
+    out = lfma.lfma_linear(xl, weight.to(dtype), None, c, rows, cols, 12.0, backend=backend)
+    out.backward(g.to(dtype))
+    assert out.dtype == dtype and xl.grad.dtype == dtype and c.grad.dtype == torch.float32
+    assert rel_err(out, ref) <= 1e-2
+    assert rel_err(c.grad, ref_c.grad) <= 1e-2
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_weight_and_bias_gradients(backend, gen):
+    shape, k = (12, 20), 6
+    coeffs, rows, cols = random_frequencies(shape, k, generator=gen)
+    x = torch.randn(4, shape[1], generator=gen)
+    weight = torch.randn(shape, generator=gen, requires_grad=True)
+    bias = torch.randn(shape[0], generator=gen, requires_grad=True)
+    lfma.lfma_linear(x, weight, bias, coeffs, rows, cols, 1.0, backend=backend).pow(2).sum().backward()
+    w2, b2 = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+    lfma.reference.lfma_linear(x, w2, b2, coeffs, rows, cols, 1.0).pow(2).sum().backward()
+    assert rel_err(weight.grad, w2.grad) <= 1e-5 and rel_err(bias.grad, b2.grad) <= 1e-5
+
+
+def test_available_backends_and_unavailable_errors():
+    names = lfma.available_backends()
+    assert "reference" in names and "torch" in names
+    assert set(names) <= {"reference", "torch", "triton", "cpp", "cuda"}
+    coeffs, rows, cols = random_frequencies((8, 8), 2)
+    for name in {"triton", "cpp", "cuda"} - set(names):
+        with pytest.raises(RuntimeError, match=f"backend '{name}' is not available"):
+            lfma.delta_weight(coeffs, rows, cols, (8, 8), 1.0, backend=name)
+    with pytest.raises(RuntimeError, match="unknown backend"):
+        lfma.delta_weight(coeffs, rows, cols, (8, 8), 1.0, backend="fft")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c, r, k: (c[:, :1], r, k), r"\[K, 2\]"),
+    (lambda c, r, k: (c.flatten(), r, k), r"\[K, 2\]"),
+    (lambda c, r, k: (c, r[:-1], k), "same length"),
+    (lambda c, r, k: (c, r + 8, k), "rows must lie in"),
+    (lambda c, r, k: (c, r, k - 100), "cols must lie in"),
+    (lambda c, r, k: (c, r.float(), k), "int64"),
+    (lambda c, r, k: (torch.view_as_complex(c.contiguous()), r, k), "coeffs"),
+])
+def test_bad_frequencies(mutate, message):
+    coeffs, rows, cols = random_frequencies((8, 10), 3)
+    coeffs, rows, cols = mutate(coeffs, rows, cols)
+    with pytest.raises(ValueError, match=message):
+        lfma.delta_weight(coeffs, rows, cols, (8, 10), 1.0)
+    with pytest.raises(ValueError, match=message):
+        lfma.lfma_linear(torch.randn(2, 10), torch.randn(8, 10), None, coeffs, rows, cols, 1.0)
+
+
+def test_bad_linear_inputs():
+    coeffs, rows, cols = random_frequencies((8, 10), 3)
+    with pytest.raises(ValueError, match="x must end in"):
+        lfma.lfma_linear(torch.randn(2, 9), torch.randn(8, 10), None, coeffs, rows, cols, 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        lfma.lfma_linear(torch.randn(2, 10), torch.randn(8, 10), torch.randn(9), coeffs, rows, cols, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        lfma.delta_weight(coeffs, rows, cols, (8, 0), 1.0)
