@@ -45,6 +45,11 @@ _RFFT_SPEEDUP = 3.2
 # at 4096 tokens an rfft of 768- or 1024-wide rows ran ~2.5x faster than the [768, 352] table
 # GEMM of the small-K batch path (benchmarks/crossover.py, same machine and date).
 _ROW_FFT_C = 16.0
+# ...and gathering the K bins of every token and reducing their products costs ~1000 multiply-adds
+# per (token, K) pair (a gather of scattered rows and a batch of tiny products, 5-14 ns per pair
+# against ~10 ps per GEMM multiply-add), which is why the dense path G = g^T x wins again for
+# large K (768x768 at 4096 tokens: fft 7-10 ms at K=176, 17-45 ms at K=943, dense 25 ms).
+_GATHER_C = 1000.0
 
 
 def phase_tables(idx: torch.Tensor, d: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -125,12 +130,6 @@ def coeff_grad_fft(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
     return torch.view_as_real(value) * scale(shape, alpha)
 
 
-def _pq_to_grad(p: torch.Tensor, q: torch.Tensor, shape, alpha) -> torch.Tensor:
-    """``(dL/da, dL/db) = s (Re, -Im) sum_t P[t] Q[t]`` for complex ``P``, ``Q`` of shape ``[tokens, K]``."""
-    total = (p * q).sum(0)
-    return torch.stack([total.real, -total.imag], dim=1) * scale(shape, alpha)
-
-
 def coeff_grad_batch_gemm(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
     """``dL/dcoeffs`` without forming ``G = g^T x``: ``P = g A``, ``Q = x B`` through two GEMMs with the
     exact-phase tables; cost ``tokens * 2K * (d_out + d_in)``."""
@@ -139,25 +138,36 @@ def coeff_grad_batch_gemm(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shap
     bc, bs = phase_tables(cols, shape[1], x2d.dtype)
     p = (g2d @ torch.cat([ac, as_], dim=1)).to(dtype)
     q = (x2d @ torch.cat([bc, bs], dim=1)).to(dtype)
-    return _pq_to_grad(torch.complex(p[:, :k], p[:, k:]), torch.complex(q[:, :k], q[:, k:]), shape, alpha)
+    pr, pi, qr, qi = p[:, :k], p[:, k:], q[:, :k], q[:, k:]
+    s = scale(shape, alpha)
+    return torch.stack([(pr * qr - pi * qi).sum(0) * s, (pr * qi + pi * qr).sum(0) * (-s)], dim=1)
 
 
-def _row_spectrum_at(z2d: torch.Tensor, idx: torch.Tensor, d: int) -> torch.Tensor:
-    """``sum_m z[t, m] exp(+2 pi i m idx_k / d)`` for every row ``t``, read from one ``rfft`` of the rows:
-    ``exp(+2 pi i m u / d) = exp(-2 pi i m ((-u) mod d) / d)``, and bins past ``d/2`` are conjugate mirrors."""
-    spectrum = torch.fft.rfft(z2d, dim=1)
+def _row_spectrum_at(z2d: torch.Tensor, idx: torch.Tensor, d: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``sum_m z[t, m] exp(+2 pi i m idx_k / d)`` for every token, as the stored ``rfft`` bins
+    (real view ``[K, tokens, 2]``) and the sign their imaginary part takes:
+    ``exp(+2 pi i m u / d) = exp(-2 pi i m ((-u) mod d) / d)``, and a bin past ``d/2`` is the conjugate
+    of its mirror. Transforming ``z^T`` along dim 0 leaves each bin's tokens contiguous, so the gather
+    copies whole rows (a column gather from ``[tokens, d/2+1]`` ran ~4x slower)."""
+    spectrum = torch.fft.rfft(z2d.T, dim=0)
     j = (-idx) % d
-    keep = j <= d // 2
-    value = spectrum.index_select(1, torch.where(keep, j, idx))
-    return torch.where(keep, value, value.conj())
+    stored = j <= d // 2
+    bins = torch.view_as_real(spectrum.index_select(0, torch.where(stored, j, idx)))
+    return bins, torch.where(stored, 1.0, -1.0).to(bins.dtype)
 
 
 def coeff_grad_batch_fft(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
     """The batch path with ``P = g A`` and ``Q = x B`` read off one real FFT of each row of ``g`` and
     ``x``: ``tokens * (d_out log d_out + d_in log d_in)`` instead of ``tokens * 2K * (d_out + d_in)``."""
-    p = _row_spectrum_at(g2d.to(dtype), rows, shape[0])
-    q = _row_spectrum_at(x2d.to(dtype), cols, shape[1])
-    return _pq_to_grad(p, q, shape, alpha)
+    p, sp = _row_spectrum_at(g2d.to(dtype), rows, shape[0])
+    q, sq = _row_spectrum_at(x2d.to(dtype), cols, shape[1])
+    # One batched [2, tokens] x [tokens, 2] product per frequency gives all four real dot products
+    # (sum Pr Qr, Pr Qi, Pi Qr, Pi Qi) without materialising a [K, tokens] temporary.
+    dots = torch.bmm(p.transpose(1, 2), q)
+    rr, ri, ir, ii = dots[:, 0, 0], dots[:, 0, 1], dots[:, 1, 0], dots[:, 1, 1]
+    # Re(P Q) = Pr Qr - sp sq Pi Qi,  Im(P Q) = sq Pr Qi + sp Pi Qr;  the grads are s * (Re, -Im).
+    s = scale(shape, alpha)
+    return torch.stack([(rr - sp * sq * ii) * s, (sq * ri + sp * ir) * (-s)], dim=1)
 
 
 def _fft_cost(shape: Sequence[int], inverse: bool) -> float:
@@ -180,7 +190,8 @@ def coeff_grad_path(tokens: int, k: int, shape: Sequence[int]) -> str:
     costs = {
         "dense": tokens * d_out * d_in + min(d_out * d_in * 2 * k, _fft_cost(shape, inverse=False)),
         "gemm": tokens * 2 * k * (d_out + d_in),
-        "fft": _ROW_FFT_C * tokens * (d_out * math.log2(max(d_out, 2)) + d_in * math.log2(max(d_in, 2))),
+        "fft": _ROW_FFT_C * tokens * (d_out * math.log2(max(d_out, 2)) + d_in * math.log2(max(d_in, 2)))
+        + _GATHER_C * tokens * k,
     }
     return min(costs, key=costs.get)
 

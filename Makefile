@@ -1,0 +1,37 @@
+# make test   unit tests (tests/), in a local virtual environment created on first use
+# make demo   a short benchmark of the LFMA layer against the paper's formulation
+# make bench  the full benchmark, written to benchmarks/RESULTS.md
+
+PYTHON ?= python3
+VENV = .venv
+VENV_PYTHON = $(VENV)/bin/python
+PIP = $(VENV)/bin/pip
+# Pinned and installed before the package: left to the resolver, `torch>=2.4` could pull a
+# newer torch and, on Linux, gigabytes of CUDA wheels.
+TORCH_VERSION ?= 2.13.0
+STAMP = $(VENV)/.installed
+
+.PHONY: test demo bench venv clean
+
+test: $(STAMP)
+	$(VENV_PYTHON) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV_PYTHON) benchmarks/bench_layer.py --quick
+
+bench: $(STAMP)
+	$(VENV_PYTHON) benchmarks/bench_layer.py --output benchmarks/RESULTS.md
+
+venv: $(STAMP)
+
+# Reruns whenever the packaging changes, or when .venv exists without the stamp (reinstalling
+# into an existing environment is harmless). The package is installed without build isolation
+# so the build uses the environment's torch (needed once setup.py compiles a C++ extension).
+$(STAMP): pyproject.toml setup.py
+	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "torch==$(TORCH_VERSION)" "setuptools>=64" wheel
+	$(PIP) install --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks

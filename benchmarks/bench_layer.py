@@ -1,0 +1,523 @@
+#!/usr/bin/env python3
+"""LFMA against the paper's formulation and a frozen nn.Linear: median milliseconds, side by side.
+
+Three tables, one row per (shape, top_k ratio), K = lfma.num_frequencies(shape, ratio):
+
+  delta_weight   building dW = alpha * Re(ifft2(F)) (no grad), and forward + backward
+  training step  LFMALinear forward + backward at --tokens tokens (default 4096)
+  eval forward   LFMALinear.eval() under torch.no_grad() at --eval-tokens tokens (default 64)
+
+"paper" is the paper's formulation, lfma_kernels.reference: a dense complex spectrum, ifft2 and a
+second GEMM with dW, autograd through ifft2 (in training: LFMALinear(backend="reference"); in eval:
+reference.lfma_linear, which recomputes ifft2 on every call as the paper's layer does). "auto"
+and the other backends are LFMALinear(nn.Linear(d_in, d_out), k=K, backend=...), what users run.
+"frozen" is the nn.Linear alone with its weight frozen (training: forward + dL/dx only).
+"floor" is the analytic limit of DESIGN.md section 2 as a ratio to the frozen layer.
+
+    python benchmarks/bench_layer.py --quick                 # about a minute on 2 CPU cores
+    python benchmarks/bench_layer.py --output benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)  # timing.py, the one timing helper
+try:
+    import lfma_kernels as lfma
+except ImportError:  # not installed: use the source tree this script lives in
+    sys.path.insert(0, _ROOT)
+    import lfma_kernels as lfma
+
+import torch
+import torch.nn as nn
+
+from lfma_kernels.ops import dispatch
+from lfma_kernels.selection import init_matrix
+from timing import median_ms
+
+FULL_SHAPES = "768x768,1024x1024,768x3072,4096x4096"
+FULL_RATIOS = "0.0001,0.0003,0.0016,0.05"
+QUICK_SHAPES = "768x768,1024x1024"
+QUICK_RATIOS = "0.0003,0.0016"
+ALPHA = 12.0
+PAPER = "reference"
+# From this many weight entries on, a shape counts as large: fewer repeats (still >= 5), one warmup.
+LARGE_NUMEL = 1 << 23
+MIN_REPEATS = 5
+
+Shape = Tuple[int, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# problems and the functions that are timed
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    """A frozen nn.Linear and K coefficients at the K strongest frequencies of the default init."""
+    shape: Shape                 # (d_out, d_in)
+    ratio: Optional[float]
+    k: int
+    linear: nn.Linear            # frozen, on device, in dtype
+    coeffs: torch.Tensor         # [K, 2] float32 leaf, requires grad
+    rows: torch.Tensor
+    cols: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+    seed: int = 0
+
+
+def make_problem(shape: Shape, k: int, *, ratio: Optional[float] = None, device="cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0) -> Problem:
+    d_out, d_in = shape
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    linear = nn.Linear(d_in, d_out).to(device=device, dtype=dtype).requires_grad_(False)
+    # The same selection LFMALinear(init="random", seed=seed) makes, so every column sees the
+    # same frequencies.
+    freqs = lfma.select_frequencies(init_matrix("random", linear.weight, seed=seed), k)
+    coeffs = torch.view_as_real(freqs.values).float().to(device).clone().requires_grad_(True)
+    return Problem(tuple(shape), ratio, k, linear, coeffs, freqs.rows.to(device), freqs.cols.to(device),
+                   device, dtype, seed)
+
+
+def backend_runs(p: Problem, backend: str) -> bool:
+    """Whether ``backend`` can run this problem here (available, and on this device)."""
+    try:
+        dispatch.resolve(backend, p.device, p.dtype, p.k, p.shape)
+    except RuntimeError:
+        return False
+    return True
+
+
+def build_layer(p: Problem, backend: str) -> nn.Module:
+    """``lfma.LFMALinear`` around the problem's frozen nn.Linear: what users run."""
+    return lfma.LFMALinear(p.linear, k=p.k, alpha=ALPHA, seed=p.seed, backend=backend)
+
+
+def make_inputs(p: Problem, tokens: int, *, requires_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x [tokens, d_in]`` and a fixed upstream gradient ``g [tokens, d_out]``."""
+    gen = torch.Generator().manual_seed(p.seed + 1)
+    x = torch.randn(tokens, p.shape[1], generator=gen).to(p.device, p.dtype).requires_grad_(requires_grad)
+    g = torch.randn(tokens, p.shape[0], generator=gen).to(p.device, p.dtype)
+    return x, g
+
+
+def delta_weight_fn(p: Problem, backend: str, *, backward: bool) -> Callable[[], None]:
+    """``lfma.delta_weight(..., backend=backend)``: forward under no_grad, or forward + backward
+    with a fixed random ``dL/d(dW)``."""
+    coeffs, rows, cols, shape = p.coeffs, p.rows, p.cols, p.shape
+    if not backward:
+        def forward() -> None:
+            with torch.no_grad():
+                lfma.delta_weight(coeffs, rows, cols, shape, ALPHA, backend=backend)
+        return forward
+    gen = torch.Generator().manual_seed(p.seed + 2)
+    grad = torch.randn(shape, generator=gen).to(p.device)
+
+    def forward_backward() -> None:
+        coeffs.grad = None
+        lfma.delta_weight(coeffs, rows, cols, shape, ALPHA, backend=backend).backward(grad)
+    return forward_backward
+
+
+def train_step_fn(p: Problem, backend: str, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """One training step of the layer: grads set to None (as ``zero_grad()`` does), forward,
+    ``backward(g)`` into ``x.grad`` and ``coeffs.grad``."""
+    layer = build_layer(p, backend).train()
+    coeffs = layer.coeffs
+
+    def step() -> None:
+        x.grad = None
+        coeffs.grad = None
+        layer(x).backward(g)
+    return step
+
+
+def frozen_train_step_fn(p: Problem, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """The frozen nn.Linear's training step: forward and ``dL/dx`` only."""
+    linear = p.linear
+
+    def step() -> None:
+        x.grad = None
+        linear(x).backward(g)
+    return step
+
+
+def eval_forward_fn(p: Problem, backend: str, x: torch.Tensor) -> Callable[[], None]:
+    """The layer in eval mode under no_grad: one GEMM with the cached ``W + dW`` (built on the
+    first call, i.e. during warmup)."""
+    layer = build_layer(p, backend).eval()
+
+    def forward() -> None:
+        with torch.no_grad():
+            layer(x)
+    return forward
+
+
+def paper_eval_forward_fn(p: Problem, x: torch.Tensor) -> Callable[[], None]:
+    """The paper's layer in eval: dense spectrum, ifft2 and a second GEMM on every forward."""
+    w, b, coeffs, rows, cols = p.linear.weight, p.linear.bias, p.coeffs, p.rows, p.cols
+
+    def forward() -> None:
+        with torch.no_grad():
+            lfma.reference.lfma_linear(x, w, b, coeffs, rows, cols, ALPHA)
+    return forward
+
+
+def frozen_eval_forward_fn(p: Problem, x: torch.Tensor) -> Callable[[], None]:
+    linear = p.linear
+
+    def forward() -> None:
+        with torch.no_grad():
+            linear(x)
+    return forward
+
+
+def training_floor(shape: Shape, k: int) -> float:
+    """DESIGN section 2: ``1 + min(d_out*d_in, 2K(d_out+d_in)) / (2*d_out*d_in)``."""
+    d_out, d_in = shape
+    return 1.0 + min(d_out * d_in, 2 * k * (d_out + d_in)) / (2 * d_out * d_in)
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Timer:
+    repeats: int
+    warmup: int
+    min_time_s: float
+    device: str
+    errors: List[str]
+
+    def __call__(self, label: str, make: Callable[[], Callable[[], None]]) -> Optional[float]:
+        """Median ms of the function ``make()`` builds; None (and the error recorded) if it raises."""
+        try:
+            fn = make()
+            return median_ms(fn, repeats=self.repeats, warmup=self.warmup, device=self.device,
+                             min_time_s=self.min_time_s)
+        except Exception as exc:  # one broken cell must not lose the whole table
+            message = f"{label}: {type(exc).__name__}: {exc}"
+            self.errors.append(message)
+            print(f"  ERROR {message}", file=sys.stderr)
+            return None
+        finally:
+            gc.collect()
+
+
+def timer_for(shape: Shape, args: argparse.Namespace, errors: List[str]) -> Timer:
+    large = shape[0] * shape[1] >= LARGE_NUMEL
+    repeats = args.repeats or (MIN_REPEATS if (args.quick or large) else 7)
+    return Timer(repeats=repeats, warmup=1 if (args.quick or large) else 2,
+                 min_time_s=0.1 if args.quick else 0.3, device=args.device, errors=errors)
+
+
+@dataclass
+class Results:
+    backends: List[str]          # the non-paper columns: "auto" then the other available backends
+    delta_weight: List[dict]
+    train: List[dict]
+    eval: List[dict]
+    errors: List[str]
+
+
+def run_case(p: Problem, backends: Sequence[str], args: argparse.Namespace, timer: Timer
+             ) -> Tuple[List[dict], dict, dict]:
+    """All measurements for one (shape, K): delta_weight rows, the training row, the eval row."""
+    tag = f"{p.shape[0]}x{p.shape[1]} K={p.k}"
+    runnable = [b for b in backends if b == "auto" or backend_runs(p, b)]
+    base = {"shape": p.shape, "ratio": p.ratio, "k": p.k,
+            "auto": dispatch.auto_backend(p.device, p.dtype, p.k, p.shape)}
+
+    dw_rows = []
+    for backward in (False, True):
+        # delta_weight dispatches on the coefficients' dtype (float32), the layer on x's.
+        row = dict(base, auto=dispatch.auto_backend(p.device, p.coeffs.dtype, p.k, p.shape),
+                   kind="fwd+bwd" if backward else "fwd", ms={})
+        for name in [PAPER] + runnable:
+            row["ms"][name] = timer(f"{tag} delta_weight {row['kind']} {name}",
+                                    lambda: delta_weight_fn(p, name, backward=backward))
+        dw_rows.append(row)
+
+    x, g = make_inputs(p, args.tokens, requires_grad=True)
+    train = dict(base, ms={}, floor=training_floor(p.shape, p.k))
+    for name in [PAPER] + runnable:
+        train["ms"][name] = timer(f"{tag} train {name}", lambda: train_step_fn(p, name, x, g))
+    train["ms"]["frozen"] = timer(f"{tag} train frozen", lambda: frozen_train_step_fn(p, x, g))
+
+    x, _ = make_inputs(p, args.eval_tokens, requires_grad=False)
+    ev = dict(base, ms={}, floor=1.0)
+    ev["ms"][PAPER] = timer(f"{tag} eval paper", lambda: paper_eval_forward_fn(p, x))
+    for name in runnable:
+        ev["ms"][name] = timer(f"{tag} eval {name}", lambda: eval_forward_fn(p, name, x))
+    ev["ms"]["frozen"] = timer(f"{tag} eval frozen", lambda: frozen_eval_forward_fn(p, x))
+    return dw_rows, train, ev
+
+
+def run(args: argparse.Namespace) -> Results:
+    dtype = getattr(torch, args.dtype)
+    backends = ["auto"] + [b for b in lfma.available_backends() if b != PAPER]
+    errors: List[str] = []
+    results = Results(backends, [], [], [], errors)
+    cases = [(shape, ratio) for shape in args.shapes for ratio in args.ratios]
+    start = time.perf_counter()
+    for i, (shape, ratio) in enumerate(cases, 1):
+        try:
+            k = lfma.num_frequencies(shape, ratio)
+        except ValueError as exc:
+            print(f"[{i}/{len(cases)}] {shape[0]}x{shape[1]} ratio {ratio}: skipped ({exc})", file=sys.stderr)
+            continue
+        print(f"[{i}/{len(cases)}] {shape[0]}x{shape[1]} ratio {ratio} K={k}  "
+              f"({time.perf_counter() - start:.0f} s elapsed)", file=sys.stderr, flush=True)
+        p = make_problem(shape, k, ratio=ratio, device=args.device, dtype=dtype)
+        dw_rows, train, ev = run_case(p, backends, args, timer_for(shape, args, errors))
+        results.delta_weight.extend(dw_rows)
+        results.train.append(train)
+        results.eval.append(ev)
+        del p
+        gc.collect()
+    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------
+def fmt_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "err"
+    if ms < 1:
+        return f"{ms:.3f}"
+    if ms < 100:
+        return f"{ms:.2f}"
+    return f"{ms:.0f}"
+
+
+def fmt_ratio(num: Optional[float], den: Optional[float]) -> str:
+    if num is None or den is None or den <= 0:
+        return "-"
+    return f"{num / den:.2f}x"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """A pipe table, padded so it also reads well in a terminal."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def _row_start(row: dict) -> List[str]:
+    ratio = "-" if row["ratio"] is None else f"{row['ratio']:g}"
+    return [f"{row['shape'][0]}x{row['shape'][1]}", ratio, str(row["k"])]
+
+
+def _backend_headers(backends: Sequence[str]) -> List[str]:
+    return ["paper"] + list(backends)
+
+
+def delta_weight_table(res: Results) -> str:
+    headers = ["shape", "ratio", "K", "pass"] + _backend_headers(res.backends) + ["auto picks", "speedup"]
+    rows = []
+    for r in res.delta_weight:
+        ms = r["ms"]
+        rows.append(_row_start(r) + [r["kind"]] + [fmt_ms(ms.get(b)) if b in ms else "n/a"
+                                                   for b in [PAPER] + res.backends]
+                    + [r["auto"], fmt_ratio(ms.get(PAPER), ms.get("auto"))])
+    right = [False, True, True, False] + [True] * (len(res.backends) + 1) + [False, True]
+    return markdown_table(headers, rows, right)
+
+
+def layer_table(res: Results, rows_in: Sequence[dict]) -> str:
+    headers = (["shape", "ratio", "K"] + _backend_headers(res.backends)
+               + ["frozen", "auto picks", "speedup", "auto/frozen", "paper/frozen", "floor"])
+    rows = []
+    for r in rows_in:
+        ms = r["ms"]
+        frozen = ms.get("frozen")
+        rows.append(_row_start(r) + [fmt_ms(ms.get(b)) if b in ms else "n/a" for b in [PAPER] + res.backends]
+                    + [fmt_ms(frozen), r["auto"], fmt_ratio(ms.get(PAPER), ms.get("auto")),
+                       fmt_ratio(ms.get("auto"), frozen), fmt_ratio(ms.get(PAPER), frozen), f"{r['floor']:.2f}x"])
+    right = [False, True, True] + [True] * (len(res.backends) + 2) + [False] + [True] * 4
+    return markdown_table(headers, rows, right)
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name or platform.machine()
+
+
+def machine_info(args: argparse.Namespace) -> List[Tuple[str, str]]:
+    info = [
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("machine", f"{platform.system()} {platform.machine()}, {_cpu_name()}"),
+        ("CPU cores", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})"),
+        ("python / torch", f"{platform.python_version()} / {torch.__version__}"),
+        ("lfma_kernels", f"{getattr(lfma, '__version__', '?')}, git {_git_revision()}, "
+                         f"backends available: {', '.join(lfma.available_backends())}"),
+    ]
+    if args.device.startswith("cuda"):
+        info.append(("GPU", f"{torch.cuda.get_device_name(torch.device(args.device))} "
+                            f"(CUDA {torch.version.cuda})"))
+    info.append(("device / dtype", f"{args.device} / {args.dtype}"))
+    return info
+
+
+def notes(args: argparse.Namespace, res: Results) -> List[str]:
+    layer = "`lfma.LFMALinear(nn.Linear(d_in, d_out), k=K, backend=...)`"
+    return [
+        "Median milliseconds (at least 5 runs each, all columns measured in this run). Shapes are "
+        "`d_out x d_in`; K = `int(d_out * d_in * ratio)`.",
+        "`paper`: the paper's formulation (`lfma_kernels.reference`: dense complex spectrum, `ifft2`, "
+        "a second GEMM with dW, autograd through `ifft2`). "
+        f"Other columns: {layer}; `auto picks` is the backend `auto` resolved to.",
+        "`frozen`: the `nn.Linear` alone, weight frozen (training step = forward + dL/dx).",
+        "`speedup` = paper / auto; `auto/frozen` and `paper/frozen` are cost ratios to the frozen layer; "
+        "`floor` is the analytic limit of auto/frozen: training (fold dW into W, then the cheaper "
+        "of `G = g^T x` and the separable batch gradient) "
+        "`1 + min(d_out*d_in, 2K(d_out+d_in)) / (2*d_out*d_in)`, eval 1.",
+        f"Training step: x `[{args.tokens}, d_in]` with requires_grad, grads set to None, forward, "
+        f"`out.backward(g)` with a fixed random g. Eval: `layer.eval()` under `torch.no_grad()` at "
+        f"{args.eval_tokens} tokens, W + dW cached by the layer (the paper's layer recomputes `ifft2` "
+        "on every forward).",
+    ]
+
+
+def render(args: argparse.Namespace, res: Results) -> Tuple[str, str]:
+    """(header, tables) as Markdown."""
+    header = ["# LFMA layer benchmarks", ""]
+    header += [f"- {k}: {v}" for k, v in machine_info(args)]
+    command = " ".join(["python", "benchmarks/bench_layer.py"] + args.argv)
+    header += [f"- command: `{command}`", ""]
+    header += [f"{n}" for n in notes(args, res)]
+    body = [
+        "## delta_weight (dW = alpha Re(ifft2(F)); fwd under no_grad, fwd+bwd with a fixed dL/d(dW))", "",
+        delta_weight_table(res), "",
+        f"## Layer training step, forward + backward, {args.tokens} tokens", "",
+        layer_table(res, res.train), "",
+        f"## Layer eval forward, {args.eval_tokens} tokens, no_grad", "",
+        layer_table(res, res.eval), "",
+    ]
+    if res.errors:
+        body += ["## Errors", ""] + [f"- {e}" for e in res.errors] + [""]
+    return "\n".join(header) + "\n", "\n".join(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def parse_shapes(text: str) -> List[Shape]:
+    shapes = []
+    for spec in text.split(","):
+        try:
+            d_out, d_in = (int(s) for s in spec.lower().strip().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shapes are d_outxd_in, comma separated (768x3072), got {spec!r}")
+        if d_out < 1 or d_in < 1:
+            raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {spec!r}")
+        shapes.append((d_out, d_in))
+    return shapes
+
+
+def parse_ratios(text: str) -> List[float]:
+    try:
+        ratios = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratios are comma-separated numbers in (0, 1], got {text!r}")
+    if any(not 0 < r <= 1 for r in ratios):
+        raise argparse.ArgumentTypeError(f"ratios must lie in (0, 1], got {text!r}")
+    return ratios
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"shapes {QUICK_SHAPES}, ratios {QUICK_RATIOS}, {MIN_REPEATS} repeats")
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help=f"comma-separated d_outxd_in (default {FULL_SHAPES})")
+    parser.add_argument("--ratios", type=parse_ratios, default=None,
+                        help=f"comma-separated top_k ratios (default {FULL_RATIOS})")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per training step (default 4096)")
+    parser.add_argument("--eval-tokens", type=int, default=64, help="tokens per eval forward (default 64)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="activations and frozen weight (coefficients stay float32)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed runs per cell (>= {MIN_REPEATS}; default 7, or {MIN_REPEATS} for "
+                             "--quick and large shapes)")
+    parser.add_argument("--output", metavar="PATH", help="also write the tables as Markdown to PATH")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.shapes is None:
+        args.shapes = parse_shapes(QUICK_SHAPES if args.quick else FULL_SHAPES)
+    if args.ratios is None:
+        args.ratios = parse_ratios(QUICK_RATIOS if args.quick else FULL_RATIOS)
+    if args.repeats is not None and args.repeats < MIN_REPEATS:
+        parser.error(f"--repeats must be at least {MIN_REPEATS} (medians of at least {MIN_REPEATS} runs)")
+    if args.tokens < 1 or args.eval_tokens < 1:
+        parser.error("--tokens and --eval-tokens must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available in this torch ({torch.__version__})")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    res = run(args)
+    if not res.train:
+        print("no (shape, ratio) case selects a frequency; nothing was measured", file=sys.stderr)
+        return 2
+    header, body = render(args, res)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(header + "\n" + body)
+        print(f"wrote {args.output}", file=sys.stderr)
+    print(header)
+    print(body, end="")
+    if res.errors:
+        print(f"{len(res.errors)} measurement(s) failed; see the Errors section", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
