@@ -52,6 +52,7 @@ class LFMALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LFMALinear wraps an nn.Linear, got {type(base).__name__}")
         check_backend_name(backend)
+        dispatch.prepare(backend)
         shape = (base.out_features, base.in_features)
         if frequencies is None:
             if (k is None) == (top_k_ratio is None):

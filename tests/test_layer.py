@@ -187,3 +187,25 @@ def test_frequencies_argument():
     assert layer.k == 3 and torch.equal(layer.rows, rows)
     with pytest.raises(ValueError, match="rows must lie in"):
         lfma.LFMALinear(nn.Linear(8, 6), frequencies=lfma.Frequencies(rows + 4, cols, values))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_torch_compile_without_graph_breaks(backend):
+    """fullgraph=True: the adapter must trace as custom ops, in training (fwd + bwd) and eval."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 24), nn.GELU(), nn.Linear(24, 12))
+    lfma.apply_lfma(model, lfma.LFMAConfig(["0", "2"], k=7, backend=backend))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 5, 20)
+    expected = model(x)
+    expected.pow(2).sum().backward()
+    grads = [m.coeffs.grad.clone() for m in (model[0], model[2])]
+    model.zero_grad()
+    out = compiled(x)
+    out.pow(2).sum().backward()
+    assert rel_err(out, expected) <= 1e-6
+    for layer, grad in zip((model[0], model[2]), grads):
+        assert rel_err(layer.coeffs.grad, grad) <= 1e-5
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= 1e-6

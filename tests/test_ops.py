@@ -181,3 +181,33 @@ def test_bad_linear_inputs():
         lfma.lfma_linear(torch.randn(2, 10), torch.randn(8, 10), torch.randn(9), coeffs, rows, cols, 1.0)
     with pytest.raises(ValueError, match="shape"):
         lfma.delta_weight(coeffs, rows, cols, (8, 0), 1.0)
+
+
+def test_grad_path_fixture_reaches_the_backward(grad_path, gen, monkeypatch):
+    """The path fixtures must really steer the backward (else the path tests prove nothing)."""
+    seen = []
+    for name in ("coeff_grad_batch_gemm", "coeff_grad_batch_fft"):
+        original = getattr(torch_ops, name)
+        monkeypatch.setattr(torch_ops, name, lambda *a, _o=original, _n=name: seen.append(_n) or _o(*a))
+    coeffs, rows, cols = random_frequencies((12, 10), 3, generator=gen)
+    coeffs.requires_grad_(True)
+    lfma.lfma_linear(torch.randn(4, 10), torch.randn(12, 10), None, coeffs, rows, cols, 1.0,
+                     backend="torch").sum().backward()
+    expected = {"dense": [], "gemm": ["coeff_grad_batch_gemm"], "fft": ["coeff_grad_batch_fft"]}[grad_path]
+    assert seen == expected
+
+
+@pytest.mark.parametrize("op, make_args", [
+    ("delta_weight", lambda c, r, k: (c, r, k, 12, 10, 1.5)),
+    ("folded_weight", lambda c, r, k: (torch.randn(12, 10, dtype=c.dtype), c.detach(), r, k, 1.5)),
+    ("coeff_grad", lambda c, r, k: (torch.randn(12, 10, dtype=c.dtype), r, k, 1.5)),
+    ("linear", lambda c, r, k: (torch.randn(3, 4, 10, dtype=c.dtype, requires_grad=True),
+                                torch.randn(12, 10, dtype=c.dtype), torch.randn(12, dtype=c.dtype), c, r, k, 1.5)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(op, make_args, dtype, gen):
+    """Schema, fake implementation, autograd registration and AOT dispatch of the custom ops."""
+    coeffs, rows, cols = random_frequencies((12, 10), 5, generator=gen, dtype=dtype)
+    coeffs.requires_grad_(True)
+    for backend in FAST_BACKENDS:
+        torch.library.opcheck(getattr(torch.ops.lfma, f"{backend}_{op}").default, make_args(coeffs, rows, cols))

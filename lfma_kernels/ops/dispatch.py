@@ -1,13 +1,15 @@
 """Backend registry: which implementations exist here, why the others do not, and what ``auto`` picks.
 
-A backend is a module exposing ``delta_weight(coeffs, rows, cols, shape, alpha)`` (``dW`` in
-float32, or float64 for float64 coefficients, differentiable w.r.t. ``coeffs``) and
-``lfma_linear(x, weight, bias, coeffs, rows, cols, alpha)``. Availability is probed lazily and
-once; modules that need an optional dependency are imported only when asked for.
+A backend is a module exposing the three functions of :class:`.library.BackendOps`:
+``delta_weight(coeffs, rows, cols, shape, alpha)`` (``dW`` in float32, or float64 for float64
+coefficients, differentiable w.r.t. ``coeffs``), ``folded_weight(weight, coeffs, rows, cols,
+alpha)`` and ``lfma_linear(x, weight, bias, coeffs, rows, cols, alpha)``. Availability is probed
+lazily and once; modules that need an optional dependency are imported only when asked for.
+Probe results and modules are kept in plain dicts, so once a backend has been used (or
+:func:`prepare`d) ``resolve`` is a few dict lookups that ``torch.compile`` traces without a break.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from types import ModuleType
@@ -15,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "resolve", "auto_backend"]
+__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "resolve", "auto_backend", "prepare"]
 
 BACKENDS: Tuple[str, ...] = ("reference", "torch", "triton", "cpp", "cuda")
 
@@ -47,12 +49,19 @@ _DEVICES: Dict[str, Optional[Tuple[str, ...]]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+# The Triton interpreter runs kernels on CPU tensors; it must be chosen before triton is imported.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_reasons: Dict[str, Optional[str]] = {}
+_modules: Dict[str, ModuleType] = {}
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     """``None`` when backend ``name`` can be used here, otherwise why not and how to get it."""
-    if name not in BACKENDS:
-        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
-    return _PROBES[name]()
+    if name not in _reasons:
+        if name not in BACKENDS:
+            return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+        _reasons[name] = _PROBES[name]()
+    return _reasons[name]
 
 
 def available_backends() -> List[str]:
@@ -61,13 +70,22 @@ def available_backends() -> List[str]:
 
 
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
+    if name not in _modules:
+        _modules[name] = importlib.import_module(_MODULES[name])
+    return _modules[name]
+
+
+def prepare(backend: str) -> None:
+    """Probe (and import) what ``backend`` may resolve to, ahead of the first call."""
+    for name in (BACKENDS if backend == "auto" else (backend,)):
+        if unavailable_reason(name) is None:
+            _module(name)
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
     devices = _DEVICES[name]
-    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        return True  # the interpreter runs the kernels on CPU tensors
+    if name == "triton" and _TRITON_INTERPRET:
+        return True
     return devices is None or device.type in devices
 
 

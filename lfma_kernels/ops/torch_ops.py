@@ -2,21 +2,19 @@
 
 ``dW`` is evaluated either as the separable rank-2K product of exact-phase cos/sin tables
 (cheap for small K) or by scattering the K coefficients into a Hermitian half-spectrum and
-running one ``irfft2`` (cheap for large K). ``lfma_linear`` folds ``dW`` into ``W`` so the layer
-costs one GEMM forward and one for ``dL/dx``; ``dL/dcoeffs`` comes from the cheaper of the dense
-weight gradient ``G = g^T x`` (then a partial DFT of ``G`` at the K points) and the separable
-batch path ``P = g A``, ``Q = x B`` (DESIGN section 1).
+running one ``irfft2`` (cheap for large K). The batch paths for ``dL/dcoeffs``
+(``P = g A``, ``Q = x B``, DESIGN section 1) and the cost model that picks a path live here and
+serve every backend; :mod:`.library` registers the kernels as ``torch.library`` ops.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .common import compute_dtype, fold_weight, scale
+from .library import Kernels, register_backend
 
 __all__ = [
     "delta_weight",
@@ -104,7 +102,9 @@ def delta_weight_fft(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
     zero = torch.zeros((), dtype=c.dtype, device=c.device)
     spectrum = torch.zeros((d_out, d_in // 2 + 1), dtype=c.dtype, device=c.device)
     spectrum.index_put_((r, v), torch.where(keep, c, zero), accumulate=True)
-    spectrum.index_put_((mr, mv), torch.where(keep_m, c.conj(), zero), accumulate=True)
+    # conj_physical, not conj(): under AOT tracing (torch.compile) torch.where dropped the lazy
+    # conjugate bit of a conj() view and returned the unconjugated values (torch 2.13).
+    spectrum.index_put_((mr, mv), torch.where(keep_m, torch.conj_physical(c), zero), accumulate=True)
     return torch.fft.irfft2(spectrum, s=(d_out, d_in)) * alpha
 
 
@@ -126,7 +126,7 @@ def coeff_grad_fft(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
     shape = grad_dw.shape
     spectrum = torch.fft.rfft2(grad_dw)
     (r, v, keep), (mr, mv, _) = _half_spectrum_index(rows, cols, shape)
-    value = torch.where(keep, spectrum[r, v], spectrum[mr, mv].conj())
+    value = torch.where(keep, spectrum[r, v], torch.conj_physical(spectrum[mr, mv]))  # see delta_weight_fft
     return torch.view_as_real(value) * scale(shape, alpha)
 
 
@@ -202,77 +202,15 @@ def _delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
     return delta_weight_fft(coeffs, rows, cols, shape, alpha)
 
 
-def _coeff_grad_dense(grad_dw, rows, cols, alpha, dtype) -> torch.Tensor:
-    grad_dw = grad_dw.to(compute_dtype(dtype))
+def _folded_weight(weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
+    return fold_weight(weight, _delta_weight(coeffs, rows, cols, tuple(weight.shape), alpha))
+
+
+def _coeff_grad(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
     if use_separable(rows.shape[0], grad_dw.shape, inverse=False):
         return coeff_grad_separable(grad_dw, rows, cols, alpha)
     return coeff_grad_fft(grad_dw, rows, cols, alpha)
 
 
-class DeltaWeightFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, coeffs, rows, cols, shape, alpha):
-        ctx.save_for_backward(rows, cols)
-        ctx.alpha, ctx.coeffs_dtype = alpha, coeffs.dtype
-        return _delta_weight(coeffs, rows, cols, tuple(shape), alpha)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_dw):
-        rows, cols = ctx.saved_tensors
-        grad = _coeff_grad_dense(grad_dw, rows, cols, ctx.alpha, ctx.coeffs_dtype)
-        return grad.to(ctx.coeffs_dtype), None, None, None, None
-
-
-class LFMALinearFunction(torch.autograd.Function):
-    """``F.linear(x, W + dW, bias)`` with one forward GEMM and a fused coefficient gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, coeffs, rows, cols, alpha):
-        shape = tuple(weight.shape)
-        w_eff = fold_weight(weight, _delta_weight(coeffs, rows, cols, shape, alpha))
-        out = F.linear(x, w_eff, bias)
-        ctx.save_for_backward(x, w_eff, rows, cols)
-        ctx.alpha, ctx.coeffs_dtype, ctx.has_bias = alpha, coeffs.dtype, bias is not None
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, w_eff, rows, cols = ctx.saved_tensors
-        need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
-        shape = tuple(w_eff.shape)
-        g2d = grad_out.reshape(-1, shape[0])
-        x2d = x.reshape(-1, shape[1])
-        grad_x = grad_w = grad_b = grad_c = None
-        if need_x:
-            grad_x = (g2d @ w_eff).reshape(x.shape)
-        path = "dense" if need_w else coeff_grad_path(x2d.shape[0], rows.shape[0], shape)
-        g_dense = g2d.T @ x2d if need_w or (need_c and path == "dense") else None
-        if need_w:
-            grad_w = g_dense
-        if need_c:
-            if path == "dense":
-                grad_c = _coeff_grad_dense(g_dense, rows, cols, ctx.alpha, ctx.coeffs_dtype)
-            else:
-                batch = coeff_grad_batch_gemm if path == "gemm" else coeff_grad_batch_fft
-                grad_c = batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(ctx.coeffs_dtype))
-            grad_c = grad_c.to(ctx.coeffs_dtype)
-        if need_b and ctx.has_bias:
-            grad_b = g2d.sum(0)
-        return grad_x, grad_w, grad_b, grad_c, None, None, None
-
-
-def delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
-    """``dW`` in float32 (float64 for float64 coefficients), differentiable w.r.t. ``coeffs``."""
-    return DeltaWeightFunction.apply(coeffs, rows, cols, tuple(shape), float(alpha))
-
-
-def lfma_linear(x, weight, bias: Optional[torch.Tensor], coeffs, rows, cols, alpha) -> torch.Tensor:
-    return LFMALinearFunction.apply(x, weight, bias, coeffs, rows, cols, float(alpha))
-
-
-def folded_weight(weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
-    """``W + dW`` in ``W``'s dtype, no autograd: the eval cache and ``merge`` use it."""
-    with torch.no_grad():
-        return fold_weight(weight, _delta_weight(coeffs, rows, cols, tuple(weight.shape), float(alpha)))
+delta_weight, folded_weight, lfma_linear = register_backend(
+    "torch", Kernels(delta_weight=_delta_weight, folded_weight=_folded_weight, coeff_grad=_coeff_grad))

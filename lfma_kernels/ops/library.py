@@ -1,0 +1,137 @@
+"""One backend's kernels as ``torch.library`` custom ops with fake implementations and autograd.
+
+A backend supplies three kernels (:class:`Kernels`); :func:`register_backend` turns them into the
+ops ``lfma::<name>_delta_weight``, ``lfma::<name>_folded_weight``, ``lfma::<name>_coeff_grad`` and
+``lfma::<name>_linear`` and returns the functions dispatch calls. Being custom ops with fake
+implementations, they trace under ``torch.compile`` without graph breaks and pass ``opcheck``.
+
+``<name>_linear`` is ``F.linear(x, W + dW, bias)``: ``dW`` is folded into ``W`` so the layer costs
+one GEMM forward and one for ``dL/dx``. Its backward rebuilds ``W + dW`` (cheap next to the GEMMs,
+and no weight-sized tensor is held between forward and backward) and takes ``dL/dcoeffs`` from
+the cheapest of: the dense weight gradient ``G = g^T x`` and the backend's ``coeff_grad(G)``, or
+one of the batch paths that never form ``G`` (DESIGN section 1; ``torch_ops.coeff_grad_path``).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .common import compute_dtype
+
+__all__ = ["Kernels", "BackendOps", "register_backend"]
+
+
+class Kernels(NamedTuple):
+    # dW (d_out x d_in) in compute_dtype(coeffs.dtype); no autograd needed.
+    delta_weight: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[int], float], torch.Tensor]
+    # W + dW in W's dtype, the add done in float32 or wider.
+    folded_weight: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    # dL/dcoeffs [K, 2] from G = dL/d(dW) (float32 or float64), in G's dtype.
+    coeff_grad: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+class BackendOps(NamedTuple):
+    """What :mod:`lfma_kernels.ops.dispatch` calls on a backend."""
+    delta_weight: Callable[..., torch.Tensor]   # (coeffs, rows, cols, shape, alpha), differentiable
+    folded_weight: Callable[..., torch.Tensor]  # (weight, coeffs, rows, cols, alpha), no autograd
+    lfma_linear: Callable[..., torch.Tensor]    # (x, weight, bias, coeffs, rows, cols, alpha), differentiable
+
+
+def register_backend(name: str, kernels: Kernels) -> BackendOps:
+    # Imported here (torch_ops imports this module to register itself) and looked up at call
+    # time, so the path chosen is always the cost model's current one.
+    from . import torch_ops
+
+    prefix = f"lfma::{name}_"
+
+    @torch.library.custom_op(prefix + "delta_weight", mutates_args=())
+    def delta_weight_op(coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int,
+                        alpha: float) -> torch.Tensor:
+        return kernels.delta_weight(coeffs, rows, cols, (d_out, d_in), alpha)
+
+    @delta_weight_op.register_fake
+    def _(coeffs, rows, cols, d_out, d_in, alpha):
+        return coeffs.new_empty((d_out, d_in), dtype=compute_dtype(coeffs.dtype))
+
+    @torch.library.custom_op(prefix + "folded_weight", mutates_args=())
+    def folded_weight_op(weight: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                         alpha: float) -> torch.Tensor:
+        return kernels.folded_weight(weight, coeffs, rows, cols, alpha)
+
+    @folded_weight_op.register_fake
+    def _(weight, coeffs, rows, cols, alpha):
+        return torch.empty_like(weight)
+
+    @torch.library.custom_op(prefix + "coeff_grad", mutates_args=())
+    def coeff_grad_op(grad_dw: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, alpha: float) -> torch.Tensor:
+        return kernels.coeff_grad(grad_dw, rows, cols, alpha)
+
+    @coeff_grad_op.register_fake
+    def _(grad_dw, rows, cols, alpha):
+        return grad_dw.new_empty((rows.shape[0], 2))
+
+    def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype) -> torch.Tensor:
+        return coeff_grad_op(grad_dw.to(compute_dtype(coeffs_dtype)), rows, cols, alpha).to(coeffs_dtype)
+
+    def delta_weight_setup(ctx, inputs, output):
+        coeffs, rows, cols, _, _, alpha = inputs
+        ctx.save_for_backward(rows, cols)
+        ctx.alpha, ctx.coeffs_dtype = alpha, coeffs.dtype
+
+    def delta_weight_backward(ctx, grad_dw):
+        rows, cols = ctx.saved_tensors
+        return coeff_grad_from(grad_dw, rows, cols, ctx.alpha, ctx.coeffs_dtype), None, None, None, None, None
+
+    delta_weight_op.register_autograd(delta_weight_backward, setup_context=delta_weight_setup)
+
+    @torch.library.custom_op(prefix + "linear", mutates_args=())
+    def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], coeffs: torch.Tensor,
+                  rows: torch.Tensor, cols: torch.Tensor, alpha: float) -> torch.Tensor:
+        return F.linear(x, kernels.folded_weight(weight, coeffs, rows, cols, alpha), bias)
+
+    @linear_op.register_fake
+    def _(x, weight, bias, coeffs, rows, cols, alpha):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    def linear_setup(ctx, inputs, output):
+        x, weight, bias, coeffs, rows, cols, alpha = inputs
+        ctx.save_for_backward(x, weight, coeffs, rows, cols)
+        ctx.alpha, ctx.has_bias = alpha, bias is not None
+
+    def linear_backward(ctx, grad_out):
+        x, weight, coeffs, rows, cols = ctx.saved_tensors
+        need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
+        shape = tuple(weight.shape)
+        g2d = grad_out.reshape(-1, shape[0])
+        x2d = x.reshape(-1, shape[1])
+        grad_x = grad_w = grad_b = grad_c = None
+        if need_x:
+            grad_x = (g2d @ folded_weight_op(weight, coeffs.detach(), rows, cols, ctx.alpha)).reshape(x.shape)
+        path = "dense" if need_w else torch_ops.coeff_grad_path(x2d.shape[0], rows.shape[0], shape)
+        g_dense = g2d.T @ x2d if need_w or (need_c and path == "dense") else None
+        if need_w:
+            grad_w = g_dense
+        if need_c:
+            if path == "dense":
+                grad_c = coeff_grad_from(g_dense, rows, cols, ctx.alpha, coeffs.dtype)
+            else:
+                batch = torch_ops.coeff_grad_batch_gemm if path == "gemm" else torch_ops.coeff_grad_batch_fft
+                grad_c = batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(coeffs.dtype)).to(coeffs.dtype)
+        if need_b and ctx.has_bias:
+            grad_b = g2d.sum(0)
+        return grad_x, grad_w, grad_b, grad_c, None, None, None
+
+    linear_op.register_autograd(linear_backward, setup_context=linear_setup)
+
+    def delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
+        return delta_weight_op(coeffs, rows, cols, int(shape[0]), int(shape[1]), float(alpha))
+
+    def folded_weight(weight, coeffs, rows, cols, alpha) -> torch.Tensor:
+        return folded_weight_op(weight, coeffs.detach(), rows, cols, float(alpha))
+
+    def lfma_linear(x, weight, bias, coeffs, rows, cols, alpha) -> torch.Tensor:
+        return linear_op(x, weight, bias, coeffs, rows, cols, float(alpha))
+
+    return BackendOps(delta_weight, folded_weight, lfma_linear)
