@@ -20,11 +20,8 @@ and the other backends are LFMALinear(nn.Linear(d_in, d_out), k=K, backend=...),
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +42,7 @@ import torch.nn as nn
 
 from lfma_kernels.ops import dispatch
 from lfma_kernels.selection import init_matrix
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section
 from timing import median_ms
 
 FULL_SHAPES = "768x768,1024x1024,768x3072,4096x4096"
@@ -295,32 +293,6 @@ def run(args: argparse.Namespace) -> Results:
 # ---------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------
-def fmt_ms(ms: Optional[float]) -> str:
-    if ms is None:
-        return "err"
-    if ms < 1:
-        return f"{ms:.3f}"
-    if ms < 100:
-        return f"{ms:.2f}"
-    return f"{ms:.0f}"
-
-
-def fmt_ratio(num: Optional[float], den: Optional[float]) -> str:
-    if num is None or den is None or den <= 0:
-        return "-"
-    return f"{num / den:.2f}x"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
-    """A pipe table, padded so it also reads well in a terminal."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|"
-    return "\n".join([line(headers), sep] + [line(r) for r in rows])
-
-
 def _row_start(row: dict) -> List[str]:
     ratio = "-" if row["ratio"] is None else f"{row['ratio']:g}"
     return [f"{row['shape'][0]}x{row['shape'][1]}", ratio, str(row["k"])]
@@ -356,45 +328,6 @@ def layer_table(res: Results, rows_in: Sequence[dict]) -> str:
     return markdown_table(headers, rows, right)
 
 
-def _git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    name = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or platform.machine()
-
-
-def machine_info(args: argparse.Namespace) -> List[Tuple[str, str]]:
-    info = [
-        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-        ("machine", f"{platform.system()} {platform.machine()}, {_cpu_name()}"),
-        ("CPU cores", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})"),
-        ("python / torch", f"{platform.python_version()} / {torch.__version__}"),
-        ("lfma_kernels", f"{getattr(lfma, '__version__', '?')}, git {_git_revision()}, "
-                         f"backends available: {', '.join(lfma.available_backends())}"),
-    ]
-    if args.device.startswith("cuda"):
-        info.append(("GPU", f"{torch.cuda.get_device_name(torch.device(args.device))} "
-                            f"(CUDA {torch.version.cuda})"))
-    info.append(("device / dtype", f"{args.device} / {args.dtype}"))
-    return info
-
-
 def notes(args: argparse.Namespace, res: Results) -> List[str]:
     layer = "`lfma.LFMALinear(nn.Linear(d_in, d_out), k=K, backend=...)`"
     return [
@@ -417,21 +350,21 @@ def notes(args: argparse.Namespace, res: Results) -> List[str]:
 
 def render(args: argparse.Namespace, res: Results) -> Tuple[str, str]:
     """(header, tables) as Markdown."""
-    header = ["# LFMA layer benchmarks", ""]
-    header += [f"- {k}: {v}" for k, v in machine_info(args)]
+    header = [f"## LFMA layer: {args.device}, {args.dtype} (benchmarks/bench_layer.py)", ""]
+    header += [f"- {k}: {v}" for k, v in machine_info(args.device, args.dtype)]
     command = " ".join(["python", "benchmarks/bench_layer.py"] + args.argv)
     header += [f"- command: `{command}`", ""]
     header += [f"{n}" for n in notes(args, res)]
     body = [
-        "## delta_weight (dW = alpha Re(ifft2(F)); fwd under no_grad, fwd+bwd with a fixed dL/d(dW))", "",
+        "### delta_weight (dW = alpha Re(ifft2(F)); fwd under no_grad, fwd+bwd with a fixed dL/d(dW))", "",
         delta_weight_table(res), "",
-        f"## Layer training step, forward + backward, {args.tokens} tokens", "",
+        f"### Layer training step, forward + backward, {args.tokens} tokens", "",
         layer_table(res, res.train), "",
-        f"## Layer eval forward, {args.eval_tokens} tokens, no_grad", "",
+        f"### Layer eval forward, {args.eval_tokens} tokens, no_grad", "",
         layer_table(res, res.eval), "",
     ]
     if res.errors:
-        body += ["## Errors", ""] + [f"- {e}" for e in res.errors] + [""]
+        body += ["### Errors", ""] + [f"- {e}" for e in res.errors] + [""]
     return "\n".join(header) + "\n", "\n".join(body)
 
 
@@ -507,10 +440,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     header, body = render(args, res)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(header + "\n" + body)
-        print(f"wrote {args.output}", file=sys.stderr)
+        write_section(args.output, f"layer {args.device} {args.dtype}", header + "\n" + body)
+        print(f"wrote section 'layer {args.device} {args.dtype}' of {args.output}", file=sys.stderr)
     print(header)
     print(body, end="")
     if res.errors:

@@ -1,0 +1,102 @@
+"""Formatting shared by the benchmark scripts, and the one writer of benchmarks/RESULTS.md.
+
+RESULTS.md is a set of sections, one per script, device and dtype (for example ``layer cpu
+float32`` or ``models cuda bfloat16``), each between ``<!-- section: NAME -->`` and
+``<!-- /section: NAME -->`` markers. A script run replaces only its own section, so the CPU
+tables, the model-level comparison and the GPU tables each keep the date and machine they were
+measured on.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TITLE = "# lfma_kernels benchmark results"
+_INTRO = ("Each section below was written by one run of the script it names, with the machine, date and "
+          "versions it ran on. `make bench` refreshes the CPU sections; the GPU sections come from "
+          "`benchmarks/bench_gpu.py` on a CUDA machine.")
+
+
+def fmt_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "err"
+    if ms < 1:
+        return f"{ms:.3f}"
+    if ms < 100:
+        return f"{ms:.2f}"
+    return f"{ms:.0f}"
+
+
+def fmt_ratio(num: Optional[float], den: Optional[float]) -> str:
+    if num is None or den is None or den <= 0:
+        return "-"
+    return f"{num / den:.2f}x"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """A pipe table, padded so it also reads well in a terminal."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str, dtype: str) -> List[Tuple[str, str]]:
+    """Date, machine, versions and device of a run, as (label, value) pairs."""
+    import lfma_kernels as lfma
+
+    info = [
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("machine", f"{platform.system()} {platform.machine()}, {_cpu_name()}"),
+        ("CPU cores", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})"),
+        ("python / torch", f"{platform.python_version()} / {torch.__version__}"),
+        ("lfma_kernels", f"{lfma.__version__}, git {_git_revision()}, "
+                         f"backends available: {', '.join(lfma.available_backends())}"),
+    ]
+    if device.startswith("cuda"):
+        info.append(("GPU", f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"))
+    info.append(("device / dtype", f"{device} / {dtype}"))
+    return info
+
+
+def write_section(path: str, name: str, text: str) -> None:
+    """Replace section ``name`` of the results file at ``path`` (append it if new)."""
+    begin, end = f"<!-- section: {name} -->", f"<!-- /section: {name} -->"
+    block = f"{begin}\n{text.strip()}\n{end}\n"
+    current = open(path).read() if os.path.exists(path) else f"{_TITLE}\n\n{_INTRO}\n\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    updated = pattern.sub(lambda _: block, current) if pattern.search(current) else current.rstrip("\n") + "\n\n" + block
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(updated)
