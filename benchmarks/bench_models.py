@@ -23,6 +23,7 @@ batch, said in the table; ``--layers 12`` and a larger batch on a GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import resource
@@ -140,9 +141,7 @@ def measure(model_name: str, variant: str, args: argparse.Namespace) -> dict:
 
 def _missing_peer(variant: str) -> Optional[str]:
     if variant in ("LoRA r=8", "FourierFT n=1000"):
-        try:
-            import peft  # noqa: F401  (only its presence is checked here)
-        except ImportError:
+        if importlib.util.find_spec("peft") is None:
             return "peft not installed (pip install -e '.[bench]')"
     return None
 
