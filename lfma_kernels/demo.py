@@ -38,23 +38,33 @@ HIDDEN, LAYERS, HEADS, MLP = 64, 4, 4, 128
 # (LoRA r=1: r * (d_in + d_out) = 128; FourierFT: n = 128 real; LFMA: K = 64 complex).
 LFMA_K = 64
 FOURIERFT_N = 128
-ALPHA = {"lfma": 12.0, "fourierft": 150.0}
-PRETRAIN_EPOCHS, ADAPT_EPOCHS, QUICK_EPOCHS = 30, 30, 6
+ALPHA = {"lfma": 120.0, "fourierft": 150.0}
+PRETRAIN_EPOCHS, ADAPT_EPOCHS, QUICK_EPOCHS = 30, 30, 3
 BATCH = 32
 SEEDS = (0, 1, 2)
 
-# Learning rates chosen on the validation split by ``--sweep`` (seed 0, 30 epochs, AdamW), and
-# the sweep's validation accuracies (%) they were chosen from:
+# Learning rates chosen on the validation split by ``--sweep`` (seed 0, 30 epochs, AdamW; run
+# 2026-11-26 on the 2-core CPU machine). Validation accuracy (%) per learning rate:
+#                    3e-4   1e-3   3e-3   1e-2   3e-2   1e-1   3e-1
+#   head only        46.9   60.3   63.7   65.9   70.9   70.4   67.6
+#   LoRA r=1         63.7   82.7   89.4   91.6   92.7   87.2   30.2
+#   LoRA r=4         79.3   89.9   91.6   93.9   92.2   84.4   43.6
+#   FourierFT        59.2   79.9   89.4   89.9   92.7   93.9   84.4
+#   LFMA             54.2   74.3   84.4   91.6   94.4   93.3   86.0
+#   LFMA hermitian   52.0   77.1   84.9   87.7   95.0   93.3   91.6
+#   full fine-tuning 96.1   97.8   93.3   85.5   30.7   20.1   38.5
+# (LFMA at alpha=12, the paper's Table 1 setting, peaked at the grid's edge, 89.9% at 3e-1: with
+# d=64 layers it moves dW too slowly, so the demo uses the paper's main ViT setting, alpha=120.)
 LEARNING_RATES: Dict[str, float] = {
-    "head only": 1e-2,
-    "LoRA r=1": 1e-2,
+    "head only": 3e-2,
+    "LoRA r=1": 3e-2,
     "LoRA r=4": 1e-2,
-    "FourierFT": 1e-2,
-    "LFMA": 1e-2,
-    "LFMA hermitian": 1e-2,
+    "FourierFT": 1e-1,
+    "LFMA": 3e-2,
+    "LFMA hermitian": 3e-2,
     "full fine-tuning": 1e-3,
 }
-SWEEP_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+SWEEP_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 # ------------------------------------------------------------------------------------------ data
