@@ -308,10 +308,11 @@ def plot(records: List[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in records:
-        ax.errorbar(r["trainable_real"], 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"], fmt="o", capsize=3)
-        ax.annotate(r["method"], (r["trainable_real"], 100 * r["accuracy_mean"]), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+    markers = "osD^v<>p"
+    for i, r in enumerate(records):
+        ax.errorbar(r["trainable_real"], 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"],
+                    fmt=markers[i % len(markers)], capsize=3, label=r["method"])
+    ax.legend(fontsize=8, loc="lower right")  # methods of one budget share an x: a legend, not labels
     ax.set_xscale("log")
     ax.set_xlabel("real trained scalars (adapter + classifier head, log scale)")
     ax.set_ylabel("test accuracy, digits 5-9 (%)")
