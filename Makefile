@@ -24,14 +24,15 @@ bench: $(STAMP)
 
 venv: $(STAMP)
 
-# Reruns whenever the packaging changes, or when .venv exists without the stamp (reinstalling
-# into an existing environment is harmless). The package is installed without build isolation
-# so the build uses the environment's torch (needed once setup.py compiles a C++ extension).
-$(STAMP): pyproject.toml setup.py
+# Reruns whenever the packaging or the C++/CUDA sources change, or when .venv exists without
+# the stamp (reinstalling into an existing environment is harmless). The package is installed
+# without build isolation so that setup.py compiles the extension (csrc/) against the
+# environment's torch; ninja runs the compile jobs in parallel.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install "torch==$(TORCH_VERSION)" "setuptools>=64" wheel
+	$(PIP) install "torch==$(TORCH_VERSION)" "setuptools>=64" wheel ninja
 	$(PIP) install --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .benchmarks
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks lfma_kernels/_C*.so

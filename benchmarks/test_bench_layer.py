@@ -4,8 +4,9 @@ Not part of ``make test`` (pytest's testpaths is tests/). Run with
 
     .venv/bin/python -m pytest benchmarks/test_bench_layer.py --benchmark-only
 
-Each group compares the paper's formulation (``reference``), the ``torch`` backend and the frozen
-``nn.Linear``; the functions timed are the ones benchmarks/bench_layer.py tables.
+Each group compares the paper's formulation (``reference``), the ``torch`` and ``cpp`` backends
+(``cpp`` skipped where the extension is not available) and the frozen ``nn.Linear``; the
+functions timed are the ones benchmarks/bench_layer.py tables.
 """
 from __future__ import annotations
 
@@ -39,14 +40,14 @@ def _need(problem, backend):
 
 
 @pytest.mark.benchmark(group="delta_weight 768x768 K=176 forward")
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
 def test_delta_weight_forward(benchmark, problem, backend):
     _need(problem, backend)
     benchmark(B.delta_weight_fn(problem, backend, backward=False))
 
 
 @pytest.mark.benchmark(group="delta_weight 768x768 K=176 forward+backward")
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
 def test_delta_weight_forward_backward(benchmark, problem, backend):
     _need(problem, backend)
     benchmark(B.delta_weight_fn(problem, backend, backward=True))
@@ -54,7 +55,7 @@ def test_delta_weight_forward_backward(benchmark, problem, backend):
 
 
 @pytest.mark.benchmark(group="layer training step 768x768 K=176, 4096 tokens")
-@pytest.mark.parametrize("backend", ["reference", "torch", "frozen"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp", "frozen"])
 def test_layer_train_step(benchmark, problem, backend):
     x, g = B.make_inputs(problem, TOKENS, requires_grad=True)
     if backend == "frozen":

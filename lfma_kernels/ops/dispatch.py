@@ -11,6 +11,7 @@ Probe results and modules are kept in plain dicts, so once a backend has been us
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,22 +27,44 @@ def _always() -> Optional[str]:
     return None
 
 
-def _not_built(what: str) -> Callable[[], Optional[str]]:
+def _extension_probe(part: str) -> Callable[[], Optional[str]]:
+    """The compiled extension (csrc/) loads: prebuilt by setup.py, or compiled on first use and
+    cached; for ``cuda`` also a CUDA torch, a GPU and the CUDA part (see ops/extension.py)."""
     def reason() -> Optional[str]:
-        return f"{what} is not part of this version of lfma_kernels; use backend='torch'"
+        from . import extension
+        return extension.unavailable_reason(part)
     return reason
+
+
+def _triton_probe() -> Optional[str]:
+    """Triton importable, and a CUDA GPU or the interpreter (``TRITON_INTERPRET=1``) to run it on."""
+    if importlib.util.find_spec("triton") is None:
+        return ("triton is not installed: `pip install triton` (Linux; it comes with CUDA builds of torch), "
+                "then run on a CUDA GPU or set TRITON_INTERPRET=1")
+    if not (torch.cuda.is_available() or _TRITON_INTERPRET):
+        return ("no CUDA GPU is available (torch.cuda.is_available() is False); run on a CUDA GPU, or set "
+                "TRITON_INTERPRET=1 before importing lfma_kernels to run the Triton kernels on CPU through "
+                "Triton's (slow) interpreter")
+    try:
+        importlib.import_module("triton.language")
+    except Exception as exc:  # a broken install: say what failed
+        return f"triton failed to import ({type(exc).__name__}: {exc}); reinstall triton"
+    return None
 
 
 _MODULES: Dict[str, str] = {
     "reference": "lfma_kernels.reference",
     "torch": "lfma_kernels.ops.torch_ops",
+    "triton": "lfma_kernels.ops.triton_ops",
+    "cpp": "lfma_kernels.ops.cpp_ops",
+    "cuda": "lfma_kernels.ops.cuda_ops",
 }
 _PROBES: Dict[str, Callable[[], Optional[str]]] = {
     "reference": _always,
     "torch": _always,
-    "triton": _not_built("the Triton backend"),
-    "cpp": _not_built("the C++ extension"),
-    "cuda": _not_built("the CUDA extension"),
+    "triton": _triton_probe,
+    "cpp": _extension_probe("cpu"),
+    "cuda": _extension_probe("cuda"),
 }
 # Devices each backend can run on; None means any device torch supports.
 _DEVICES: Dict[str, Optional[Tuple[str, ...]]] = {
@@ -89,10 +112,28 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return devices is None or device.type in devices
 
 
+# CPU: the cpp kernels (dW, W + dW, dL/dcoeffs) were as fast as or faster than the torch backend's
+# at every shape and K measured with benchmarks/bench_cpp.py --crossover (2-core AMD EPYC, torch 2.13,
+# float32, 2026-11-26; 64x64 to 4096x4096 and 768x3072 / 3072x768, K = 1 to 29491): torch/cpp from
+# 1.0 (4096x4096 with K <= 64, where both run the same MKL GEMM) through 1.5-3 at the paper's shapes
+# to 3-10 on small layers (the torch backend's per-call Python overhead). No crossover, so cpp
+# whenever it loads; `benchmarks/bench_cpp.py` checks the layer training step with auto against
+# each backend alone.
+# CUDA: triton, then cuda, then torch. The cuda kernels only evaluate the separable product
+# (2K*M*N work, no FFT path), so auto takes them only where the torch backend would run that
+# product as well (torch_ops.use_separable), not where it switches to scatter + irfft2 on cuFFT;
+# that crossover was measured on CPU, the GPU one is not yet.
+def _cuda_kernels_fit(k: int, shape: Sequence[int]) -> bool:
+    from . import torch_ops
+    return torch_ops.use_separable(k, shape)
+
+
 def auto_backend(device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int]) -> str:
     """The fastest available backend for this device (see benchmarks/RESULTS.md)."""
     preferred = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
     for name in preferred:
+        if name == "cuda" and not _cuda_kernels_fit(k, shape):
+            continue
         if unavailable_reason(name) is None and _runs_on(name, device):
             return name
     return "torch"

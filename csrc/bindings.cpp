@@ -1,0 +1,88 @@
+// The lfma_ext operator library: schemas, input validation, and the CPU kernels' registration.
+// The CUDA kernels register for the same ops from a second library (cuda_bindings.cpp +
+// lfma_cuda.cu, the extension lfma_kernels._C_cuda), built only where CUDA is; fake
+// implementations are registered from Python (lfma_kernels/ops/cpp_ops.py), autograd by
+// lfma_kernels/ops/library.py on the lfma::cpp_* / lfma::cuda_* ops that wrap these.
+//
+//   lfma_ext::delta_weight(coeffs, rows, cols, d_out, d_in, alpha, algo=-1) -> dW [d_out, d_in]
+//       float32, or float64 for float64 coeffs
+//   lfma_ext::folded_weight(weight, coeffs, rows, cols, alpha, algo=-1) -> W + dW in W's dtype
+//   lfma_ext::coeff_grad(grad_dw, rows, cols, alpha, algo=-1) -> dL/dcoeffs [K, 2], float32/float64
+//   lfma_ext::choose_algo(k, d_out, d_in, inverse, terms=-1, columns=-1) -> int: what algo=-1 picks
+//       on CPU for K frequencies forming `terms` distinct hybrid terms in `columns` columns
+//
+// `algo` picks the CPU algorithm (-1 the cost model, 0 separable, 1 hybrid, 2 2-D FFT; see
+// cpu_kernels.cpp) and is ignored on CUDA.
+#include <sstream>
+#include <string>
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "lfma_ext.h"
+#include "lfma_checks.h"
+
+namespace lfma_ext {
+
+namespace {
+
+at::Tensor delta_weight_cpu_op(const at::Tensor& coeffs, const at::Tensor& rows, const at::Tensor& cols,
+                               int64_t d_out, int64_t d_in, double alpha, int64_t algo) {
+  const char* op = "lfma_ext::delta_weight";
+  check_size(op, d_out, d_in);
+  check_algo(op, algo);
+  const Frequencies f = check_frequencies(op, coeffs, rows, cols, coeffs.device());
+  check_range_cpu(op, f, d_out, d_in);
+  return delta_weight_cpu(f.coeffs, f.rows, f.cols, d_out, d_in, alpha, algo);
+}
+
+at::Tensor folded_weight_cpu_op(const at::Tensor& weight, const at::Tensor& coeffs, const at::Tensor& rows,
+                                const at::Tensor& cols, double alpha, int64_t algo) {
+  const char* op = "lfma_ext::folded_weight";
+  check_algo(op, algo);
+  const at::Tensor w = check_weight(op, weight, "weight");
+  const Frequencies f = check_frequencies(op, coeffs, rows, cols, weight.device());
+  check_range_cpu(op, f, w.size(0), w.size(1));
+  return folded_weight_cpu(w, f.coeffs, f.rows, f.cols, alpha, algo);
+}
+
+at::Tensor coeff_grad_cpu_op(const at::Tensor& grad_dw, const at::Tensor& rows, const at::Tensor& cols,
+                             double alpha, int64_t algo) {
+  const char* op = "lfma_ext::coeff_grad";
+  check_algo(op, algo);
+  const at::Tensor g = check_weight(op, grad_dw, "grad_dw").to(compute_type(grad_dw.scalar_type()));
+  const Frequencies f = check_indices(op, rows, cols, grad_dw.device());
+  check_range_cpu(op, f, g.size(0), g.size(1));
+  return coeff_grad_cpu(g, f.rows, f.cols, alpha, algo);
+}
+
+int64_t choose_algo_op(int64_t k, int64_t d_out, int64_t d_in, bool inverse, int64_t terms, int64_t columns) {
+  TORCH_CHECK(k >= 0 && d_out >= 1 && d_in >= 1, "lfma_ext::choose_algo: need k >= 0 and positive sizes, got k = ",
+              k, ", ", d_out, " x ", d_in);
+  return choose_algo(k, terms, columns, d_out, d_in, inverse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lfma_ext, m) {
+  // Where the fake (meta) implementations live; torch imports it when it needs them.
+  m.set_python_module("lfma_kernels.ops.cpp_ops");
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("delta_weight(Tensor coeffs, Tensor rows, Tensor cols, int d_out, int d_in, float alpha, int algo=-1) "
+        "-> Tensor",
+        tags);
+  m.def("folded_weight(Tensor weight, Tensor coeffs, Tensor rows, Tensor cols, float alpha, int algo=-1) -> Tensor",
+        tags);
+  m.def("coeff_grad(Tensor grad_dw, Tensor rows, Tensor cols, float alpha, int algo=-1) -> Tensor", tags);
+  // The algorithm algo=-1 resolves to on CPU (for benchmarks and tests).
+  m.def("choose_algo(int k, int d_out, int d_in, bool inverse, int terms=-1, int columns=-1) -> int",
+        &choose_algo_op);
+}
+
+TORCH_LIBRARY_IMPL(lfma_ext, CPU, m) {
+  m.impl("delta_weight", &delta_weight_cpu_op);
+  m.impl("folded_weight", &folded_weight_cpu_op);
+  m.impl("coeff_grad", &coeff_grad_cpu_op);
+}
+
+}  // namespace lfma_ext

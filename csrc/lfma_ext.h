@@ -1,0 +1,35 @@
+// Internal declarations shared by the bindings (bindings.cpp, cuda_bindings.cpp) and the CPU
+// kernels (cpu_kernels.cpp). The CUDA kernels have their own torch-free header, lfma_cuda.h.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace lfma_ext {
+
+// How dW (and dL/dcoeffs from G) is evaluated on CPU; see the comment at the top of
+// cpu_kernels.cpp for what each costs and where each wins.
+enum Algo : int64_t {
+  kAuto = -1,       // the cost model of choose_algo
+  kSeparable = 0,   // rank-2K product with exact-phase tables, d_out*d_in*2K multiply-adds
+  kHybrid = 1,      // rows evaluated directly from the K frequencies (K*d_out), columns by real FFTs
+  kFft2 = 2,        // scatter into a half spectrum, one 2-D real FFT
+};
+
+// The algorithm kAuto resolves to for K frequencies forming `terms` distinct hybrid terms in
+// `columns` distinct half-spectrum columns (negative: K, and what that many random frequencies
+// touch on average) on a d_out x d_in weight. `inverse`: building dW (irfft); otherwise reading
+// dL/dcoeffs from G (rfft).
+int64_t choose_algo(int64_t k, int64_t terms, int64_t columns, int64_t d_out, int64_t d_in, bool inverse);
+
+// CPU kernels. Inputs are validated and made contiguous by the bindings: coeffs [K, 2] float32 or
+// float64 (the accumulation type), rows/cols int64 [K] in range, weight/grad_dw 2-D.
+at::Tensor delta_weight_cpu(const at::Tensor& coeffs, const at::Tensor& rows, const at::Tensor& cols,
+                            int64_t d_out, int64_t d_in, double alpha, int64_t algo);
+at::Tensor folded_weight_cpu(const at::Tensor& weight, const at::Tensor& coeffs, const at::Tensor& rows,
+                             const at::Tensor& cols, double alpha, int64_t algo);
+at::Tensor coeff_grad_cpu(const at::Tensor& grad_dw, const at::Tensor& rows, const at::Tensor& cols,
+                          double alpha, int64_t algo);
+
+}  // namespace lfma_ext

@@ -1,0 +1,563 @@
+"""The ``triton`` backend: fused Triton kernels that evaluate LFMA straight from the K frequencies.
+
+Three kernels, all built on the same in-register phase tiles (DESIGN section 1):
+
+``_delta_weight_kernel``
+    One program per ``BM x BN`` tile of ``dW`` (or of ``W + dW``). It loops over the K frequencies
+    in chunks of ``BK``: loads ``(u, v, a, b)`` for the chunk, reduces the phases exactly in
+    integers (``m*u mod d_out``, ``n*v mod d_in``), looks the reduced phases up in a length-``d``
+    cos/sin table (built once per size in float64 and rounded, so every tile entry is the
+    correctly rounded value) and accumulates the separable rank-2K product
+    ``(A_c a - A_s b) B_c^T - (A_s a + A_c b) B_s^T`` with two ``tl.dot`` per chunk. The epilogue
+    scales by ``alpha / (d_out d_in)``, optionally adds ``W`` (any float dtype) and stores in the
+    output's dtype. One launch; no dense spectrum, no FFT, no host sync.
+``_coeff_grad_kernel``
+    ``dL/dcoeffs`` from ``G = dL/d(dW)``: the partial DFT of ``G`` at the K points. Program
+    ``(k chunk, region)`` loops over the ``BM x BN`` tiles of a fixed 128 x 128 region of ``G``,
+    computes ``T = G_tile [B_c, B_s]`` with ``tl.dot`` (phase tiles rebuilt on the fly), folds in
+    the row phases, and writes the region's partial sums for its K chunk; one ``sum`` over regions
+    finishes. The region size does not depend on the autotuned block sizes, so the result is
+    deterministic (no atomics) and every config writes every partial.
+``_coeff_grad_batch_kernel``
+    The small-K batch path of a layer's backward (DESIGN section 1): ``P = g A`` and ``Q = x B``
+    per token tile, in the activations' dtype on tensor cores (bf16/fp16) or float32, reduced
+    into ``s (Re, -Im) sum_t P Q`` without forming ``G = g^T x`` nor the ``[d, K]`` phase tables:
+    one launch plus the partial sum, where the torch backend's version launches a few dozen
+    small kernels (phase tables, two GEMMs, elementwise products, reductions).
+
+For large K the scatter + ``irfft2`` (cuFFT) path of the torch backend wins; :func:`use_kernel`
+is the cost model that picks (its GPU constants are estimates, see below). Float32 ``tl.dot``
+runs in IEEE precision by default; :func:`set_dot_precision` opts into TF32 (``"tf32"``, ~1e-3
+relative) or TF32x3 (``"tf32x3"``, close to float32 accuracy on tensor cores). Triton has no float64
+``tl.dot`` on NVIDIA GPUs (triton-lang/triton#5483), so float64 inputs take the same kernels
+with the products formed as broadcast multiply + ``tl.sum`` (CUDA cores; small fixed blocks):
+exact, for gradcheck and tests, not fast.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter with one
+fixed small config (no autotuning). The interpreter's known gaps: TF32 is ignored, bf16
+``tl.dot`` operates on the raw bits (so 16-bit operands are upcast to float32 there), and
+float32 -> bf16 stores truncate instead of rounding to nearest.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import struct
+from typing import Dict, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import torch_ops
+from .common import compute_dtype, fold_weight, scale
+from .library import Kernels, register_backend
+
+__all__ = [
+    "delta_weight",
+    "folded_weight",
+    "lfma_linear",
+    "coeff_grad_batch",
+    "use_kernel",
+    "set_dot_precision",
+    "get_dot_precision",
+    "INTERPRETED",
+]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _check_precision(value: str) -> str:
+    if value not in _PRECISIONS:
+        raise ValueError(f"dot precision must be one of {', '.join(_PRECISIONS)}, got {value!r}")
+    return value
+
+
+_dot_precision = _check_precision(os.environ.get("LFMA_TRITON_DOT_PRECISION", "ieee"))
+
+
+def set_dot_precision(value: str) -> None:
+    """Input precision of the float32 ``tl.dot`` calls: ``"ieee"`` (default, float32 FMA),
+    ``"tf32x3"`` (three TF32 products: near-float32 accuracy on tensor cores) or ``"tf32"``
+    (~1e-3 relative error: below bf16 rounding, above the float32 tolerances of the tests).
+    Also settable with the environment variable ``LFMA_TRITON_DOT_PRECISION``. Ignored by the
+    interpreter and for 16-bit or float64 operands."""
+    global _dot_precision
+    _dot_precision = _check_precision(value)
+
+
+def get_dot_precision() -> str:
+    return _dot_precision
+
+
+# ---------------------------------------------------------------------------------------------
+# cost model: fused kernel vs the torch backend's scatter + cuFFT path
+# ---------------------------------------------------------------------------------------------
+# ESTIMATES, NOT MEASUREMENTS. No GPU was available when this backend was written, so these
+# constants are back-of-envelope figures for an H100/H200-class GPU; replace them with the
+# crossover measured by `python benchmarks/bench_gpu.py --crossover` on the GPU (it prints the
+# measured crossover K per shape and the constants that reproduce it).
+#   kernel:  2*K*d_out*d_in multiply-adds in float32 IEEE tl.dot (CUDA-core FMA): assumed to run
+#            at ~20 T multiply-adds/s (about 60% of the 33.5 TMAC/s FP32 peak).
+#   FFT:     a fixed ~25 us for the scatter's half-dozen launches plus irfft2 (~20 us for rfft2
+#            and the gather of the gradient path), and ~0.33 ps per point per log2(points) for
+#            cuFFT itself (memory bound: ~135 us for a 4096x4096 irfft2).
+# With these the kernel builds dW below K = 487 at 768x768, 304 at 1024x1024, 175 at 768x3072
+# and 3072x768, and 94 at 4096x4096 (gradient: 402, 256, 154, 91). The paper's headline
+# sparsities (K = 176 at 768x768, 314 at 1024x1024) sit on either side of the 1024 estimate:
+# the measured constants decide.
+_KERNEL_MAC_PER_S = 20e12
+_FFT_FIXED_S = 25e-6
+_FFT_GRAD_FIXED_S = 20e-6
+_FFT_S_PER_POINT_LOG2 = 0.33e-12
+
+
+def use_kernel(k: int, shape: Sequence[int], *, inverse: bool = True) -> bool:
+    """Fused kernel (``True``) or the FFT path, for ``dW`` (``inverse``) or the gradient from ``G``."""
+    n = shape[0] * shape[1]
+    kernel_s = 2.0 * k * n / _KERNEL_MAC_PER_S
+    fft_s = (_FFT_FIXED_S if inverse else _FFT_GRAD_FIXED_S) + _FFT_S_PER_POINT_LOG2 * n * math.log2(max(n, 2))
+    return kernel_s < fft_s
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _phase(table_ptr, pos, idx, d, WIDE: tl.constexpr):
+    """cos/sin(2 pi (pos*idx mod d) / d), broadcast over ``pos`` and ``idx``: the phase is reduced
+    exactly in integers (int64 when ``d`` is large enough for ``pos*idx`` to overflow int32), then
+    read from the interleaved [d, 2] cos/sin table. Residues lie in [0, d): no mask needed."""
+    if WIDE:
+        r = (pos.to(tl.int64) * idx.to(tl.int64)) % d
+    else:
+        r = (pos.to(tl.int32) * idx.to(tl.int32)) % d
+    return tl.load(table_ptr + 2 * r), tl.load(table_ptr + 2 * r + 1)
+
+
+@triton.jit
+def _mma(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``: ``tl.dot`` (IEEE/TF32 for float32 operands), or for float64 a broadcast
+    product reduced with ``tl.sum`` (Triton has no float64 dot on NVIDIA GPUs)."""
+    if USE_DOT:
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc)
+    else:
+        acc = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return acc
+
+
+# Sizes are not specialised (only strides are): one compiled variant per config serves every shape and K.
+@triton.jit(do_not_specialize=["d_out", "d_in", "K"])
+def _delta_weight_kernel(
+    out_ptr, w_ptr, rows_ptr, cols_ptr, coeffs_ptr, table_m_ptr, table_n_ptr,
+    d_out, d_in, K, scale_hi, scale_lo,
+    stride_om, stride_on, stride_wm, stride_wn, stride_ck, stride_cj,
+    HAS_W: tl.constexpr, WIDE: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m * BM + tl.arange(0, BM)
+    n = pid_n * BN + tl.arange(0, BN)
+    acc_dtype = table_m_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=acc_dtype)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        k_mask = k < K
+        # Padding frequencies get (u, v) = (0, 0) and a = b = 0: valid table rows, zero weight.
+        u = tl.load(rows_ptr + k, mask=k_mask, other=0)
+        v = tl.load(cols_ptr + k, mask=k_mask, other=0)
+        a = tl.load(coeffs_ptr + k * stride_ck, mask=k_mask, other=0.0).to(acc_dtype)
+        b = tl.load(coeffs_ptr + k * stride_ck + stride_cj, mask=k_mask, other=0.0).to(acc_dtype)
+        ac, as_ = _phase(table_m_ptr, m[:, None], u[None, :], d_out, WIDE)   # [BM, BK]
+        bc, bs = _phase(table_n_ptr, n[None, :], v[:, None], d_in, WIDE)     # [BK, BN]
+        left_c = ac * a[None, :] - as_ * b[None, :]
+        left_s = -(as_ * a[None, :] + ac * b[None, :])
+        acc = _mma(left_c, bc, acc, USE_DOT, PRECISION)
+        acc = _mma(left_s, bs, acc, USE_DOT, PRECISION)
+    # s = alpha / (d_out d_in) arrives as two float32 scalars (hi + lo) so float64 keeps all its bits.
+    acc = acc * scale_hi + acc * scale_lo
+    mask = (m < d_out)[:, None] & (n < d_in)[None, :]
+    rows64 = m.to(tl.int64)[:, None]  # int64 offsets: weights past 2**31 entries (large vocabularies)
+    if HAS_W:
+        w = tl.load(w_ptr + rows64 * stride_wm + n[None, :] * stride_wn, mask=mask, other=0.0)
+        if w.dtype == tl.float64:
+            acc = w + acc.to(tl.float64)
+        else:
+            acc = acc + w.to(acc_dtype)
+    tl.store(out_ptr + rows64 * stride_om + n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["d_out", "d_in", "K"])
+def _coeff_grad_kernel(
+    part_ptr, g_ptr, rows_ptr, cols_ptr, table_m_ptr, table_n_ptr,
+    d_out, d_in, K, scale_hi, scale_lo,
+    stride_gm, stride_gn, stride_pr, stride_pk,
+    REGION: tl.constexpr, WIDE: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    # 1-D grid, the K chunk varying fastest: consecutive programs read the same region of G (L2).
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BK)
+    pid_k = pid % num_k
+    region = pid // num_k
+    regions_n = tl.cdiv(d_in, REGION)
+    m0 = (region // regions_n) * REGION
+    n0 = (region % regions_n) * REGION
+    k = pid_k * BK + tl.arange(0, BK)
+    k_mask = k < K
+    u = tl.load(rows_ptr + k, mask=k_mask, other=0)
+    v = tl.load(cols_ptr + k, mask=k_mask, other=0)
+    acc_dtype = table_m_ptr.dtype.element_ty
+    out_c = tl.zeros((BK,), dtype=acc_dtype)
+    out_s = tl.zeros((BK,), dtype=acc_dtype)
+    for mt in range(0, tl.minimum(REGION, d_out - m0), BM):
+        m = m0 + mt + tl.arange(0, BM)
+        t_c = tl.zeros((BM, BK), dtype=acc_dtype)
+        t_s = tl.zeros((BM, BK), dtype=acc_dtype)
+        for nt in range(0, tl.minimum(REGION, d_in - n0), BN):
+            n = n0 + nt + tl.arange(0, BN)
+            g = tl.load(g_ptr + m.to(tl.int64)[:, None] * stride_gm + n[None, :] * stride_gn,
+                        mask=(m < d_out)[:, None] & (n < d_in)[None, :], other=0.0).to(acc_dtype)
+            bc, bs = _phase(table_n_ptr, n[:, None], v[None, :], d_in, WIDE)   # [BN, BK]
+            t_c = _mma(g, bc, t_c, USE_DOT, PRECISION)
+            t_s = _mma(g, bs, t_s, USE_DOT, PRECISION)
+        ac, as_ = _phase(table_m_ptr, m[:, None], u[None, :], d_out, WIDE)     # [BM, BK]
+        # sum_n G cos(phi_m + psi_n) = A_c T_c - A_s T_s;  sum_n G sin(...) = A_s T_c + A_c T_s
+        out_c += tl.sum(ac * t_c - as_ * t_s, axis=0)
+        out_s += tl.sum(as_ * t_c + ac * t_s, axis=0)
+    out_c = out_c * scale_hi + out_c * scale_lo
+    out_s = -(out_s * scale_hi + out_s * scale_lo)
+    base = part_ptr + region * stride_pr + k * stride_pk
+    tl.store(base, out_c, mask=k_mask)
+    tl.store(base + 1, out_s, mask=k_mask)
+
+
+@triton.jit(do_not_specialize=["T", "d_out", "d_in", "K"])
+def _coeff_grad_batch_kernel(
+    part_ptr, x_ptr, g_ptr, rows_ptr, cols_ptr, table_m_ptr, table_n_ptr,
+    T, d_out, d_in, K, scale_hi, scale_lo,
+    stride_xt, stride_xn, stride_gt, stride_gm, stride_pr, stride_pk,
+    REGION: tl.constexpr, WIDE: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    LOWP_G: tl.constexpr, LOWP_X: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BK)
+    pid_k = pid % num_k
+    region = pid // num_k
+    k = pid_k * BK + tl.arange(0, BK)
+    k_mask = k < K
+    u = tl.load(rows_ptr + k, mask=k_mask, other=0)
+    v = tl.load(cols_ptr + k, mask=k_mask, other=0)
+    acc_dtype = table_m_ptr.dtype.element_ty
+    out_a = tl.zeros((BK,), dtype=acc_dtype)
+    out_b = tl.zeros((BK,), dtype=acc_dtype)
+    for t0 in range(0, tl.minimum(REGION, T - region * REGION), BT):
+        t = region * REGION + t0 + tl.arange(0, BT)
+        t_mask = t < T
+        t64 = t.to(tl.int64)[:, None]  # int64 offsets: T * d may pass 2**31
+        # P = g A  (A[m, k] = exp(2 pi i (m u_k mod d_out) / d_out)),  g: [T, d_out]
+        p_c = tl.zeros((BT, BK), dtype=acc_dtype)
+        p_s = tl.zeros((BT, BK), dtype=acc_dtype)
+        for d0 in range(0, d_out, BD):
+            mm = d0 + tl.arange(0, BD)
+            g = tl.load(g_ptr + t64 * stride_gt + mm[None, :] * stride_gm,
+                        mask=t_mask[:, None] & (mm < d_out)[None, :], other=0.0)
+            ac, as_ = _phase(table_m_ptr, mm[:, None], u[None, :], d_out, WIDE)   # [BD, BK]
+            if LOWP_G:
+                ac = ac.to(g.dtype)   # 16-bit activations: tensor cores, float32 accumulation
+                as_ = as_.to(g.dtype)
+            else:
+                g = g.to(acc_dtype)
+            p_c = _mma(g, ac, p_c, USE_DOT, PRECISION)
+            p_s = _mma(g, as_, p_s, USE_DOT, PRECISION)
+        # Q = x B  (B[n, k] = exp(2 pi i (n v_k mod d_in) / d_in)),  x: [T, d_in]
+        q_c = tl.zeros((BT, BK), dtype=acc_dtype)
+        q_s = tl.zeros((BT, BK), dtype=acc_dtype)
+        for d0 in range(0, d_in, BD):
+            nn = d0 + tl.arange(0, BD)
+            x = tl.load(x_ptr + t64 * stride_xt + nn[None, :] * stride_xn,
+                        mask=t_mask[:, None] & (nn < d_in)[None, :], other=0.0)
+            bc, bs = _phase(table_n_ptr, nn[:, None], v[None, :], d_in, WIDE)     # [BD, BK]
+            if LOWP_X:
+                bc = bc.to(x.dtype)
+                bs = bs.to(x.dtype)
+            else:
+                x = x.to(acc_dtype)
+            q_c = _mma(x, bc, q_c, USE_DOT, PRECISION)
+            q_s = _mma(x, bs, q_s, USE_DOT, PRECISION)
+        # dL/da = s Re(sum_t P Q),  dL/db = -s Im(sum_t P Q)  (padding tokens have P = Q = 0)
+        out_a += tl.sum(p_c * q_c - p_s * q_s, axis=0)
+        out_b += tl.sum(p_c * q_s + p_s * q_c, axis=0)
+    out_a = out_a * scale_hi + out_a * scale_lo
+    out_b = -(out_b * scale_hi + out_b * scale_lo)
+    base = part_ptr + region * stride_pr + k * stride_pk
+    tl.store(base, out_a, mask=k_mask)
+    tl.store(base + 1, out_b, mask=k_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# block sizes: autotuned on the GPU, one fixed config under the interpreter and for float64
+# ---------------------------------------------------------------------------------------------
+# Fixed regions of the gradient kernels (a 128 x 128 block of G, 128 tokens): the partial sums'
+# layout must not depend on the tuned block sizes (see the module docstring).
+_REGION = 128
+_INTERPRET_REGION = 64  # the interpreter's region: small, but still several blocks per region
+
+# float32 operands on CUDA cores (IEEE) or tensor cores (tf32): tiles over the paper's shapes
+# (768x768 .. 4096x4096); the smallest blocks serve K below one 32-wide chunk and narrow layers.
+_FWD_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (32, 64, 16, 4, 2), (64, 64, 16, 4, 2), (64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2),
+        (128, 128, 16, 8, 2), (128, 128, 32, 8, 2),
+    ]
+]
+_GRAD_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (32, 64, 16, 4, 2), (64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (128, 128, 32, 8, 2),
+    ]
+]
+_BATCH_CONFIGS = [
+    triton.Config({"BT": bt, "BD": bd, "BK": bk}, num_warps=w, num_stages=s)
+    for bt, bd, bk, w, s in [
+        (64, 32, 16, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3),
+        (128, 64, 64, 8, 3),
+    ]
+]
+_INTERPRET_FWD = {"BM": 64, "BN": 64, "BK": 32}
+_INTERPRET_GRAD = {"BM": 32, "BN": 32, "BK": 32}
+_INTERPRET_BATCH = {"BT": 32, "BD": 32, "BK": 32}
+# float64: broadcast-product path, small blocks so the [B, BK, B] product fits in registers.
+_FP64_FWD = {"BM": 16, "BN": 16, "BK": 16}
+_FP64_GRAD = {"BM": 16, "BN": 16, "BK": 16}
+_FP64_BATCH = {"BT": 16, "BD": 16, "BK": 16}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def _prune(dims: Dict[str, str]):
+    """Drop configs whose blocks are larger than the problem needs (block <= max(16, next_pow2(size)))."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        limits = {block: max(16, _next_pow2(args[size])) for block, size in dims.items()}
+        kept = [c for c in configs if all(c.kwargs[b] <= lim for b, lim in limits.items())]
+        return kept or [min(configs, key=lambda c: sum(c.kwargs[b] for b in dims))]
+    return {"early_config_prune": prune}
+
+
+def _tuning_bench(fn, quantiles):
+    """Autotuning timer: shorter than Triton's default (25 ms warmup, 100 ms per config), as each
+    new (shape, K, dtype) key tunes once in the first step that meets it."""
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotune(kernel, configs, key, blocks):
+    try:
+        return triton.autotune(configs, key=key, do_bench=_tuning_bench, prune_configs_by=_prune(blocks))(kernel)
+    except TypeError:  # a Triton without autotune(do_bench=): its default timer
+        return triton.autotune(configs, key=key, prune_configs_by=_prune(blocks))(kernel)
+
+
+# Autotune keys: the shape and K (plus, added by Triton, the dtype of every tensor argument).
+_delta_weight_tuned = _autotune(_delta_weight_kernel, _FWD_CONFIGS, ["d_out", "d_in", "K", "HAS_W", "PRECISION"],
+                                {"BM": "d_out", "BN": "d_in", "BK": "K"})
+_coeff_grad_tuned = _autotune(_coeff_grad_kernel, _GRAD_CONFIGS, ["d_out", "d_in", "K", "PRECISION"],
+                              {"BM": "d_out", "BN": "d_in", "BK": "K"})
+_coeff_grad_batch_tuned = _autotune(_coeff_grad_batch_kernel, _BATCH_CONFIGS, ["d_out", "d_in", "K", "T", "PRECISION"],
+                                    {"BT": "T", "BD": "d_out", "BK": "K"})
+
+
+def _launch(tuned, kernel, grid, fixed, args: dict, *, fp64: bool, fp64_config: dict) -> None:
+    """Autotuned launch on the GPU; one fixed config under the interpreter or for float64."""
+    if fp64:
+        kernel[grid](**args, **fp64_config, num_warps=4)
+    elif INTERPRETED:
+        kernel[grid](**args, **fixed, num_warps=4)
+    else:
+        tuned[grid](**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+_tables: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _table(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[d, 2]`` = (cos, sin)(2 pi j / d), correctly rounded to ``dtype`` (torch_ops.phase_tables
+    at the unit frequency); cached per size, dtype and device (a few KiB each).
+
+    Built on first use: under CUDA-graph capture, run one eager step first (the usual warmup)."""
+    key = (d, dtype, device)
+    table = _tables.get(key)
+    if table is None:
+        cos, sin = torch_ops.phase_tables(torch.ones(1, dtype=torch.int64, device=device), d, dtype)
+        table = _tables[key] = torch.cat([cos, sin], dim=1).contiguous()
+    return table
+
+
+def _scale_parts(shape: Sequence[int], alpha: float) -> Tuple[float, float]:
+    """``s`` split into two float32-representable parts (Triton passes Python floats as float32)."""
+    s = scale(shape, alpha)
+    hi = struct.unpack("f", struct.pack("f", s))[0]
+    return hi, s - hi
+
+
+def _wide(*dims: int) -> bool:
+    """int64 phase products once ``(d + block) * d`` could overflow int32."""
+    return max(dims) > 32768
+
+
+def _low_precision_dot(dtype: torch.dtype, acc: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16) and acc == torch.float32 and not INTERPRETED
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch_delta_weight(coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: Sequence[int],
+                         alpha: float, weight: torch.Tensor = None) -> torch.Tensor:
+    """``dW`` (float32/float64 as :func:`compute_dtype`), or ``W + dW`` in ``W``'s dtype."""
+    d_out, d_in = int(shape[0]), int(shape[1])
+    k = rows.shape[0]
+    dtype = compute_dtype(coeffs.dtype)
+    device = coeffs.device
+    out = torch.empty((d_out, d_in), dtype=dtype if weight is None else weight.dtype, device=device)
+    w = out if weight is None else weight
+    hi, lo = _scale_parts(shape, alpha)
+    args = dict(
+        out_ptr=out, w_ptr=w, rows_ptr=rows.contiguous(), cols_ptr=cols.contiguous(), coeffs_ptr=coeffs,
+        table_m_ptr=_table(d_out, dtype, device), table_n_ptr=_table(d_in, dtype, device),
+        d_out=d_out, d_in=d_in, K=k, scale_hi=hi, scale_lo=lo,
+        stride_om=out.stride(0), stride_on=out.stride(1), stride_wm=w.stride(0), stride_wn=w.stride(1),
+        stride_ck=coeffs.stride(0), stride_cj=coeffs.stride(1),
+        HAS_W=weight is not None, WIDE=_wide(d_out, d_in), USE_DOT=dtype != torch.float64, PRECISION=_dot_precision,
+    )
+
+    def grid(meta):
+        return triton.cdiv(d_out, meta["BM"]), triton.cdiv(d_in, meta["BN"])
+    with _device_guard(out):
+        _launch(_delta_weight_tuned, _delta_weight_kernel, grid, _INTERPRET_FWD, args,
+                fp64=dtype == torch.float64, fp64_config=_FP64_FWD)
+    return out
+
+
+def _launch_coeff_grad(grad_dw: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s * (sum G cos(theta), -sum G sin(theta))`` per frequency, ``[K, 2]`` in ``G``'s dtype."""
+    d_out, d_in = grad_dw.shape
+    k = rows.shape[0]
+    dtype = compute_dtype(grad_dw.dtype)
+    device = grad_dw.device
+    region = _INTERPRET_REGION if INTERPRETED else _REGION
+    regions = triton.cdiv(d_out, region) * triton.cdiv(d_in, region)
+    part = torch.empty((regions, k, 2), dtype=dtype, device=device)
+    hi, lo = _scale_parts((d_out, d_in), alpha)
+    args = dict(
+        part_ptr=part, g_ptr=grad_dw, rows_ptr=rows.contiguous(), cols_ptr=cols.contiguous(),
+        table_m_ptr=_table(d_out, dtype, device), table_n_ptr=_table(d_in, dtype, device),
+        d_out=d_out, d_in=d_in, K=k, scale_hi=hi, scale_lo=lo,
+        stride_gm=grad_dw.stride(0), stride_gn=grad_dw.stride(1), stride_pr=part.stride(0), stride_pk=part.stride(1),
+        REGION=region, WIDE=_wide(d_out, d_in), USE_DOT=dtype != torch.float64, PRECISION=_dot_precision,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(k, meta["BK"]) * regions,)
+    with _device_guard(part):
+        _launch(_coeff_grad_tuned, _coeff_grad_kernel, grid, _INTERPRET_GRAD, args,
+                fp64=dtype == torch.float64, fp64_config=_FP64_GRAD)
+    return part[0] if regions == 1 else part.sum(0)
+
+
+def _launch_coeff_grad_batch(x2d: torch.Tensor, g2d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                             shape: Sequence[int], alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    d_out, d_in = int(shape[0]), int(shape[1])
+    tokens = x2d.shape[0]
+    k = rows.shape[0]
+    acc = torch.float64 if torch.float64 in (dtype, x2d.dtype, g2d.dtype) else torch.float32
+    device = x2d.device
+    region = _INTERPRET_REGION if INTERPRETED else _REGION
+    regions = max(triton.cdiv(tokens, region), 1)
+    part = torch.zeros((regions, k, 2), dtype=acc, device=device) if tokens == 0 else \
+        torch.empty((regions, k, 2), dtype=acc, device=device)
+    if tokens > 0:
+        hi, lo = _scale_parts(shape, alpha)
+        args = dict(
+            part_ptr=part, x_ptr=x2d, g_ptr=g2d, rows_ptr=rows.contiguous(), cols_ptr=cols.contiguous(),
+            table_m_ptr=_table(d_out, acc, device), table_n_ptr=_table(d_in, acc, device),
+            T=tokens, d_out=d_out, d_in=d_in, K=k, scale_hi=hi, scale_lo=lo,
+            stride_xt=x2d.stride(0), stride_xn=x2d.stride(1), stride_gt=g2d.stride(0), stride_gm=g2d.stride(1),
+            stride_pr=part.stride(0), stride_pk=part.stride(1),
+            REGION=region, WIDE=_wide(d_out, d_in), USE_DOT=acc != torch.float64, PRECISION=_dot_precision,
+            # 16-bit operands go to tensor cores as they are; the interpreter's bf16 dot is broken,
+            # so there they are upcast to float32 like everything else.
+            LOWP_G=_low_precision_dot(g2d.dtype, acc), LOWP_X=_low_precision_dot(x2d.dtype, acc),
+        )
+
+        def grid(meta):
+            return (triton.cdiv(k, meta["BK"]) * regions,)
+        with _device_guard(part):
+            _launch(_coeff_grad_batch_tuned, _coeff_grad_batch_kernel, grid, _INTERPRET_BATCH, args,
+                    fp64=acc == torch.float64, fp64_config=_FP64_BATCH)
+    out = part[0] if regions == 1 else part.sum(0)
+    return out.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend's kernels: fused kernel or the torch backend's FFT path, as the cost model says
+# ---------------------------------------------------------------------------------------------
+def _delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
+    if use_kernel(rows.shape[0], shape):
+        return _launch_delta_weight(coeffs, rows, cols, shape, alpha)
+    return torch_ops.delta_weight_fft(coeffs, rows, cols, shape, alpha)
+
+
+def _folded_weight(weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
+    shape = tuple(weight.shape)
+    if use_kernel(rows.shape[0], shape):
+        return _launch_delta_weight(coeffs, rows, cols, shape, alpha, weight=weight)
+    return fold_weight(weight, torch_ops.delta_weight_fft(coeffs, rows, cols, shape, alpha))
+
+
+def _coeff_grad(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
+    if use_kernel(rows.shape[0], grad_dw.shape, inverse=False):
+        return _launch_coeff_grad(grad_dw, rows, cols, alpha)
+    return torch_ops.coeff_grad_fft(grad_dw, rows, cols, alpha)
+
+
+# The batch path runs inside lfma_linear's registered backward, which torch.compile traces with
+# fake tensors: it is a custom op of its own, with a fake implementation.
+@torch.library.custom_op("lfma::triton_coeff_grad_batch", mutates_args=())
+def _coeff_grad_batch_op(x2d: torch.Tensor, g2d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                         d_out: int, d_in: int, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    return _launch_coeff_grad_batch(x2d, g2d, rows, cols, (d_out, d_in), alpha, dtype)
+
+
+@_coeff_grad_batch_op.register_fake
+def _(x2d, g2d, rows, cols, d_out, d_in, alpha, dtype):
+    return x2d.new_empty((rows.shape[0], 2), dtype=dtype)
+
+
+def coeff_grad_batch(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
+    """``dL/dcoeffs`` of a layer from its input ``x [T, d_in]`` and output gradient ``g [T, d_out]``
+    without forming ``G = g^T x`` (torch_ops.coeff_grad_batch_gemm's contract, fused)."""
+    return _coeff_grad_batch_op(x2d, g2d, rows, cols, int(shape[0]), int(shape[1]), float(alpha), dtype)
+
+
+delta_weight, folded_weight, lfma_linear = register_backend(
+    "triton", Kernels(delta_weight=_delta_weight, folded_weight=_folded_weight, coeff_grad=_coeff_grad,
+                      coeff_grad_batch=coeff_grad_batch))

@@ -1,0 +1,421 @@
+"""The C++/CUDA extension (csrc/): every CPU algorithm against the float64 oracle, the adjoint
+identity between dW and dL/dcoeffs, gradcheck, opcheck on the raw lfma_ext ops and the lfma::cpp_*
+ops, the bindings' input validation, the loader's messages; the CUDA kernels when a GPU is present.
+
+The generic backend tests of test_ops.py run on ``cpp`` as well (it is in FAST_BACKENDS once the
+extension loads)."""
+import os
+
+import pytest
+import torch
+
+import lfma_kernels as lfma
+from lfma_kernels.ops import dispatch, extension
+from conftest import random_frequencies, rel_err
+
+_reason = dispatch.unavailable_reason("cpp")
+if _reason is not None and "failed" in _reason:  # a broken build or library is an error, not a skip
+    pytest.fail(f"the C++ extension is broken: {_reason}", pytrace=False)
+if _reason is not None:  # no prebuilt extension and no toolchain to build one
+    pytest.skip(f"backend 'cpp' is not available: {_reason}", allow_module_level=True)
+
+from lfma_kernels.ops import cpp_ops  # noqa: E402  (loads the extension)
+
+ops = torch.ops.lfma_ext
+ALGOS = ["separable", "hybrid", "fft2"]
+# The odd shapes of the foundation tests, K = 1, K odd, large K (past d_out*d_in/2, with repeats),
+# and every position of a small matrix once; 1-wide and 2-wide edges for the FFT paths.
+SHAPES_K = [((48, 80), 1), ((48, 80), 37), ((97, 64), 1), ((97, 64), 203), ((33, 33), 33), ((33, 33), 1089),
+            ((16, 24), 384), ((1, 7), 3), ((7, 1), 3), ((2, 2), 4), ((1, 1), 1)]
+HAS_CUDA = torch.cuda.is_available() and "cuda" in lfma.available_backends()
+
+
+def all_positions(shape):
+    rows, cols = torch.meshgrid(torch.arange(shape[0]), torch.arange(shape[1]), indexing="ij")
+    return rows.flatten(), cols.flatten()
+
+
+def frequencies(shape, k, gen, dtype=torch.float64, device="cpu"):
+    if k == shape[0] * shape[1] and k > 1:  # each position exactly once
+        rows, cols = all_positions(shape)
+        return torch.randn(k, 2, generator=gen, dtype=torch.float64).to(device, dtype), rows.to(device), cols.to(device)
+    return random_frequencies(shape, k, generator=gen, dtype=dtype, device=device)
+
+
+def oracle_grad(g, rows, cols, alpha):
+    """s * (Re, Im) fft2(G)[u, v] in float64."""
+    s = alpha / (g.shape[0] * g.shape[1])
+    return torch.view_as_real(torch.fft.fft2(g.double())[rows.cpu(), cols.cpu()]) * s
+
+
+@pytest.fixture(params=ALGOS)
+def algo(request, monkeypatch):
+    """Force one CPU algorithm, in the raw ops (returned code) and in the cpp backend."""
+    monkeypatch.setattr(cpp_ops, "algo", request.param)
+    return cpp_ops.ALGOS[request.param]
+
+
+# ---------------------------------------------------------------------------------------------
+# raw ops against the oracle, per algorithm
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape, k", SHAPES_K)
+def test_delta_weight_matches_oracle(shape, k, dtype, tol, algo, gen):
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    ref = lfma.reference.delta_weight(coeffs, rows, cols, shape, 1.7)
+    out = ops.delta_weight(coeffs.to(dtype), rows, cols, shape[0], shape[1], 1.7, algo)
+    assert out.dtype == dtype and tuple(out.shape) == shape and out.is_contiguous()
+    assert rel_err(out, ref) <= tol
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape, k", SHAPES_K)
+def test_coeff_grad_matches_oracle(shape, k, dtype, tol, algo, gen):
+    _, rows, cols = frequencies(shape, k, gen)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    out = ops.coeff_grad(g.to(dtype), rows, cols, 0.8, algo)
+    assert out.dtype == dtype and tuple(out.shape) == (k, 2)
+    assert rel_err(out, oracle_grad(g, rows, cols, 0.8)) <= tol
+
+
+@pytest.mark.parametrize("shape, k", [((48, 80), 37), ((97, 64), 203), ((33, 33), 1), ((5, 9), 45)])
+def test_coeff_grad_is_the_adjoint_of_delta_weight(shape, k, algo, gen):
+    """<dW(c), G> = <c, coeff_grad(G)> for every c and G (float64): the backward is exact."""
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    lhs = (ops.delta_weight(coeffs, rows, cols, shape[0], shape[1], 2.5, algo) * g).sum()
+    rhs = (coeffs * ops.coeff_grad(g, rows, cols, 2.5, algo)).sum()
+    assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+
+
+@pytest.mark.parametrize("shape, k", [((48, 80), 60), ((97, 64), 301), ((32, 32), 200), ((33, 17), 99)])
+@pytest.mark.parametrize("hermitian", [False, True])
+def test_selected_frequencies(shape, k, hermitian, algo, gen):
+    """Top-K selections of a real init: both members of each conjugate pair (merged into one term
+    by the hybrid), or one member per pair; self-conjugate bins included."""
+    init = torch.randn(shape, generator=gen, dtype=torch.float64)
+    freqs = lfma.select_frequencies(init, k, hermitian=hermitian)
+    coeffs = torch.view_as_real(freqs.values).contiguous() + 0.1 * torch.randn(k, 2, generator=gen,
+                                                                               dtype=torch.float64)
+    ref = lfma.reference.delta_weight(coeffs, freqs.rows, freqs.cols, shape, 3.0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        out = ops.delta_weight(coeffs.to(dtype), freqs.rows, freqs.cols, *shape, 3.0, algo)
+        assert rel_err(out, ref) <= tol
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        grad = ops.coeff_grad(g.to(dtype), freqs.rows, freqs.cols, 3.0, algo)
+        assert rel_err(grad, oracle_grad(g, freqs.rows, freqs.cols, 3.0)) <= tol
+
+
+@pytest.mark.parametrize("w_dtype, c_dtype, tol", [
+    (torch.float32, torch.float32, 1e-6), (torch.float64, torch.float64, 1e-14),
+    (torch.bfloat16, torch.float32, 1e-2), (torch.float16, torch.float32, 1e-3),
+    (torch.float32, torch.float64, 1e-6), (torch.float64, torch.float32, 1e-6),
+])
+@pytest.mark.parametrize("shape, k", [((48, 80), 37), ((97, 64), 203), ((33, 33), 1)])
+def test_folded_weight(shape, k, w_dtype, c_dtype, tol, algo, gen):
+    """W + dW in W's dtype, the add in float32 (float64 for float64 coefficients or weight)."""
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64).to(w_dtype)
+    ref = weight.double() + lfma.reference.delta_weight(coeffs, rows, cols, shape, 40.0)
+    out = ops.folded_weight(weight, coeffs.to(c_dtype), rows, cols, 40.0, algo)
+    assert out.dtype == w_dtype and out.shape == weight.shape
+    assert rel_err(out, ref) <= tol
+
+
+def test_non_contiguous_and_low_precision_inputs(gen):
+    """Strided inputs are made contiguous; bf16/fp16 coefficients accumulate in float32."""
+    shape = (40, 24)
+    coeffs, rows, cols = frequencies(shape, 9, gen)
+    ref = lfma.reference.delta_weight(coeffs, rows, cols, shape, 3.0)
+    strided = coeffs.T.contiguous().T  # [K, 2] with strides (1, K)
+    assert not strided.is_contiguous()
+    assert rel_err(ops.delta_weight(strided.float(), rows, cols, *shape, 3.0), ref) <= 1e-5
+    for low in (torch.bfloat16, torch.float16):
+        out = ops.delta_weight(coeffs.to(low), rows, cols, *shape, 3.0)
+        assert out.dtype == torch.float32
+        assert rel_err(out, lfma.reference.delta_weight(coeffs.to(low).double(), rows, cols, shape, 3.0)) <= 1e-5
+    weight_t = torch.randn(shape[1], shape[0], generator=gen).T  # transposed view
+    out = ops.folded_weight(weight_t, coeffs.float(), rows, cols, 3.0)
+    assert rel_err(out, weight_t.double() + ref) <= 1e-5
+    g_t = torch.randn(shape[1], shape[0], generator=gen, dtype=torch.float64).T
+    assert rel_err(ops.coeff_grad(g_t, rows, cols, 3.0), oracle_grad(g_t, rows, cols, 3.0)) <= 1e-12
+
+
+def test_phase_precision_large(gen):
+    """Exact integer phase reduction at 4096 (a float32 angle would be off by ~1e-4): every algorithm
+    in float32 within 1e-5 of the float64 oracle."""
+    shape, k = (4096, 4096), 9
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    ref = lfma.reference.delta_weight(coeffs, rows, cols, shape, 1.0)
+    for code in (0, 1, 2):
+        assert rel_err(ops.delta_weight(coeffs.float(), rows, cols, *shape, 1.0, code), ref) <= 1e-5
+
+
+def test_auto_algorithm_is_valid_and_agrees(gen):
+    """algo=-1 picks through the cost model; it must agree with the forced algorithms."""
+    for shape, k in [((768, 768), 4), ((768, 768), 176), ((256, 256), 20000)]:
+        picks = {int(ops.choose_algo(k, shape[0], shape[1], inverse)) for inverse in (True, False)}
+        assert picks <= {0, 1, 2}
+        coeffs, rows, cols = frequencies(shape, k, gen, dtype=torch.float32)
+        auto = ops.delta_weight(coeffs, rows, cols, *shape, 1.0)
+        forced = ops.delta_weight(coeffs, rows, cols, *shape, 1.0, 1)
+        assert rel_err(auto, forced) <= 1e-5
+    assert int(ops.choose_algo(2, 768, 768, True)) == 0   # tiny K: one pass, no FFT
+    assert int(ops.choose_algo(176, 768, 768, True)) == 1  # the paper's K: rows direct, row FFTs
+    assert int(ops.choose_algo(29491, 768, 768, True)) == 2  # large K: one 2-D FFT
+
+
+def test_auto_picks_cpp_on_cpu():
+    """dispatch: cpp measured at least as fast as torch everywhere on CPU (see dispatch.auto_backend)."""
+    cpu = torch.device("cpu")
+    for k, shape in [(1, (8, 8)), (176, (768, 768)), (29491, (768, 768))]:
+        assert dispatch.auto_backend(cpu, torch.float32, k, shape) == "cpp"
+
+
+def test_zero_frequencies():
+    rows = torch.zeros(0, dtype=torch.long)
+    coeffs = torch.zeros(0, 2)
+    assert torch.equal(ops.delta_weight(coeffs, rows, rows, 3, 4, 1.0), torch.zeros(3, 4))
+    w = torch.randn(3, 4)
+    assert torch.equal(ops.folded_weight(w, coeffs, rows, rows, 1.0), w)
+    assert ops.coeff_grad(torch.randn(3, 4), rows, rows, 1.0).shape == (0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cpp backend: autograd (from library.py), gradcheck, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, k", [((6, 10), 3), ((7, 5), 9), ((4, 4), 16)])
+def test_delta_weight_gradcheck(shape, k, algo, gen):
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    coeffs.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: lfma.delta_weight(c, rows, cols, shape, 1.3, backend="cpp"), (coeffs,))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lfma_linear_gradcheck(with_bias, algo, gen):
+    shape, k = (6, 9), 5
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    x = torch.randn(2, 3, shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(shape[0], generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = (x, weight, coeffs.requires_grad_(True)) + ((bias,) if with_bias else ())
+
+    def fn(x, weight, coeffs, *b):
+        return lfma.lfma_linear(x, weight, b[0] if b else None, coeffs, rows, cols, 2.5, backend="cpp")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_raw_ops(dtype, gen):
+    """Schema, fake implementation and AOT dispatch of the C++ ops (no autograd of their own)."""
+    coeffs, rows, cols = frequencies((12, 10), 5, gen, dtype=dtype)
+    weight = torch.randn(12, 10, generator=gen, dtype=dtype)
+    for algo in (-1, 0, 1, 2):
+        torch.library.opcheck(ops.delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5, algo))
+        torch.library.opcheck(ops.folded_weight.default, (weight, coeffs, rows, cols, 1.5, algo))
+        torch.library.opcheck(ops.coeff_grad.default, (weight, rows, cols, 1.5, algo))
+    torch.library.opcheck(ops.folded_weight.default, (weight.to(torch.bfloat16), coeffs.float(), rows, cols, 1.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_backend_ops(dtype, gen):
+    """The lfma::cpp_* ops that library.py builds on the raw ops (autograd included)."""
+    coeffs, rows, cols = frequencies((12, 10), 5, gen, dtype=dtype)
+    coeffs.requires_grad_(True)
+    lib = torch.ops.lfma
+    torch.library.opcheck(lib.cpp_delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5))
+    torch.library.opcheck(lib.cpp_folded_weight.default, (torch.randn(12, 10, dtype=dtype), coeffs.detach(), rows,
+                                                          cols, 1.5))
+    torch.library.opcheck(lib.cpp_coeff_grad.default, (torch.randn(12, 10, dtype=dtype), rows, cols, 1.5))
+    x = torch.randn(3, 4, 10, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(lib.cpp_linear.default, (x, torch.randn(12, 10, dtype=dtype), torch.randn(12, dtype=dtype),
+                                                   coeffs, rows, cols, 1.5))
+
+
+def test_torch_compile_fullgraph(gen):
+    """The cpp ops trace into one graph (fake implementations, no graph break) and agree with eager;
+    test_layer.py compiles whole models on every backend."""
+    shape, k = (24, 40), 7
+    coeffs, rows, cols = frequencies(shape, k, gen, dtype=torch.float32)
+    x = torch.randn(5, shape[1], generator=gen)
+    weight = torch.randn(shape, generator=gen)
+
+    def step(x, c):  # the backend's op itself (the public function checks index ranges on the host)
+        return cpp_ops.lfma_linear(x, weight, None, c, rows, cols, 3.0) + cpp_ops.delta_weight(c, rows, cols, shape,
+                                                                                                1.0).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    c1, c2 = coeffs.clone().requires_grad_(True), coeffs.clone().requires_grad_(True)
+    step(x, c1).sum().backward()
+    out = compiled(x, c2)
+    out.sum().backward()
+    assert rel_err(out, step(x, coeffs)) <= 1e-6 and rel_err(c2.grad, c1.grad) <= 1e-6
+
+
+def test_layer_with_cpp_backend(gen):
+    layer = lfma.LFMALinear(torch.nn.Linear(20, 12), k=6, backend="cpp")
+    ref = lfma.LFMALinear(torch.nn.Linear(20, 12), k=6, backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 20, generator=gen)
+    layer(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert rel_err(layer.coeffs.grad, ref.coeffs.grad) <= 1e-5
+    layer.eval()
+    with torch.no_grad():
+        assert rel_err(layer(x), ref.eval()(x)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: TORCH_CHECK errors from the bindings, naming the op and the argument
+# ---------------------------------------------------------------------------------------------
+def _good():
+    return torch.randn(3, 2), torch.tensor([0, 1, 7]), torch.tensor([2, 0, 9]), torch.randn(8, 10)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c, r, v, w: ops.delta_weight(c[:, :1], r, v, 8, 10, 1.0), r"delta_weight: coeffs must have shape \[K, 2\]"),
+    (lambda c, r, v, w: ops.delta_weight(c.flatten(), r, v, 8, 10, 1.0), r"coeffs must have shape \[K, 2\]"),
+    (lambda c, r, v, w: ops.delta_weight(c.long(), r, v, 8, 10, 1.0), "coeffs must be a real floating-point"),
+    (lambda c, r, v, w: ops.delta_weight(torch.complex(c, c), r, v, 8, 10, 1.0), "coeffs must be a real floating"),
+    (lambda c, r, v, w: ops.delta_weight(c, r.float(), v, 8, 10, 1.0), "rows must be a 1-D int64 tensor"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v.int(), 8, 10, 1.0), "cols must be a 1-D int64 tensor"),
+    (lambda c, r, v, w: ops.delta_weight(c, r[None], v, 8, 10, 1.0), "rows must be a 1-D int64 tensor"),
+    (lambda c, r, v, w: ops.delta_weight(c, r[:2], v, 8, 10, 1.0), "rows and cols must have the same length"),
+    (lambda c, r, v, w: ops.delta_weight(c[:2], r, v, 8, 10, 1.0), "rows, cols and coeffs must have the same length"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v, 7, 10, 1.0), r"rows must lie in \[0, d_out = 7\), found 7"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v - 3, 8, 10, 1.0),
+     r"cols must lie in \[0, d_in = 10\), found -1 at index 0"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v, 8, 0, 1.0), "d_out and d_in must be positive"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v, 8, 10, 1.0, 3), "algo must be -1"),
+    (lambda c, r, v, w: ops.folded_weight(w[0], c, r, v, 1.0), r"folded_weight: weight must be 2-D"),
+    (lambda c, r, v, w: ops.folded_weight(w.long(), c, r, v, 1.0), "weight must be float16, bfloat16"),
+    (lambda c, r, v, w: ops.folded_weight(w[:7], c, r, v, 1.0), r"rows must lie in \[0, d_out = 7\)"),
+    (lambda c, r, v, w: ops.folded_weight(w, c[:, :1], r, v, 1.0), r"coeffs must have shape \[K, 2\]"),
+    (lambda c, r, v, w: ops.coeff_grad(w[None], r, v, 1.0), r"coeff_grad: grad_dw must be 2-D"),
+    (lambda c, r, v, w: ops.coeff_grad(w[:, :0], r, v, 1.0), "d_out and d_in must be positive"),
+    (lambda c, r, v, w: ops.coeff_grad(w, r, v[:1], 1.0), "rows and cols must have the same length"),
+    (lambda c, r, v, w: ops.coeff_grad(w, r, v + 1, 1.0), r"cols must lie in \[0, d_in = 10\), found 10"),
+])
+def test_binding_errors(call, message):
+    c, r, v, w = _good()
+    before = [t.clone() for t in (c, r, v, w)]
+    with pytest.raises(RuntimeError, match=message):
+        call(c, r, v, w)
+    assert all(torch.equal(a, b) for a, b in zip(before, (c, r, v, w)))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading: how it was found, and what is said when it cannot be
+# ---------------------------------------------------------------------------------------------
+def test_extension_loaded_and_described():
+    how = extension.load("cpu")
+    assert how.startswith("prebuilt ") or how == "built on first use"
+    assert extension.source_dir() is not None
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        extension.unavailable_reason("rocm")
+
+
+def test_jit_fallback_reasons(monkeypatch):
+    monkeypatch.setenv("LFMA_NO_JIT", "1")
+    assert "LFMA_NO_JIT=1" in extension._jit_missing("cpu")
+    monkeypatch.delenv("LFMA_NO_JIT")
+    monkeypatch.setenv("CXX", "no-such-compiler-lfma")
+    assert "no C++ compiler was found" in extension._jit_missing("cpu")
+    monkeypatch.setattr(extension, "source_dir", lambda: None)
+    assert "sources (csrc/) are not shipped" in extension._jit_missing("cpu")
+
+
+def test_stale_prebuilt_library_is_not_loaded(tmp_path, monkeypatch):
+    """A prebuilt library older than csrc/ (edited after `pip install -e .`) is passed over."""
+    lib, src = tmp_path / "_C.so", tmp_path / "csrc"
+    src.mkdir()
+    lib.write_bytes(b"")
+    (src / "cpu_kernels.cpp").write_text("")
+    monkeypatch.setattr(extension, "source_dir", lambda: str(src))
+    os.utime(lib, (1000, 1000))
+    os.utime(src / "cpu_kernels.cpp", (2000, 2000))
+    assert extension._stale(str(lib))
+    os.utime(src / "cpu_kernels.cpp", (500, 500))
+    assert not extension._stale(str(lib))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here")
+def test_cuda_unavailable_reason_without_gpu():
+    reason = dispatch.unavailable_reason("cuda")
+    assert reason is not None and ("CUDA" in reason or "cuda" in reason)
+    coeffs, rows, cols = random_frequencies((8, 8), 2)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        lfma.delta_weight(coeffs, rows, cols, (8, 8), 1.0, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not HAS_CUDA, reason=f"backend 'cuda' is not available: "
+                                               f"{dispatch.unavailable_reason('cuda') if not HAS_CUDA else ''}")
+
+
+@cuda
+@pytest.mark.parametrize("shape, k", SHAPES_K + [((768, 768), 176), ((1024, 1024), 524), ((4096, 4096), 7)])
+def test_cuda_delta_weight_and_grad_match_oracle(shape, k, gen):
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    ref = lfma.reference.delta_weight(coeffs, rows, cols, shape, 1.7)
+    dc, dr, dv = coeffs.cuda(), rows.cuda(), cols.cuda()
+    out = ops.delta_weight(dc.float(), dr, dv, shape[0], shape[1], 1.7)
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    assert rel_err(out.cpu(), ref) <= 1e-5
+    assert rel_err(ops.delta_weight(dc, dr, dv, shape[0], shape[1], 1.7).cpu(), ref) <= 1e-12
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    want = oracle_grad(g, rows, cols, 0.8)
+    assert rel_err(ops.coeff_grad(g.cuda().float(), dr, dv, 0.8).cpu(), want) <= 1e-5
+    assert rel_err(ops.coeff_grad(g.cuda(), dr, dv, 0.8).cpu(), want) <= 1e-12
+
+
+@cuda
+@pytest.mark.parametrize("w_dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3),
+                                          (torch.float64, 1e-14)])
+def test_cuda_folded_weight_dtypes(w_dtype, tol, gen):
+    shape, k = (97, 64), 203
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64).to(w_dtype)
+    ref = weight.double() + lfma.reference.delta_weight(coeffs, rows, cols, shape, 40.0)
+    c = coeffs.double() if w_dtype == torch.float64 else coeffs.float()
+    out = ops.folded_weight(weight.cuda(), c.cuda(), rows.cuda(), cols.cuda(), 40.0)
+    assert out.dtype == w_dtype and out.device.type == "cuda"
+    assert rel_err(out.cpu(), ref) <= tol
+
+
+@cuda
+def test_cuda_matches_cpp_and_gradcheck(gen):
+    shape, k = (48, 80), 37
+    coeffs, rows, cols = frequencies(shape, k, gen)
+    cpu = lfma.delta_weight(coeffs, rows, cols, shape, 2.0, backend="cpp")
+    gpu = lfma.delta_weight(coeffs.cuda(), rows.cuda(), cols.cuda(), shape, 2.0, backend="cuda")
+    assert rel_err(gpu.cpu(), cpu) <= 1e-12
+    c = coeffs[:5].cuda().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda c: lfma.delta_weight(c, rows[:5].cuda(), cols[:5].cuda(), shape, 1.3, backend="cuda"), (c,))
+    x = torch.randn(3, shape[1], dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(shape, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradcheck(
+        lambda x, c: lfma.lfma_linear(x, w, None, c, rows[:5].cuda(), cols[:5].cuda(), 2.0, backend="cuda"), (x, c))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_opcheck(dtype, gen):
+    coeffs, rows, cols = frequencies((12, 10), 5, gen, dtype=dtype, device="cuda")
+    weight = torch.randn(12, 10, dtype=dtype, device="cuda")
+    torch.library.opcheck(ops.delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5))
+    torch.library.opcheck(ops.folded_weight.default, (weight, coeffs, rows, cols, 1.5))
+    torch.library.opcheck(ops.coeff_grad.default, (weight, rows, cols, 1.5))
+    coeffs.requires_grad_(True)
+    torch.library.opcheck(torch.ops.lfma.cuda_delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5))
+
+
+@cuda
+def test_cuda_device_mismatch_error():
+    c, r, v, _ = _good()
+    with pytest.raises(RuntimeError, match="all inputs must be on one device"):
+        ops.delta_weight(c.cuda(), r, v.cuda(), 8, 10, 1.0)
