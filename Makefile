@@ -1,6 +1,8 @@
-# make test   unit tests (tests/), in a local virtual environment created on first use
-# make demo   a short benchmark of the LFMA layer against the paper's formulation
-# make bench  the full benchmark, written to benchmarks/RESULTS.md
+# make demo   the main job: LFMA vs LoRA, FourierFT, head-only and full fine-tuning of a small ViT
+#             on scikit-learn's digits (table, results/demo.json, results/demo.png)
+# make test   unit tests (tests/, the demo's --quick smoke run included), in a local virtual
+#             environment created on first use
+# make bench  the CPU benchmarks (layer and model level), written to benchmarks/RESULTS.md
 
 PYTHON ?= python3
 VENV = .venv
@@ -17,10 +19,11 @@ test: $(STAMP)
 	$(VENV_PYTHON) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV_PYTHON) benchmarks/bench_layer.py --quick
+	$(VENV)/bin/lfma-demo
 
 bench: $(STAMP)
 	$(VENV_PYTHON) benchmarks/bench_layer.py --output benchmarks/RESULTS.md
+	$(VENV_PYTHON) benchmarks/bench_models.py --output benchmarks/RESULTS.md --charts benchmarks/models_cpu.png
 
 venv: $(STAMP)
 
@@ -31,7 +34,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "torch==$(TORCH_VERSION)" "setuptools>=64" wheel ninja
-	$(PIP) install --no-build-isolation -e ".[dev]"
+	$(PIP) install --no-build-isolation -e ".[dev,demo,bench]"
 	touch $(STAMP)
 
 clean:
