@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lfma-demo
 
 bench: $(STAMP)
-	$(VENV_PYTHON) benchmarks/bench_layer.py --output benchmarks/RESULTS.md
+	$(VENV_PYTHON) benchmarks/bench_layer.py --ratios 0.0001,0.0003,0.0005,0.0016,0.05 --output benchmarks/RESULTS.md
 	$(VENV_PYTHON) benchmarks/bench_models.py --output benchmarks/RESULTS.md --charts benchmarks/models_cpu.png
 
 venv: $(STAMP)
