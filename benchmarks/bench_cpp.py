@@ -28,9 +28,7 @@ other processes use the CPUs, and reported if it never ran on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
 import statistics
 import sys
@@ -46,6 +44,7 @@ import torch  # noqa: E402
 
 lfma = B.lfma
 from lfma_kernels.ops import dispatch  # noqa: E402
+from report import fmt_ms, machine_info, markdown_table  # noqa: E402
 
 ACCEPTANCE = [((768, 768), 176), ((768, 768), 943), ((1024, 1024), 104), ((1024, 1024), 524)]
 CROSSOVER_SHAPES = "768x768,1024x1024,768x3072,3072x768,4096x4096"
@@ -140,37 +139,17 @@ def interleaved_ms(fns: Dict[str, Callable[[], object]], *, rounds: int, warmup:
 
 
 def fmt(ms: Optional[float]) -> str:
-    if ms is None:
-        return "-"
-    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+    return "-" if ms is None else fmt_ms(ms)
 
 
 def table(headers: Sequence[str], rows: List[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return markdown_table(headers, rows, [False, True] + [True] * (len(headers) - 2))
 
 
 def header(args: argparse.Namespace) -> str:
-    return "\n".join([
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores "
-        f"(torch threads: {torch.get_num_threads()})",
-        f"- python / torch: {platform.python_version()} / {torch.__version__}; backends: "
-        f"{', '.join(lfma.available_backends())}; cpp extension: {_extension_how()}",
-        f"- command: python benchmarks/bench_cpp.py {' '.join(args.argv)}",
-    ])
+    lines = [f"- {k}: {v}" for k, v in machine_info(args.device, "float32")]
+    return "\n".join(lines + [f"- cpp extension: {_extension_how()}",
+                              f"- command: python benchmarks/bench_cpp.py {' '.join(args.argv)}"])
 
 
 def _extension_how() -> str:
