@@ -242,6 +242,29 @@ def _coeff_grad_kernel(
     tl.store(base + 1, out_s, mask=k_mask)
 
 
+@triton.jit
+def _project_rows(z_ptr, t64, t_mask, stride_zt, stride_zd, d, table_ptr, idx, acc_dtype: tl.constexpr,
+                  WIDE: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, LOWP: tl.constexpr,
+                  BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
+    """``(Re, Im)`` of ``z A`` for a ``[BT, d]`` tile of token rows ``z`` and the ``[d, BK]`` phase
+    matrix ``A[j, k] = exp(2 pi i (j idx_k mod d) / d)``: the batch path's ``P = g A`` and ``Q = x B``."""
+    out_c = tl.zeros((BT, BK), dtype=acc_dtype)
+    out_s = tl.zeros((BT, BK), dtype=acc_dtype)
+    for d0 in range(0, d, BD):
+        j = d0 + tl.arange(0, BD)
+        z = tl.load(z_ptr + t64 * stride_zt + j[None, :] * stride_zd,
+                    mask=t_mask[:, None] & (j < d)[None, :], other=0.0)
+        c, s = _phase(table_ptr, j[:, None], idx[None, :], d, WIDE)   # [BD, BK]
+        if LOWP:
+            c = c.to(z.dtype)   # 16-bit activations: tensor cores, float32 accumulation
+            s = s.to(z.dtype)
+        else:
+            z = z.to(acc_dtype)
+        out_c = _mma(z, c, out_c, USE_DOT, PRECISION)
+        out_s = _mma(z, s, out_s, USE_DOT, PRECISION)
+    return out_c, out_s
+
+
 @triton.jit(do_not_specialize=["T", "d_out", "d_in", "K"])
 def _coeff_grad_batch_kernel(
     part_ptr, x_ptr, g_ptr, rows_ptr, cols_ptr, table_m_ptr, table_n_ptr,
@@ -265,36 +288,11 @@ def _coeff_grad_batch_kernel(
         t = region * REGION + t0 + tl.arange(0, BT)
         t_mask = t < T
         t64 = t.to(tl.int64)[:, None]  # int64 offsets: T * d may pass 2**31
-        # P = g A  (A[m, k] = exp(2 pi i (m u_k mod d_out) / d_out)),  g: [T, d_out]
-        p_c = tl.zeros((BT, BK), dtype=acc_dtype)
-        p_s = tl.zeros((BT, BK), dtype=acc_dtype)
-        for d0 in range(0, d_out, BD):
-            mm = d0 + tl.arange(0, BD)
-            g = tl.load(g_ptr + t64 * stride_gt + mm[None, :] * stride_gm,
-                        mask=t_mask[:, None] & (mm < d_out)[None, :], other=0.0)
-            ac, as_ = _phase(table_m_ptr, mm[:, None], u[None, :], d_out, WIDE)   # [BD, BK]
-            if LOWP_G:
-                ac = ac.to(g.dtype)   # 16-bit activations: tensor cores, float32 accumulation
-                as_ = as_.to(g.dtype)
-            else:
-                g = g.to(acc_dtype)
-            p_c = _mma(g, ac, p_c, USE_DOT, PRECISION)
-            p_s = _mma(g, as_, p_s, USE_DOT, PRECISION)
-        # Q = x B  (B[n, k] = exp(2 pi i (n v_k mod d_in) / d_in)),  x: [T, d_in]
-        q_c = tl.zeros((BT, BK), dtype=acc_dtype)
-        q_s = tl.zeros((BT, BK), dtype=acc_dtype)
-        for d0 in range(0, d_in, BD):
-            nn = d0 + tl.arange(0, BD)
-            x = tl.load(x_ptr + t64 * stride_xt + nn[None, :] * stride_xn,
-                        mask=t_mask[:, None] & (nn < d_in)[None, :], other=0.0)
-            bc, bs = _phase(table_n_ptr, nn[:, None], v[None, :], d_in, WIDE)     # [BD, BK]
-            if LOWP_X:
-                bc = bc.to(x.dtype)
-                bs = bs.to(x.dtype)
-            else:
-                x = x.to(acc_dtype)
-            q_c = _mma(x, bc, q_c, USE_DOT, PRECISION)
-            q_s = _mma(x, bs, q_s, USE_DOT, PRECISION)
+        # P = g A,  A[m, k] = exp(2 pi i (m u_k mod d_out) / d_out);  Q = x B likewise
+        p_c, p_s = _project_rows(g_ptr, t64, t_mask, stride_gt, stride_gm, d_out, table_m_ptr, u, acc_dtype,
+                                 WIDE, USE_DOT, PRECISION, LOWP_G, BT, BD, BK)
+        q_c, q_s = _project_rows(x_ptr, t64, t_mask, stride_xt, stride_xn, d_in, table_n_ptr, v, acc_dtype,
+                                 WIDE, USE_DOT, PRECISION, LOWP_X, BT, BD, BK)
         # dL/da = s Re(sum_t P Q),  dL/db = -s Im(sum_t P Q)  (padding tokens have P = Q = 0)
         out_a += tl.sum(p_c * q_c - p_s * q_s, axis=0)
         out_b += tl.sum(p_c * q_s + p_s * q_c, axis=0)
