@@ -12,6 +12,9 @@ Default: the acceptance comparisons of issue 4, median milliseconds side by side
 --device cuda: the same tables on a GPU for backend cuda against reference, torch and triton
   (targets: cuda within 1.5x of triton, float32 error <= 1e-5).
 
+--batch-grad: the backward's three ways to dL/dcoeffs (dense G, gemm, fft batch path) on CPU over
+  shapes, token counts and K; the cost per (token, frequency) pair of cpp_ops comes from here.
+
 --crossover: every CPU algorithm of the extension (separable, hybrid, fft2; csrc/cpu_kernels.cpp)
   for dW and for dL/dcoeffs from G, against the torch backend, over K and shapes; the columns
   "best" and "model" show the fastest measured and what the kernels' cost model picks. The cost
@@ -24,17 +27,18 @@ other processes use the CPUs, and reported if it never ran on a quiet machine.
     python benchmarks/bench_cpp.py                 # acceptance tables (about two minutes on 2 cores)
     python benchmarks/bench_cpp.py --device cuda   # the same for backend cuda on a GPU
     python benchmarks/bench_cpp.py --crossover
+    python benchmarks/bench_cpp.py --batch-grad --shapes 768x768,1024x1024,768x3072 --ks 16,176,943,5000,29491
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
-import random
-import statistics
+import math
 import sys
-import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -44,98 +48,13 @@ import torch  # noqa: E402
 
 lfma = B.lfma
 from lfma_kernels.ops import dispatch  # noqa: E402
-from report import fmt_ms, machine_info, markdown_table  # noqa: E402
+from report import fmt_ms, machine_info, markdown_table, write_section  # noqa: E402
+from timing import interleaved_ms  # noqa: E402
 
 ACCEPTANCE = [((768, 768), 176), ((768, 768), 943), ((1024, 1024), 104), ((1024, 1024), 524)]
 CROSSOVER_SHAPES = "768x768,1024x1024,768x3072,3072x768,4096x4096"
 CROSSOVER_KS = "1,2,4,8,16,32,64,104,176,524,943,2000,5000,29491"
 ALGOS = ("separable", "hybrid", "fft2")
-
-
-def _system_cpu_s() -> Tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat (Linux)."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values) - idle) / tick, sum(values) / tick
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def other_load(fn: Callable[[], object]) -> Tuple[object, float]:
-    """Run ``fn``; return its result and the fraction of the machine's CPU time that other
-    processes used meanwhile (0 when /proc/stat is not there)."""
-    try:
-        busy0, total0 = _system_cpu_s()
-    except OSError:
-        return fn(), 0.0
-    own0 = _own_cpu_s()
-    result = fn()
-    busy1, total1 = _system_cpu_s()
-    others = (busy1 - busy0) - (_own_cpu_s() - own0)
-    return result, max(0.0, others) / max(total1 - total0, 1e-9)
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.1) -> bool:
-    """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` of the CPUs."""
-    deadline = time.time() + max_wait_s
-    while True:
-        _, load = other_load(lambda: time.sleep(0.5))
-        if load < threshold:
-            return True
-        if time.time() > deadline:
-            return False
-        time.sleep(2.0)
-
-
-def interleaved_ms(fns: Dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2,
-                   min_time_s: float = 0.0, tries: int = 4, max_wait_s: float = 120.0,
-                   noisy: Optional[List[str]] = None, label: str = "",
-                   sync: Optional[Callable[[], None]] = None) -> Dict[str, float]:
-    """Median ms of each function, timed round-robin: ``rounds`` rounds (more while under
-    ``min_time_s``), one call of every function per round, in a random order each round.
-
-    On a shared machine, other processes' load distorts the medians badly (OpenMP threads wait
-    whole scheduler slices for a descheduled peer), so the measurement waits for a quiet machine
-    and is repeated (up to ``tries`` times) while others used over 10% of the CPUs; a result
-    still measured under load is reported in ``noisy``. ``sync`` (torch.cuda.synchronize on a
-    GPU) runs after every call, inside the timed region."""
-    names = list(fns)
-    sync = sync or (lambda: None)
-
-    def measure() -> Dict[str, float]:
-        for _ in range(warmup):
-            for name in names:
-                fns[name]()
-        sync()
-        times: Dict[str, List[float]] = {name: [] for name in names}
-        start_all, r = time.perf_counter(), 0
-        order_rng = random.Random(0)
-        while r < rounds or time.perf_counter() - start_all < min_time_s:
-            # A fresh order every round: with a fixed or rotating order each function would always
-            # follow the same predecessor and inherit its effect on the caches.
-            order = order_rng.sample(names, len(names))
-            for name in order:
-                start = time.perf_counter()
-                fns[name]()
-                sync()
-                times[name].append((time.perf_counter() - start) * 1e3)
-            r += 1
-        return {name: statistics.median(t) for name, t in times.items()}
-
-    for attempt in range(tries):
-        wait_for_quiet(max_wait_s)
-        result, load = other_load(measure)
-        if load < 0.1:
-            return result
-        print(f"  {label}: other processes used {load:.0%} of the CPUs; measuring again", file=sys.stderr)
-    if noisy is not None:
-        noisy.append(f"{label} (other processes used {load:.0%} of the CPUs)")
-    return result
 
 
 def fmt(ms: Optional[float]) -> str:
@@ -271,6 +190,55 @@ def crossover(args: argparse.Namespace) -> None:
     _print_noisy(noisy)
 
 
+# ---------------------------------------------------------------------------------------------
+# batch gradient paths
+# ---------------------------------------------------------------------------------------------
+def batch_grad(args: argparse.Namespace) -> None:
+    """dL/dcoeffs of a linear layer from x and g = dL/dout by each path of the cpp backend's backward:
+    dense (G = g^T x, then lfma_ext.coeff_grad), gemm (torch_ops.coeff_grad_batch_gemm) and fft
+    (lfma_ext.coeff_grad_batch), plus the two row FFTs alone. The fft path's cost per (token,
+    frequency) pair beyond its FFTs, in GEMM multiply-adds, is cpp_ops' batch_fft_pair_cost."""
+    from lfma_kernels.ops import cpp_ops, torch_ops
+
+    ops = torch.ops.lfma_ext
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 768, generator=gen), torch.randn(768, 768, generator=gen)
+    gemm_ms = interleaved_ms({"gemm": lambda: a @ b}, rounds=args.rounds)["gemm"]
+    mac_ps = gemm_ms * 1e9 / (1024 * 768 * 768)
+    out, noisy = [], []
+    for shape in B.parse_shapes(args.shapes):
+        d_out, d_in = shape
+        for tokens in [int(t) for t in args.token_counts.split(",")]:
+            x = torch.randn(tokens, d_in, generator=gen)
+            g = torch.randn(tokens, d_out, generator=gen)
+            for k in [int(k) for k in args.ks.split(",")]:
+                if k > d_out * d_in:
+                    continue
+                # Top-K of a random matrix: conjugate pairs, as the paper's selection picks them.
+                sel = lfma.select_frequencies(torch.randn(shape, generator=gen), k)
+                rows, cols = sel.rows, sel.cols
+                print(f"{d_out}x{d_in} tokens={tokens} K={k}", file=sys.stderr, flush=True)
+                fns = {"dense": lambda: ops.coeff_grad(g.T @ x, rows, cols, 1.0),
+                       "fft": lambda: ops.coeff_grad_batch(x, g, rows, cols, 1.0),
+                       "row ffts": lambda: (torch.fft.rfft(x, dim=1), torch.fft.rfft(g, dim=1))}
+                if 2 * k * tokens * (d_out + d_in) <= args.max_sep_macs:
+                    fns["gemm"] = lambda: torch_ops.coeff_grad_batch_gemm(x, g, rows, cols, shape, 1.0, torch.float32)
+                ms = interleaved_ms(fns, rounds=args.rounds, noisy=noisy,
+                                    label=f"{d_out}x{d_in} tokens={tokens} K={k}")
+                pair = (ms["fft"] - ms["row ffts"]) * 1e9 / mac_ps / (tokens * k)
+                best = min(("dense", "gemm", "fft"), key=lambda p: ms.get(p, math.inf))
+                model = torch_ops.coeff_grad_path(tokens, k, shape, pair_cost=cpp_ops.BATCH_FFT_PAIR_COST)
+                out.append([f"{d_out}x{d_in}", str(tokens), str(k)]
+                           + [fmt(ms.get(p)) for p in ("dense", "gemm", "fft", "row ffts")]
+                           + [f"{pair:.0f}", best, model, f"{ms[model] / ms[best]:.2f}"])
+    print(header(args) + "\n")
+    print(f"## dL/dcoeffs of a linear layer by backward path (cpp backend): median ms; GEMM {mac_ps:.1f} ps per "
+          f"multiply-add; pair = (fft - row ffts) per token and frequency, in GEMM multiply-adds\n")
+    print(markdown_table(["shape", "tokens", "K", "dense", "gemm", "fft", "row ffts", "pair", "best", "model",
+                          "model/best"], out, [False] + [True] * 7 + [False, False, True]))
+    _print_noisy(noisy)
+
+
 def _model_pick(k: int, shape: Tuple[int, int], inverse: bool) -> int:
     """The algorithm algo=-1 resolves to: the kernels' cost model (csrc/cpu_kernels.cpp choose_algo)."""
     return int(torch.ops.lfma_ext.choose_algo(k, shape[0], shape[1], inverse))
@@ -281,25 +249,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--crossover", action="store_true", help="time every CPU algorithm over K and shapes")
-    parser.add_argument("--shapes", default=CROSSOVER_SHAPES, help=f"--crossover shapes (default {CROSSOVER_SHAPES})")
-    parser.add_argument("--ks", default=CROSSOVER_KS, help=f"--crossover K values (default {CROSSOVER_KS})")
+    parser.add_argument("--batch-grad", action="store_true",
+                        help="time the backward's dL/dcoeffs paths (dense, gemm, fft) over shapes, tokens and K")
+    parser.add_argument("--shapes", default=CROSSOVER_SHAPES,
+                        help=f"--crossover/--batch-grad shapes (default {CROSSOVER_SHAPES})")
+    parser.add_argument("--ks", default=CROSSOVER_KS, help=f"--crossover/--batch-grad K values (default {CROSSOVER_KS})")
+    parser.add_argument("--token-counts", default="256,1024,4096", help="--batch-grad token counts")
     parser.add_argument("--device", default="cpu",
                         help="cpu (backend cpp) or cuda (backend cuda against triton) for the acceptance tables")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per training step (default 4096)")
     parser.add_argument("--rounds", type=int, default=21, help="timed rounds per comparison (default 21)")
     parser.add_argument("--min-time", type=float, default=1.0, help="at least this many seconds per comparison")
+    parser.add_argument("--output", help="also write the tables as a section of this Markdown results file")
     parser.add_argument("--max-sep-macs", type=float, default=4e9,
                         help="--crossover: skip the separable product beyond this many multiply-adds")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     ext = "cuda" if args.device.startswith("cuda") else "cpp"
-    if args.crossover and ext == "cuda":
-        parser.error("--crossover times the CPU algorithms; use it with --device cpu")
+    if (args.crossover or args.batch_grad) and ext == "cuda":
+        parser.error("--crossover and --batch-grad time the CPU kernels; use them with --device cpu")
     if ext not in lfma.available_backends():
         print(f"backend {ext!r} is not available: {dispatch.unavailable_reason(ext)}", file=sys.stderr)
         return 2
     warnings.simplefilter("ignore", UserWarning)
-    crossover(args) if args.crossover else acceptance(args)
+    mode, run = (("crossover", crossover) if args.crossover else ("batch-grad", batch_grad) if args.batch_grad
+                 else ("acceptance", acceptance))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run(args)
+    print(printed.getvalue(), end="")
+    if args.output:
+        title = f"## C++/CUDA extension, {mode}: {args.device} (benchmarks/bench_cpp.py)\n\n"
+        write_section(args.output, f"cpp {mode} {args.device}", title + printed.getvalue())
     return 0
 
 

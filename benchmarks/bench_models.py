@@ -7,15 +7,21 @@ download). Adapters go on the query and value projections; side by side in one r
   frozen             backbone frozen, classifier head trained (the cost floor)
   LoRA r=8           ``peft`` LoRA, lora_alpha 8
   FourierFT n=1000   ``peft`` FourierFT (dense spectrum + ifft2 on every forward)
-  LFMA paper         ``LFMAConfig(backend="reference")``: the paper's formulation
+  LFMA paper         ``LFMAConfig(backend="reference")``: the paper's formulation in training
   LFMA auto          ``LFMAConfig(backend="auto")``: this package
 
-at the paper's sparsities (ViT-B: top_k_ratio 0.0003; RoBERTa-base: 0.0016). Reported: median
-training step (AdamW, forward + loss + backward + step), median eval forward (``no_grad``), peak
-memory (``max_memory_allocated`` on GPU; on CPU the peak RSS growth of a fresh process per variant
-over the model build), each also as a ratio to LoRA. A peer whose package is missing gets a row
-marked so. On CPU the full models do not fit the time budget: by default 2 layers and a small
-batch, said in the table; ``--layers 12`` and a larger batch on a GPU.
+at the paper's sparsities (ViT-B: top_k_ratio 0.0003; RoBERTa-base: 0.0016). Both LFMA rows
+evaluate through the layer's eval cache (``W + dW`` kept between forwards); the paper's layer
+recomputes ``ifft2`` on every forward (bench_layer.py's "paper" column measures that).
+
+All variants of a model live in one process and are timed round-robin: one training step (AdamW
+zero_grad + forward + loss + backward + step) or one eval forward (``no_grad``) of each per round,
+in a fresh random order, medians over the rounds, so the ratios hold even while the machine
+drifts. Peak memory is taken before the timing: ``max_memory_allocated`` on a GPU; on CPU the peak
+RSS of two training steps above the built model, in a fresh process per variant. Everything is
+also given as a ratio to LoRA. A peer whose package is missing gets a row marked so. On CPU the
+full models do not fit the time budget: by default 2 layers and a small batch, said in the table;
+``--layers 12`` and a larger batch on a GPU.
 
     python benchmarks/bench_models.py                       # CPU, float32
     python benchmarks/bench_models.py --device cuda --dtype bfloat16 --layers 12 --batch 32
@@ -28,7 +34,7 @@ import multiprocessing
 import os
 import resource
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -44,7 +50,7 @@ import torch.nn as nn
 
 from lfma_kernels.demo import attention_targets
 from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section
-from timing import median_ms
+from timing import interleaved_ms
 
 VARIANTS = ("frozen", "LoRA r=8", "FourierFT n=1000", "LFMA paper", "LFMA auto")
 RATIOS = {"ViT-B/16": 0.0003, "RoBERTa-base": 0.0016}
@@ -98,18 +104,19 @@ def adapt(model: nn.Module, variant: str, ratio: float) -> Tuple[nn.Module, str]
     return get_peft_model(model, config), "peft"
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class Prepared(NamedTuple):
+    """One variant, built and adapted, with its optimizer, ready to time."""
+    model: nn.Module
+    note: str
+    trainable: int
+    step: Callable[[], None]     # AdamW zero_grad + forward + loss + backward + step
+    forward: Callable[[], None]  # no_grad forward without labels
 
 
-def measure(model_name: str, variant: str, args: argparse.Namespace) -> dict:
-    """One variant, timed and its peak memory taken; run in a fresh process on CPU."""
-    device, dtype = args.device, getattr(torch, args.dtype)
-    model, inputs = build(model_name, args.layers, args.batch, args.seq, device, dtype)
+def prepare(model_name: str, variant: str, args: argparse.Namespace) -> Prepared:
+    model, inputs = build(model_name, args.layers, args.batch, args.seq, args.device, getattr(torch, args.dtype))
     model, note = adapt(model, variant, RATIOS[model_name])
     params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4)
     eval_inputs = {k: v for k, v in inputs.items() if k != "labels"}
 
@@ -122,21 +129,47 @@ def measure(model_name: str, variant: str, args: argparse.Namespace) -> dict:
         with torch.no_grad():
             model(**eval_inputs)
 
-    model.train()
+    return Prepared(model, note, sum(p.numel() for p in params), step, forward)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_mb(p: Prepared, device: str) -> float:
+    """Peak memory of two training steps (the first allocates gradients and optimizer state) above
+    what the built model holds: ``max_memory_allocated`` on a GPU; on CPU the peak RSS, its mark
+    reset after the build (or, where it cannot be, the process's lifetime peak)."""
+    p.model.train()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
-    step()  # first step allocates optimizer state and gradients
-    step_ms = median_ms(step, repeats=args.repeats, warmup=1, device=device)
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
-    model.eval()
-    eval_ms = median_ms(forward, repeats=args.repeats, warmup=2, device=device)
-    return {"variant": variant, "note": note, "trainable": trainable, "step_ms": step_ms, "eval_ms": eval_ms,
-            "peak_mb": peak / 2**20}
+        p.step()
+        p.step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _rss_kb("VmRSS")
+    peak_field = "VmHWM" if _reset_peak_rss() else None
+    p.step()
+    p.step()
+    peak = _rss_kb(peak_field) if peak_field else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - base) / 1024
+
+
+def _memory_in_fresh_process(model_name: str, variant: str, args: argparse.Namespace) -> float:
+    return peak_memory_mb(prepare(model_name, variant, args), "cpu")
 
 
 def _missing_peer(variant: str) -> Optional[str]:
@@ -146,25 +179,49 @@ def _missing_peer(variant: str) -> Optional[str]:
     return None
 
 
-def run(args: argparse.Namespace) -> Dict[str, List[dict]]:
+def run(args: argparse.Namespace) -> Tuple[Dict[str, List[dict]], List[str]]:
+    """Every variant of each model built in this process and timed round-robin (one training step,
+    or one eval forward, of each per round, in a fresh random order), so load from elsewhere and the
+    machine's drift fall on all of them alike; peak memory measured before the timing, on CPU in a
+    fresh process per variant (RSS is per process)."""
     results: Dict[str, List[dict]] = {}
+    noisy: List[str] = []
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else None
     ctx = multiprocessing.get_context("spawn")
     for model_name in args.models:
-        rows = []
+        rows: Dict[str, dict] = {}
+        prepared: Dict[str, Prepared] = {}
         for variant in VARIANTS:
             missing = _missing_peer(variant)
             if missing:
-                rows.append({"variant": variant, "note": missing})
+                rows[variant] = {"variant": variant, "note": missing}
                 continue
-            print(f"{model_name}: {variant}", file=sys.stderr, flush=True)
-            if args.device == "cpu":  # a fresh process per variant: its peak RSS is its own
-                with ctx.Pool(1) as pool:
-                    rows.append(pool.apply(measure, (model_name, variant, args)))
+            print(f"{model_name}: {variant}: build, peak memory", file=sys.stderr, flush=True)
+            prepared[variant] = prepare(model_name, variant, args)
+            if cuda:
+                peak = peak_memory_mb(prepared[variant], args.device)
             else:
-                rows.append(measure(model_name, variant, args))
-                torch.cuda.empty_cache()
-        results[model_name] = rows
-    return results
+                with ctx.Pool(1) as pool:
+                    peak = pool.apply(_memory_in_fresh_process, (model_name, variant, args))
+            p = prepared[variant]
+            rows[variant] = {"variant": variant, "note": p.note, "trainable": p.trainable, "peak_mb": peak}
+        print(f"{model_name}: timing {len(prepared)} variants round-robin", file=sys.stderr, flush=True)
+        for p in prepared.values():
+            p.model.train()
+        step_ms = interleaved_ms({v: p.step for v, p in prepared.items()}, rounds=args.repeats, warmup=1,
+                                 sync=sync, noisy=noisy, label=f"{model_name} training steps")
+        for p in prepared.values():
+            p.model.eval()
+        eval_ms = interleaved_ms({v: p.forward for v, p in prepared.items()}, rounds=args.repeats, warmup=2,
+                                 sync=sync, noisy=noisy, label=f"{model_name} eval forwards")
+        for v in prepared:
+            rows[v].update(step_ms=step_ms[v], eval_ms=eval_ms[v])
+        results[model_name] = [rows[v] for v in VARIANTS]
+        del prepared
+        if cuda:
+            torch.cuda.empty_cache()
+    return results, noisy
 
 
 def table(rows: List[dict]) -> str:
@@ -206,7 +263,7 @@ def bar_charts(results: Dict[str, List[dict]], path: str) -> None:
     plt.close(fig)
 
 
-def render(args: argparse.Namespace, results: Dict[str, List[dict]]) -> str:
+def render(args: argparse.Namespace, results: Dict[str, List[dict]], noisy: Sequence[str]) -> str:
     lines = [f"## Model level: {args.device}, {args.dtype} (benchmarks/bench_models.py)", ""]
     lines += [f"- {k}: {v}" for k, v in machine_info(args.device, args.dtype)]
     lines += [f"- command: `python benchmarks/bench_models.py {' '.join(args.argv)}`",
@@ -214,15 +271,19 @@ def render(args: argparse.Namespace, results: Dict[str, List[dict]]) -> str:
               f" (ViT: 224x224 images, 197 tokens each; RoBERTa: {args.seq} tokens each); adapters on query + value;"
               f" LFMA top_k_ratio {RATIOS['ViT-B/16']} (ViT-B) and {RATIOS['RoBERTa-base']} (RoBERTa-base), alpha "
               f"{LFMA_ALPHA}; LoRA r={LORA_R}; FourierFT n={FOURIERFT_N}, scaling {FOURIERFT_SCALING}",
-              f"- medians of {args.repeats} runs; training step = AdamW zero_grad + forward + loss + backward + step;"
-              " peak memory: " + ("`torch.cuda.max_memory_allocated` over the training steps, above the model"
-                                  if args.device.startswith("cuda") else
-                                  "peak RSS growth of a fresh process over the built model (training steps, "
-                                  "optimizer state included)"), ""]
+              f"- all variants in one process, timed round-robin: medians of {args.repeats} rounds (one call of each "
+              "variant per round, random order); training step = AdamW zero_grad + forward + loss + backward + step; "
+              "eval = no_grad forward (both LFMA rows through the layer's eval cache)",
+              "- peak memory of two training steps above the built model (gradients, optimizer state and "
+              "activations): " + ("`torch.cuda.max_memory_allocated`" if args.device.startswith("cuda") else
+                                  "peak RSS, in a fresh process per variant"), ""]
     for model_name, rows in results.items():
         lines += [f"### {model_name}", "", table(rows), ""]
     if args.charts:
         lines += [f"![model-level bar charts]({os.path.basename(args.charts)})", ""]
+    if noisy:
+        lines += ["Measured while other processes loaded the machine (treat with care):", ""]
+        lines += [f"- {item}" for item in noisy] + [""]
     return "\n".join(lines)
 
 
@@ -234,7 +295,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2, help="encoder layers (12 is the full model)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256, help="RoBERTa tokens per sequence")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds")
     parser.add_argument("--output", help="write a section of this Markdown results file")
     parser.add_argument("--charts", help="write PNG bar charts here")
     args = parser.parse_args(argv)
@@ -250,10 +311,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    results = run(args)
+    results, noisy = run(args)
     if args.charts:
         bar_charts(results, args.charts)
-    text = render(args, results)
+    text = render(args, results, noisy)
     if args.output:
         write_section(args.output, f"models {args.device} {args.dtype}", text)
     print(text)

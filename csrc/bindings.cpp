@@ -8,6 +8,8 @@
 //       float32, or float64 for float64 coeffs
 //   lfma_ext::folded_weight(weight, coeffs, rows, cols, alpha, algo=-1) -> W + dW in W's dtype
 //   lfma_ext::coeff_grad(grad_dw, rows, cols, alpha, algo=-1) -> dL/dcoeffs [K, 2], float32/float64
+//   lfma_ext::coeff_grad_batch(x, grad_out, rows, cols, alpha) -> dL/dcoeffs [K, 2] of F.linear(x, W + dW)
+//       from x [T, d_in] and grad_out [T, d_out] without forming G (CPU only)
 //   lfma_ext::choose_algo(k, d_out, d_in, inverse, terms=-1, columns=-1) -> int: what algo=-1 picks
 //       on CPU for K frequencies forming `terms` distinct hybrid terms in `columns` columns
 //
@@ -56,6 +58,26 @@ at::Tensor coeff_grad_cpu_op(const at::Tensor& grad_dw, const at::Tensor& rows, 
   return coeff_grad_cpu(g, f.rows, f.cols, alpha, algo);
 }
 
+at::Tensor coeff_grad_batch_cpu_op(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& rows,
+                                   const at::Tensor& cols, double alpha) {
+  const char* op = "lfma_ext::coeff_grad_batch";
+  const char* names[2] = {"x", "grad_out"};
+  const at::Tensor* in[2] = {&x, &grad_out};
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(in[i]->dim() == 2, op, ": ", names[i], " must be 2-D [tokens, features], got shape ", in[i]->sizes());
+    TORCH_CHECK(is_real_float(in[i]->scalar_type()), op, ": ", names[i],
+                " must be float16, bfloat16, float32 or float64, got ", in[i]->scalar_type());
+    check_device(op, names[i], *in[i], x.device());
+  }
+  TORCH_CHECK(x.size(0) == grad_out.size(0), op, ": x and grad_out must have the same number of tokens, got ",
+              x.size(0), " and ", grad_out.size(0));
+  check_size(op, grad_out.size(1), x.size(1));
+  const Frequencies f = check_indices(op, rows, cols, x.device());
+  check_range_cpu(op, f, grad_out.size(1), x.size(1));
+  const at::ScalarType t = compute_type(c10::promoteTypes(x.scalar_type(), grad_out.scalar_type()));
+  return coeff_grad_batch_cpu(x.to(t).contiguous(), grad_out.to(t).contiguous(), f.rows, f.cols, alpha);
+}
+
 int64_t choose_algo_op(int64_t k, int64_t d_out, int64_t d_in, bool inverse, int64_t terms, int64_t columns) {
   TORCH_CHECK(k >= 0 && d_out >= 1 && d_in >= 1, "lfma_ext::choose_algo: need k >= 0 and positive sizes, got k = ",
               k, ", ", d_out, " x ", d_in);
@@ -74,6 +96,7 @@ TORCH_LIBRARY(lfma_ext, m) {
   m.def("folded_weight(Tensor weight, Tensor coeffs, Tensor rows, Tensor cols, float alpha, int algo=-1) -> Tensor",
         tags);
   m.def("coeff_grad(Tensor grad_dw, Tensor rows, Tensor cols, float alpha, int algo=-1) -> Tensor", tags);
+  m.def("coeff_grad_batch(Tensor x, Tensor grad_out, Tensor rows, Tensor cols, float alpha) -> Tensor", tags);
   // The algorithm algo=-1 resolves to on CPU (for benchmarks and tests).
   m.def("choose_algo(int k, int d_out, int d_in, bool inverse, int terms=-1, int columns=-1) -> int",
         &choose_algo_op);
@@ -83,6 +106,7 @@ TORCH_LIBRARY_IMPL(lfma_ext, CPU, m) {
   m.impl("delta_weight", &delta_weight_cpu_op);
   m.impl("folded_weight", &folded_weight_cpu_op);
   m.impl("coeff_grad", &coeff_grad_cpu_op);
+  m.impl("coeff_grad_batch", &coeff_grad_batch_cpu_op);
 }
 
 }  // namespace lfma_ext

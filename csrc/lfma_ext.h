@@ -31,5 +31,9 @@ at::Tensor folded_weight_cpu(const at::Tensor& weight, const at::Tensor& coeffs,
                              const at::Tensor& cols, double alpha, int64_t algo);
 at::Tensor coeff_grad_cpu(const at::Tensor& grad_dw, const at::Tensor& rows, const at::Tensor& cols,
                           double alpha, int64_t algo);
+// dL/dcoeffs [K, 2] from the layer's input x [T, d_in] and output gradient grad_out [T, d_out], both
+// contiguous in the accumulation dtype, without forming G = grad_out^T x (row FFTs, see the kernel).
+at::Tensor coeff_grad_batch_cpu(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& rows,
+                                const at::Tensor& cols, double alpha);
 
 }  // namespace lfma_ext

@@ -88,6 +88,81 @@ def test_coeff_grad_is_the_adjoint_of_delta_weight(shape, k, algo, gen):
     assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
 
 
+# ---------------------------------------------------------------------------------------------
+# the batch path lfma_ext::coeff_grad_batch: dL/dcoeffs from x and dL/dout without forming G
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape, k", SHAPES_K)
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_coeff_grad_batch_matches_oracle(shape, k, tokens, dtype, tol, gen):
+    _, rows, cols = frequencies(shape, k, gen)
+    x = torch.randn(tokens, shape[1], generator=gen, dtype=torch.float64)
+    g = torch.randn(tokens, shape[0], generator=gen, dtype=torch.float64)
+    out = ops.coeff_grad_batch(x.to(dtype), g.to(dtype), rows, cols, 0.8)
+    assert out.dtype == dtype and tuple(out.shape) == (k, 2)
+    assert rel_err(out, oracle_grad(g.T @ x, rows, cols, 0.8)) <= tol
+
+
+@pytest.mark.parametrize("shape, k", [((48, 80), 60), ((97, 64), 301), ((33, 17), 99), ((16, 16), 256)])
+@pytest.mark.parametrize("hermitian", [False, True])
+def test_coeff_grad_batch_selected_frequencies(shape, k, hermitian, gen):
+    """The paper's selection picks conjugate pairs, which the kernel merges into one term; the
+    Hermitian half has none; all 256 positions of 16x16 include the self-conjugate bins."""
+    init = torch.randn(shape, generator=gen, dtype=torch.float64)
+    sel = lfma.select_frequencies(init, min(k, shape[0] * shape[1] // (2 if hermitian else 1)), hermitian=hermitian)
+    x = torch.randn(300, shape[1], generator=gen, dtype=torch.float64)
+    g = torch.randn(300, shape[0], generator=gen, dtype=torch.float64)
+    ref = oracle_grad(g.T @ x, sel.rows, sel.cols, 1.3)
+    assert rel_err(ops.coeff_grad_batch(x, g, sel.rows, sel.cols, 1.3), ref) <= 1e-12
+    assert rel_err(ops.coeff_grad_batch(x.float(), g.float(), sel.rows, sel.cols, 1.3), ref) <= 1e-5
+
+
+def test_coeff_grad_batch_dtypes_layouts_and_empty(gen):
+    _, rows, cols = frequencies((12, 10), 9, gen)
+    x = torch.randn(10, 20, generator=gen, dtype=torch.float64).T  # non-contiguous [20, 10]
+    g = torch.randn(20, 12, generator=gen, dtype=torch.float64)
+    ref = oracle_grad(g.T @ x, rows, cols, 1.0)
+    assert rel_err(ops.coeff_grad_batch(x, g, rows, cols, 1.0), ref) <= 1e-12
+    mixed = ops.coeff_grad_batch(x.to(torch.bfloat16), g.float(), rows, cols, 1.0)
+    assert mixed.dtype == torch.float32 and rel_err(mixed, ref) <= 2e-2
+    assert ops.coeff_grad_batch(x, g.float(), rows, cols, 1.0).dtype == torch.float64
+    assert torch.equal(ops.coeff_grad_batch(x[:0], g[:0], rows, cols, 1.0), torch.zeros(9, 2, dtype=torch.float64))
+    assert ops.coeff_grad_batch(x, g, rows[:0], cols[:0], 1.0).shape == (0, 2)
+    torch.library.opcheck(ops.coeff_grad_batch.default, (x.contiguous(), g, rows, cols, 1.5))
+    torch.library.opcheck(ops.coeff_grad_batch.default, (x.float(), g.float(), rows, cols, 1.5))
+
+
+def test_cpp_backward_takes_the_batch_path(gen, monkeypatch):
+    """With the cost model asking for "fft", the cpp backend's backward runs its own kernel (not
+    torch_ops' version) and matches the dense path."""
+    from lfma_kernels.ops import torch_ops
+
+    coeffs, rows, cols = frequencies((24, 40), 11, gen, dtype=torch.float32)
+    x, weight = torch.randn(3, 5, 40, generator=gen), torch.randn(24, 40, generator=gen)
+    grads = {}
+    for path in ("dense", "fft"):
+        monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape, _p=path, **_: _p)
+        c = coeffs.clone().requires_grad_(True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            lfma.lfma_linear(x, weight, None, c, rows, cols, 2.0, backend="cpp").square().sum().backward()
+        names = {e.key for e in prof.key_averages()}
+        assert ("lfma_ext::coeff_grad_batch" in names) == (path == "fft"), names
+        grads[path] = c.grad
+    assert rel_err(grads["fft"], grads["dense"]) <= 1e-5
+
+
+def test_batch_path_cost_model_picks():
+    """The measured pair cost sends the paper's shapes through the batch kernel and very large K
+    through G (benchmarks/bench_cpp.py --batch-grad)."""
+    from lfma_kernels.ops import torch_ops
+
+    def pick(tokens, k, shape):
+        return torch_ops.coeff_grad_path(tokens, k, shape, pair_cost=cpp_ops.BATCH_FFT_PAIR_COST)
+
+    assert pick(1024, 943, (768, 768)) == "fft" and pick(4096, 176, (768, 768)) == "fft"
+    assert pick(1024, 29491, (768, 768)) == "dense"
+
+
 @pytest.mark.parametrize("shape, k", [((48, 80), 60), ((97, 64), 301), ((32, 32), 200), ((33, 17), 99)])
 @pytest.mark.parametrize("hermitian", [False, True])
 def test_selected_frequencies(shape, k, hermitian, algo, gen):
@@ -296,6 +371,12 @@ def _good():
     (lambda c, r, v, w: ops.coeff_grad(w[:, :0], r, v, 1.0), "d_out and d_in must be positive"),
     (lambda c, r, v, w: ops.coeff_grad(w, r, v[:1], 1.0), "rows and cols must have the same length"),
     (lambda c, r, v, w: ops.coeff_grad(w, r, v + 1, 1.0), r"cols must lie in \[0, d_in = 10\), found 10"),
+    (lambda c, r, v, w: ops.coeff_grad_batch(w[0], w, r, v, 1.0), r"coeff_grad_batch: x must be 2-D"),
+    (lambda c, r, v, w: ops.coeff_grad_batch(w, w.long(), r, v, 1.0), "grad_out must be float16, bfloat16"),
+    (lambda c, r, v, w: ops.coeff_grad_batch(w, w[:5], r, v, 1.0), "same number of tokens, got 8 and 5"),
+    (lambda c, r, v, w: ops.coeff_grad_batch(w[:, :0], w, r, v, 1.0), "d_out and d_in must be positive"),
+    (lambda c, r, v, w: ops.coeff_grad_batch(w, w[:, :7], r, v, 1.0), r"rows must lie in \[0, d_out = 7\)"),
+    (lambda c, r, v, w: ops.coeff_grad_batch(w[:, :9], w, r, v, 1.0), r"cols must lie in \[0, d_in = 9\)"),
 ])
 def test_binding_errors(call, message):
     c, r, v, w = _good()

@@ -31,7 +31,7 @@ def fast_gradcheck(backend):
 @pytest.fixture(params=["dense", "gemm", "fft"])
 def grad_path(request, monkeypatch):
     """Run a test once through each way lfma_linear's backward can get dL/dcoeffs."""
-    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape: request.param)
+    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape, **_: request.param)
     return request.param
 
 

@@ -231,7 +231,7 @@ def test_coeff_grad_kernel_matches_oracle(shape, k, kernels, gen):
 def test_lfma_linear_kernels_match_oracle(shape, k, tokens, path, kernels, monkeypatch, gen):
     """A layer step: W + dW by the fused kernel (for the forward and dL/dx), dL/dcoeffs by the partial
     DFT of G = g^T x ("dense") or the fused batch kernel ("gemm")."""
-    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape: path)
+    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape, **_: path)
     coeffs, rows, cols = _freqs(shape, k, gen)
     x = torch.randn(tokens, shape[1], generator=gen).to(DEVICE)
     weight = (torch.randn(shape, generator=gen) / shape[1] ** 0.5).to(DEVICE)
@@ -255,7 +255,7 @@ def test_lfma_linear_kernels_match_oracle(shape, k, tokens, path, kernels, monke
 @pytest.mark.parametrize("path", ["dense", "gemm"])
 def test_lfma_linear_full_gradcheck(path, kernels, monkeypatch, gen):
     """float64 gradcheck (every Jacobian entry) through the fused fold and each gradient kernel."""
-    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape: path)
+    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape, **_: path)
     shape, k = (6, 9), 4
     coeffs, rows, cols = _freqs(shape, k, gen, dtype=torch.float64)
     x = torch.randn(2, 3, shape[1], generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
@@ -415,7 +415,7 @@ def test_cuda_int64_phase_products(kernels, gen):
 def test_cuda_low_precision_layer(shape, k, dtype, path, kernels, monkeypatch, gen):
     """bf16/fp16 activations and weight at the paper's sizes: the error against the float64 oracle
     is judged against PyTorch's own error in that dtype (the paper's formulation run in it)."""
-    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape: path)
+    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape, **_: path)
     coeffs, rows, cols = _freqs(shape, k, gen)
     coeffs = coeffs * 50.0  # a dW comparable to W, so the adapter's error is visible
     x = torch.randn(512, shape[1], device=DEVICE)

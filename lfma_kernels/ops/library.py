@@ -34,6 +34,11 @@ class Kernels(NamedTuple):
     # signature (x2d, g2d, rows, cols, shape, alpha, dtype). It runs inside the traced backward,
     # so it must be traceable (a custom op with a fake implementation). None: torch_ops' version.
     coeff_grad_batch: Optional[Callable[..., torch.Tensor]] = None
+    # Optional: the backend's own "fft" batch path (same signature; torch_ops.coeff_grad_batch_fft's
+    # contract) and what its gather-and-reduce costs per (token, frequency) pair in the cost model's
+    # units (torch_ops.coeff_grad_path). None: torch_ops' version and constant.
+    coeff_grad_batch_fft: Optional[Callable[..., torch.Tensor]] = None
+    batch_fft_pair_cost: Optional[float] = None
 
 
 class BackendOps(NamedTuple):
@@ -117,7 +122,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         grad_x = grad_w = grad_b = grad_c = None
         if need_x:
             grad_x = (g2d @ folded).reshape(x.shape)
-        path = "dense" if need_w else torch_ops.coeff_grad_path(x2d.shape[0], rows.shape[0], shape)
+        path = "dense" if need_w else torch_ops.coeff_grad_path(x2d.shape[0], rows.shape[0], shape,
+                                                                 pair_cost=kernels.batch_fft_pair_cost)
         g_dense = g2d.T @ x2d if need_w or (need_c and path == "dense") else None
         if need_w:
             grad_w = g_dense
@@ -128,7 +134,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
                 if path == "gemm":
                     batch = kernels.coeff_grad_batch or torch_ops.coeff_grad_batch_gemm
                 else:
-                    batch = torch_ops.coeff_grad_batch_fft
+                    batch = kernels.coeff_grad_batch_fft or torch_ops.coeff_grad_batch_fft
                 grad_c = batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(coeffs.dtype)).to(coeffs.dtype)
         if need_b and ctx.has_bias:
             grad_b = g2d.sum(0)

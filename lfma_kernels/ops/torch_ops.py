@@ -9,7 +9,7 @@ serve every backend; :mod:`.library` registers the kernels as ``torch.library`` 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -182,16 +182,18 @@ def use_separable(k: int, shape: Sequence[int], *, inverse: bool = True) -> bool
     return shape[0] * shape[1] * 2 * k < _fft_cost(shape, inverse)
 
 
-def coeff_grad_path(tokens: int, k: int, shape: Sequence[int]) -> str:
+def coeff_grad_path(tokens: int, k: int, shape: Sequence[int], *, pair_cost: Optional[float] = None) -> str:
     """How ``lfma_linear``'s backward gets ``dL/dcoeffs``: ``"dense"`` (``G = g^T x``, ``tokens*d_out*d_in``,
     then a gather from ``G``), ``"gemm"`` (batch path through the phase tables, ``tokens*2K*(d_out+d_in)``)
-    or ``"fft"`` (batch path through a real FFT of every row of ``g`` and ``x``)."""
+    or ``"fft"`` (batch path through a real FFT of every row of ``g`` and ``x``, then ``pair_cost`` per
+    token and frequency for the gather and reduction: ``_GATHER_C`` for this module's version)."""
     d_out, d_in = shape
+    pair_cost = _GATHER_C if pair_cost is None else pair_cost
     costs = {
         "dense": tokens * d_out * d_in + min(d_out * d_in * 2 * k, _fft_cost(shape, inverse=False)),
         "gemm": tokens * 2 * k * (d_out + d_in),
         "fft": _ROW_FFT_C * tokens * (d_out * math.log2(max(d_out, 2)) + d_in * math.log2(max(d_in, 2)))
-        + _GATHER_C * tokens * k,
+        + pair_cost * tokens * k,
     }
     return min(costs, key=costs.get)
 
