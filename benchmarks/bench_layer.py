@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -43,7 +43,7 @@ import torch.nn as nn
 from lfma_kernels.ops import dispatch
 from lfma_kernels.selection import init_matrix
 from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section
-from timing import median_ms
+from timing import interleaved_ms
 
 FULL_SHAPES = "768x768,1024x1024,768x3072,4096x4096"
 FULL_RATIOS = "0.0001,0.0003,0.0016,0.05"
@@ -199,27 +199,37 @@ class Timer:
     min_time_s: float
     device: str
     errors: List[str]
+    noisy: List[str]
 
-    def __call__(self, label: str, make: Callable[[], Callable[[], None]]) -> Optional[float]:
-        """Median ms of the function ``make()`` builds; None (and the error recorded) if it raises."""
-        try:
-            fn = make()
-            return median_ms(fn, repeats=self.repeats, warmup=self.warmup, device=self.device,
-                             min_time_s=self.min_time_s)
-        except Exception as exc:  # one broken cell must not lose the whole table
-            message = f"{label}: {type(exc).__name__}: {exc}"
-            self.errors.append(message)
-            print(f"  ERROR {message}", file=sys.stderr)
-            return None
-        finally:
-            gc.collect()
+    def __call__(self, label: str, makers: Dict[str, Callable[[], Callable[[], None]]]) -> Dict[str, Optional[float]]:
+        """Median ms of each function ``makers[name]()`` builds, all timed round-robin (one call of
+        each per round), so the columns of a row see the same machine; None for a column whose
+        build or first call raised (the error recorded: one broken cell must not lose the table)."""
+        fns: Dict[str, Callable[[], None]] = {}
+        out: Dict[str, Optional[float]] = {name: None for name in makers}
+        for name, make in makers.items():
+            try:
+                fn = make()
+                fn()  # the first call also builds caches, compiles, allocates
+                fns[name] = fn
+            except Exception as exc:
+                message = f"{label} {name}: {type(exc).__name__}: {exc}"
+                self.errors.append(message)
+                print(f"  ERROR {message}", file=sys.stderr)
+        if fns:
+            sync = torch.cuda.synchronize if self.device.startswith("cuda") else None
+            out.update(interleaved_ms(fns, rounds=self.repeats, warmup=self.warmup - 1, min_time_s=self.min_time_s,
+                                      sync=sync, noisy=self.noisy, label=label))
+        del fns
+        gc.collect()
+        return out
 
 
-def timer_for(shape: Shape, args: argparse.Namespace, errors: List[str]) -> Timer:
+def timer_for(shape: Shape, args: argparse.Namespace, errors: List[str], noisy: List[str]) -> Timer:
     large = shape[0] * shape[1] >= LARGE_NUMEL
     repeats = args.repeats or (MIN_REPEATS if (args.quick or large) else 7)
     return Timer(repeats=repeats, warmup=1 if (args.quick or large) else 2,
-                 min_time_s=0.1 if args.quick else 0.3, device=args.device, errors=errors)
+                 min_time_s=0.1 if args.quick else 0.3, device=args.device, errors=errors, noisy=noisy)
 
 
 @dataclass
@@ -229,6 +239,7 @@ class Results:
     train: List[dict]
     eval: List[dict]
     errors: List[str]
+    noisy: List[str]             # comparisons measured while other processes loaded the machine
 
 
 def run_case(p: Problem, backends: Sequence[str], args: argparse.Namespace, timer: Timer
@@ -243,24 +254,22 @@ def run_case(p: Problem, backends: Sequence[str], args: argparse.Namespace, time
     for backward in (False, True):
         # delta_weight dispatches on the coefficients' dtype (float32), the layer on x's.
         row = dict(base, auto=dispatch.auto_backend(p.device, p.coeffs.dtype, p.k, p.shape),
-                   kind="fwd+bwd" if backward else "fwd", ms={})
-        for name in [PAPER] + runnable:
-            row["ms"][name] = timer(f"{tag} delta_weight {row['kind']} {name}",
-                                    lambda: delta_weight_fn(p, name, backward=backward))
+                   kind="fwd+bwd" if backward else "fwd")
+        row["ms"] = timer(f"{tag} delta_weight {row['kind']}",
+                          {name: (lambda name=name: delta_weight_fn(p, name, backward=backward))
+                           for name in [PAPER] + runnable})
         dw_rows.append(row)
 
     x, g = make_inputs(p, args.tokens, requires_grad=True)
-    train = dict(base, ms={}, floor=training_floor(p.shape, p.k))
-    for name in [PAPER] + runnable:
-        train["ms"][name] = timer(f"{tag} train {name}", lambda: train_step_fn(p, name, x, g))
-    train["ms"]["frozen"] = timer(f"{tag} train frozen", lambda: frozen_train_step_fn(p, x, g))
+    makers = {name: (lambda name=name: train_step_fn(p, name, x, g)) for name in [PAPER] + runnable}
+    makers["frozen"] = lambda: frozen_train_step_fn(p, x, g)
+    train = dict(base, ms=timer(f"{tag} train", makers), floor=training_floor(p.shape, p.k))
 
     x, _ = make_inputs(p, args.eval_tokens, requires_grad=False)
-    ev = dict(base, ms={}, floor=1.0)
-    ev["ms"][PAPER] = timer(f"{tag} eval paper", lambda: paper_eval_forward_fn(p, x))
-    for name in runnable:
-        ev["ms"][name] = timer(f"{tag} eval {name}", lambda: eval_forward_fn(p, name, x))
-    ev["ms"]["frozen"] = timer(f"{tag} eval frozen", lambda: frozen_eval_forward_fn(p, x))
+    makers = {PAPER: lambda: paper_eval_forward_fn(p, x)}
+    makers.update({name: (lambda name=name: eval_forward_fn(p, name, x)) for name in runnable})
+    makers["frozen"] = lambda: frozen_eval_forward_fn(p, x)
+    ev = dict(base, ms=timer(f"{tag} eval", makers), floor=1.0)
     return dw_rows, train, ev
 
 
@@ -268,7 +277,8 @@ def run(args: argparse.Namespace) -> Results:
     dtype = getattr(torch, args.dtype)
     backends = ["auto"] + [b for b in lfma.available_backends() if b != PAPER]
     errors: List[str] = []
-    results = Results(backends, [], [], [], errors)
+    noisy: List[str] = []
+    results = Results(backends, [], [], [], errors, noisy)
     cases = [(shape, ratio) for shape in args.shapes for ratio in args.ratios]
     start = time.perf_counter()
     for i, (shape, ratio) in enumerate(cases, 1):
@@ -280,7 +290,7 @@ def run(args: argparse.Namespace) -> Results:
         print(f"[{i}/{len(cases)}] {shape[0]}x{shape[1]} ratio {ratio} K={k}  "
               f"({time.perf_counter() - start:.0f} s elapsed)", file=sys.stderr, flush=True)
         p = make_problem(shape, k, ratio=ratio, device=args.device, dtype=dtype)
-        dw_rows, train, ev = run_case(p, backends, args, timer_for(shape, args, errors))
+        dw_rows, train, ev = run_case(p, backends, args, timer_for(shape, args, errors, noisy))
         results.delta_weight.extend(dw_rows)
         results.train.append(train)
         results.eval.append(ev)
@@ -331,7 +341,8 @@ def layer_table(res: Results, rows_in: Sequence[dict]) -> str:
 def notes(args: argparse.Namespace, res: Results) -> List[str]:
     layer = "`lfma.LFMALinear(nn.Linear(d_in, d_out), k=K, backend=...)`"
     return [
-        "Median milliseconds (at least 5 runs each, all columns measured in this run). Shapes are "
+        "Median milliseconds: the columns of each row timed round-robin (one call of each per round, a fresh "
+        "random order every round, at least 5 rounds), so a row's ratios see the same machine. Shapes are "
         "`d_out x d_in`; K = `int(d_out * d_in * ratio)`.",
         "`paper`: the paper's formulation (`lfma_kernels.reference`: dense complex spectrum, `ifft2`, "
         "a second GEMM with dW, autograd through `ifft2`). "
@@ -365,6 +376,9 @@ def render(args: argparse.Namespace, res: Results) -> Tuple[str, str]:
     ]
     if res.errors:
         body += ["### Errors", ""] + [f"- {e}" for e in res.errors] + [""]
+    if res.noisy:
+        body += ["Measured while other processes loaded the machine (treat with care):", ""]
+        body += [f"- {e}" for e in res.noisy] + [""]
     return "\n".join(header) + "\n", "\n".join(body)
 
 
