@@ -1,0 +1,66 @@
+"""The benchmark scripts' machinery: round-robin timing, a tiny bench_layer run end to end, and the
+model-level table's ratios and missing-peer rows (the timings themselves are never asserted)."""
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import timing  # noqa: E402
+
+
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    """Don't wait for, or repeat because of, other processes' load (CI machines are busy)."""
+    monkeypatch.setattr(timing, "wait_for_quiet", lambda max_wait_s, threshold=0.1: True)
+    monkeypatch.setattr(timing, "other_load", lambda fn: (fn(), 0.0))
+
+
+def test_interleaved_ms_times_every_function_each_round(quiet_machine):
+    calls = []
+    ms = timing.interleaved_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=6, warmup=1)
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+    assert calls.count("a") == calls.count("b") == 7
+    rounds = [calls[i:i + 2] for i in range(2, len(calls), 2)]
+    assert all(sorted(r) == ["a", "b"] for r in rounds)  # one call of each per round
+    assert len({tuple(r) for r in rounds}) == 2          # in a varying order
+
+
+def test_interleaved_ms_reports_load(monkeypatch):
+    monkeypatch.setattr(timing, "wait_for_quiet", lambda max_wait_s, threshold=0.1: False)
+    monkeypatch.setattr(timing, "other_load", lambda fn: (fn(), 0.5))
+    noisy = []
+    timing.interleaved_ms({"a": lambda: None}, rounds=5, tries=2, noisy=noisy, label="case")
+    assert noisy == ["case (other processes used 50% of the CPUs)"]
+
+
+def test_bench_layer_end_to_end(quiet_machine, tmp_path):
+    import bench_layer
+
+    out = tmp_path / "RESULTS.md"
+    assert bench_layer.main(["--shapes", "24x40", "--ratios", "0.01", "--quick", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "<!-- section: layer cpu float32 -->" in text and "round-robin" in text
+    train = text.split("### Layer training step")[1].split("###")[0]
+    row = next(line for line in train.splitlines() if line.startswith("| 24x40"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert "n/a" not in cells and "-" not in cells[3:8], row  # every column measured
+    assert "Errors" not in text
+
+
+def test_bench_models_table_ratios_and_missing_peers():
+    pytest.importorskip("transformers")
+    import bench_models
+
+    rows = [{"variant": "frozen", "note": "head only", "trainable": 10, "step_ms": 50.0, "eval_ms": 40.0,
+             "peak_mb": 10.0},
+            {"variant": "LoRA r=8", "note": "peft not installed (pip install -e '.[bench]')"},
+            {"variant": "LFMA auto", "note": "K=3, cpp", "trainable": 16, "step_ms": 60.0, "eval_ms": 42.0,
+             "peak_mb": 12.0}]
+    lines = bench_models.table(rows).splitlines()
+    lora = next(line for line in lines if line.startswith("| LoRA r=8"))
+    assert "missing" in lora and "peft not installed" in lora
+    lfma = [c.strip() for c in next(line for line in lines if line.startswith("| LFMA auto")).strip("|").split("|")]
+    assert lfma[5] == "-" and lfma[8] == "1.05x"  # no LoRA to divide by; eval / frozen = 42 / 40
