@@ -27,7 +27,7 @@ other processes use the CPUs, and reported if it never ran on a quiet machine.
     python benchmarks/bench_cpp.py                 # acceptance tables (about two minutes on 2 cores)
     python benchmarks/bench_cpp.py --device cuda   # the same for backend cuda on a GPU
     python benchmarks/bench_cpp.py --crossover
-    python benchmarks/bench_cpp.py --batch-grad --shapes 768x768,1024x1024,768x3072 --ks 16,176,943,5000,29491
+    python benchmarks/bench_cpp.py --batch-grad --shapes 768x768,1024x1024,768x3072 --ks 16,32,58,104,176,943,5000,29491
 """
 from __future__ import annotations
 

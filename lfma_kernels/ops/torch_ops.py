@@ -39,10 +39,15 @@ __all__ = [
 # The forward rfft2 that reads the coefficient gradient is ~3.2x cheaper than irfft2 here.
 _FFT_C_768 = 7.3
 _RFFT_SPEEDUP = 3.2
-# One batch of row rffts (tokens x d) costs _ROW_FFT_C * tokens * d * log2(d) GEMM multiply-adds:
-# at 4096 tokens an rfft of 768- or 1024-wide rows ran ~2.5x faster than the [768, 352] table
-# GEMM of the small-K batch path (benchmarks/crossover.py, same machine and date).
-_ROW_FFT_C = 16.0
+# One batch of row rffts (tokens x d) costs _ROW_FFT_C * tokens * d * log2(d) GEMM multiply-adds
+# (the two row FFTs of a 768x768, 1024x1024 or 768x3072 layer at 256-4096 tokens: 6.4-8.2;
+# benchmarks/bench_cpp.py --batch-grad, the "row ffts" column, 2026-11-27). The batch GEMMs
+# x B and g A are skinny (2K columns) and come with the tables and the [tokens, K] products: they
+# ran at 1.6-2.8x the cost per multiply-add of a square GEMM (K = 32..104, same runs), so the
+# gemm path is charged _GEMM_PATH_C per multiply-add. (With 16 and 1 here, the model sent
+# 768x768 with K=58 at 4096 tokens through gemm: 13.8 ms against the fft path's 6.3 ms.)
+_ROW_FFT_C = 7.0
+_GEMM_PATH_C = 2.0
 # ...and gathering the K bins of every token and reducing their products costs ~1000 multiply-adds
 # per (token, K) pair (a gather of scattered rows and a batch of tiny products, 5-14 ns per pair
 # against ~10 ps per GEMM multiply-add), which is why the dense path G = g^T x wins again for
@@ -191,7 +196,7 @@ def coeff_grad_path(tokens: int, k: int, shape: Sequence[int], *, pair_cost: Opt
     pair_cost = _GATHER_C if pair_cost is None else pair_cost
     costs = {
         "dense": tokens * d_out * d_in + min(d_out * d_in * 2 * k, _fft_cost(shape, inverse=False)),
-        "gemm": tokens * 2 * k * (d_out + d_in),
+        "gemm": _GEMM_PATH_C * tokens * 2 * k * (d_out + d_in),
         "fft": _ROW_FFT_C * tokens * (d_out * math.log2(max(d_out, 2)) + d_in * math.log2(max(d_in, 2)))
         + pair_cost * tokens * k,
     }
