@@ -116,10 +116,19 @@ def test_eval_cache_hits_and_invalidation(count_folds):
 
 
 def test_eval_with_grad_enabled_still_trains_coeffs():
-    """model.eval() during training (to turn dropout off) must not silently stop coefficient grads."""
-    layer = make_layer().eval()
-    layer(torch.randn(3, 80)).sum().backward()
-    assert layer.coeffs.grad is not None and layer.coeffs.grad.abs().sum() > 0
+    """model.eval() during training (to turn dropout off) must not silently stop coefficient grads:
+    in eval with grad enabled the layer gives the training-mode gradient. (A plain ``.sum()`` loss
+    would not do: its dL/dout is constant along the output, so every frequency with u != 0 has an
+    exactly zero gradient.)"""
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(3, 80, generator=gen), torch.randn(3, 48, generator=gen)
+    grads = {}
+    for mode in ("train", "eval"):
+        layer = make_layer().train(mode == "train")
+        layer(x).backward(g)
+        grads[mode] = layer.coeffs.grad
+    assert grads["eval"] is not None and grads["eval"].abs().sum() > 0
+    assert rel_err(grads["eval"], grads["train"]) <= 1e-6
 
 
 @pytest.mark.parametrize("adam_foreach", [False, True])
