@@ -20,8 +20,10 @@ import torch
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TITLE = "# lfma_kernels benchmark results"
 _INTRO = ("Each section below was written by one run of the script it names, with the machine, date and "
-          "versions it ran on. `make bench` refreshes the CPU sections; the GPU sections come from "
-          "`benchmarks/bench_gpu.py` on a CUDA machine.")
+          "versions it ran on. `make bench` refreshes the CPU layer and model sections; the section "
+          "\"cpp batch-grad cpu\" comes from `benchmarks/bench_cpp.py --batch-grad` (its command line is in it), "
+          "the GPU sections from `benchmarks/bench_gpu.py` and `benchmarks/bench_models.py --device cuda` on a "
+          "CUDA machine.")
 
 
 def fmt_ms(ms: Optional[float]) -> str:
