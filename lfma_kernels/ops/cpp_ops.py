@@ -69,8 +69,8 @@ KERNELS = Kernels(delta_weight=_delta_weight, folded_weight=_folded_weight, coef
 
 # The CPU batch path (lfma_ext::coeff_grad_batch; no CUDA kernel, so not in KERNELS). Beyond its two
 # row FFTs it costs ~30-80 GEMM multiply-adds per (token, frequency) pair: a gathered complex
-# product and the token sums, against a GEMM's vectorised ~13 ps (benchmarks/bench_cpp.py
-# --batch-grad, 2-core CPU, float32, 2026-11-26; 768x768..1024x1024 and 768x3072 at 256..4096
+# product and the token sums, against a GEMM's vectorised 10-13 ps (benchmarks/bench_cpp.py
+# --batch-grad, 2-core CPU, float32, 2026-11-27 UTC; 768x768, 1024x1024 and 768x3072 at 256..4096
 # tokens, K from 943 up, where the choice against the dense G is made). So the backward goes through
 # G only past K ~ 5000 at 768x768.
 BATCH_FFT_PAIR_COST = 60.0
