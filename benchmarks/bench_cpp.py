@@ -165,22 +165,22 @@ def crossover(args: argparse.Namespace) -> None:
             print(f"{d_out}x{d_in} K={k}", file=sys.stderr, flush=True)
             # The separable product costs 2K*M*N: skip it where it would take seconds.
             algos = [a for a in ALGOS if a != "separable" or 2 * k * d_out * d_in <= args.max_sep_macs]
+
+            def row(label: str, inverse: bool, fns: dict) -> List[str]:
+                """Time every algorithm and the torch kernel; the table row, with the cost model's pick."""
+                ms = interleaved_ms(fns, rounds=args.rounds, noisy=noisy, label=f"{label} {d_out}x{d_in} K={k}")
+                best = min(algos, key=ms.get)
+                model = ALGOS[_model_pick(k, shape, inverse)]
+                return ([f"{d_out}x{d_in}", str(k)] + [fmt(ms.get(a)) for a in ALGOS]
+                        + [fmt(ms["torch"]), best, model, f"{ms[model] / ms[best]:.2f}" if model in ms else "-",
+                           f"{ms['torch'] / ms[model]:.2f}" if model in ms else "-"])
+
             fns = {a: (lambda a=a: ops.delta_weight(c, rows, cols, d_out, d_in, 1.0, codes[a])) for a in algos}
             fns["torch"] = lambda: torch_ops._delta_weight(c, rows, cols, shape, 1.0)
-            ms = interleaved_ms(fns, rounds=args.rounds, noisy=noisy, label=f"dW {d_out}x{d_in} K={k}")
-            best = min(algos, key=ms.get)
-            model = ALGOS[_model_pick(k, shape, True)]
-            rows_dw.append([f"{d_out}x{d_in}", str(k)] + [fmt(ms.get(a)) for a in ALGOS] + [fmt(ms["torch"]), best,
-                           model, f"{ms[model] / ms[best]:.2f}" if model in ms else "-",
-                           f"{ms['torch'] / ms[model]:.2f}" if model in ms else "-"])
+            rows_dw.append(row("dW", True, fns))
             fns = {a: (lambda a=a: ops.coeff_grad(grad, rows, cols, 1.0, codes[a])) for a in algos}
             fns["torch"] = lambda: torch_ops._coeff_grad(grad, rows, cols, 1.0)
-            ms = interleaved_ms(fns, rounds=args.rounds, noisy=noisy, label=f"grad {d_out}x{d_in} K={k}")
-            best = min(algos, key=ms.get)
-            model = ALGOS[_model_pick(k, shape, False)]
-            rows_g.append([f"{d_out}x{d_in}", str(k)] + [fmt(ms.get(a)) for a in ALGOS] + [fmt(ms["torch"]), best,
-                          model, f"{ms[model] / ms[best]:.2f}" if model in ms else "-",
-                          f"{ms['torch'] / ms[model]:.2f}" if model in ms else "-"])
+            rows_g.append(row("grad", False, fns))
     cols = ["shape", "K"] + list(ALGOS) + ["torch", "best", "model", "model/best", "torch/model"]
     print(header(args) + "\n")
     print("## dW (lfma_ext.delta_weight per algorithm; torch = the torch backend's kernel): median ms\n")

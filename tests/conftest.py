@@ -37,6 +37,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def linear_against_oracle(backend, x, weight, bias, coeffs, rows, cols, grad, alpha=12.0):
+    """``(name, got, want)`` for the output, ``dL/dx`` and ``dL/dcoeffs`` of ``lfma.lfma_linear`` with
+    ``backend`` in float32 against the float64 reference, both backpropagating ``grad``."""
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, coeffs)]
+        out = fn(leaves[0], weight.to(dtype), bias.to(dtype), leaves[1])
+        out.backward(grad.to(dtype))
+        return out, leaves[0].grad, leaves[1].grad
+
+    want = run(lambda x, w, b, c: lfma.reference.lfma_linear(x, w, b, c, rows, cols, alpha), torch.float64)
+    got = run(lambda x, w, b, c: lfma.lfma_linear(x, w, b, c, rows, cols, alpha, backend=backend), torch.float32)
+    return list(zip(("output", "grad x", "grad coeffs"), got, want))
+
+
 def random_frequencies(shape, k, *, generator=None, dtype=torch.float32, device="cpu"):
     """K random positions (repeats allowed, as the contract allows) and coefficients."""
     rows = torch.randint(0, shape[0], (k,), generator=generator).to(device)

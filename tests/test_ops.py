@@ -4,7 +4,7 @@ import torch
 
 import lfma_kernels as lfma
 from lfma_kernels.ops import torch_ops
-from conftest import FAST_BACKENDS, TRITON_INTERPRETED, random_frequencies, rel_err
+from conftest import FAST_BACKENDS, TRITON_INTERPRETED, linear_against_oracle, random_frequencies, rel_err
 
 SHAPES_K = [((48, 80), 1), ((48, 80), 37), ((97, 64), 1), ((97, 64), 203), ((33, 33), 33), ((16, 24), 384)]
 
@@ -111,15 +111,7 @@ def test_lfma_linear_matches_oracle(backend, shape, k, lead, grad_path, gen):
     bias = torch.randn(shape[0], generator=gen)
     grad = torch.randn(*lead, shape[0], generator=gen)
 
-    def run(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, coeffs)]
-        out = fn(leaves[0], weight.to(dtype), bias.to(dtype), leaves[1])
-        out.backward(grad.to(dtype))
-        return out, leaves[0].grad, leaves[1].grad
-
-    ref = run(lambda x, w, b, c: lfma.reference.lfma_linear(x, w, b, c, rows, cols, 12.0), torch.float64)
-    out = run(lambda x, w, b, c: lfma.lfma_linear(x, w, b, c, rows, cols, 12.0, backend=backend), torch.float32)
-    for got, want, name in zip(out, ref, ("output", "grad x", "grad coeffs")):
+    for name, got, want in linear_against_oracle(backend, x, weight, bias, coeffs, rows, cols, grad):
         assert got.dtype == torch.float32, name
         assert rel_err(got, want) <= 1e-5, name
 

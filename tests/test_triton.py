@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import lfma_kernels as lfma
 from lfma_kernels.ops import dispatch, torch_ops
-from conftest import TRITON_INTERPRETED, random_frequencies, rel_err
+from conftest import TRITON_INTERPRETED, linear_against_oracle, random_frequencies, rel_err
 
 TRITON_AVAILABLE = dispatch.unavailable_reason("triton") is None
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE,
@@ -238,15 +238,7 @@ def test_lfma_linear_kernels_match_oracle(shape, k, tokens, path, kernels, monke
     bias = torch.randn(shape[0], generator=gen).to(DEVICE)
     g = torch.randn(tokens, shape[0], generator=gen).to(DEVICE)
 
-    def run(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, coeffs)]
-        out = fn(leaves[0], weight.to(dtype), bias.to(dtype), leaves[1])
-        out.backward(g.to(dtype))
-        return out, leaves[0].grad, leaves[1].grad
-
-    ref = run(lambda x, w, b, c: lfma.reference.lfma_linear(x, w, b, c, rows, cols, 12.0), torch.float64)
-    out = run(lambda x, w, b, c: lfma.lfma_linear(x, w, b, c, rows, cols, 12.0, backend="triton"), torch.float32)
-    for got, want, name in zip(out, ref, ("output", "grad x", "grad coeffs")):
+    for name, got, want in linear_against_oracle("triton", x, weight, bias, coeffs, rows, cols, g):
         assert rel_err(got, want) <= 1e-5, name
     # W + dW is built once (the forward keeps it for dL/dx)
     assert kernels == {"delta_weight": 1, "coeff_grad": int(path == "dense"), "batch": int(path == "gemm")}
