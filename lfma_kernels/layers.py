@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_frequencies, check_k
+from .eval_cache import FoldedWeightCache, optimizer_steps
 from .ops import dispatch
 from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
 
@@ -17,6 +18,15 @@ __all__ = ["LFMALinear"]
 def check_backend_name(backend: str) -> None:
     if backend != "auto" and backend not in dispatch.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(dispatch.BACKENDS)}")
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``getattr(module, name)`` for a parameter or buffer, without ``nn.Module.__getattr__``'s
+    ~0.5 us on the eval hot path; falls back to it for anything else (a parametrization, say)."""
+    t = module._parameters.get(name)
+    if t is None:
+        t = module._buffers.get(name)
+    return t if t is not None else getattr(module, name)
 
 
 class LFMALinear(nn.Module):
@@ -75,8 +85,7 @@ class LFMALinear(nn.Module):
         self.hermitian = bool(hermitian)
         self.backend = backend
         self._merged = False
-        self._cache: Optional[torch.Tensor] = None
-        self._cache_key: Optional[tuple] = None
+        self._cache = FoldedWeightCache()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -102,8 +111,11 @@ class LFMALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
             return self.base(x)
-        if not self.training and not (torch.is_grad_enabled() and self.coeffs.requires_grad):
-            return F.linear(x, self._cached_weight(), self.base.bias)
+        if not self.training:
+            base = self._modules["base"]
+            cached = self._eval_weight(base)
+            if cached is not None:
+                return F.linear(x, cached, _tensor(base, "bias"))
         return self._impl(x).lfma_linear(x, self.base.weight, self.base.bias, self.coeffs, self.rows, self.cols,
                                          self.alpha)
 
@@ -117,16 +129,26 @@ class LFMALinear(nn.Module):
         coeffs = self.coeffs if sign > 0 else -self.coeffs.detach()
         return self._impl(w).folded_weight(w, coeffs, self.rows, self.cols, self.alpha)
 
-    def _cached_weight(self) -> torch.Tensor:
-        w, c = self.base.weight, self.coeffs
-        key = (c._version, c.data_ptr(), w._version, w.data_ptr(), w.device, w.dtype)
-        if self._cache is None or self._cache_key != key:
-            self._cache = self._folded_weight()
-            self._cache_key = key
-        return self._cache
+    def _eval_weight(self, base: nn.Module) -> Optional[torch.Tensor]:
+        """The cached ``W + dW``, or ``None`` when this forward needs a gradient through it (the
+        coefficients or the weight require grad under grad mode) or when a change to its sources
+        could go unseen (inference tensors track no version). See :mod:`.eval_cache`."""
+        c, w = _tensor(self, "coeffs"), _tensor(base, "weight")
+        if torch.is_grad_enabled() and (c.requires_grad or w.requires_grad):
+            return None
+        rows, cols = _tensor(self, "rows"), _tensor(self, "cols")
+        try:
+            key = (optimizer_steps(), c._version, c.data_ptr(), w._version, w.data_ptr(),
+                   rows._version, rows.data_ptr(), cols._version, cols.data_ptr())
+        except RuntimeError:  # inference tensors (a layer built under inference_mode) have no version
+            return None
+        return self._cache.get(key, self._folded_weight)
 
-    def _drop_cache(self) -> None:
-        self._cache, self._cache_key = None, None
+    def clear_cache(self) -> None:
+        """Drop the eval cache of ``W + dW``. Needed only after writing to ``coeffs``, ``rows``,
+        ``cols`` or the weight through ``.data`` outside an optimizer step, which PyTorch hides
+        from the version counters the cache is keyed on; every other change is noticed."""
+        self._cache.clear()
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
@@ -140,7 +162,7 @@ class LFMALinear(nn.Module):
             raise ValueError("merge(safe=True): W + dW has non-finite values; the weight was left untouched")
         self.base.weight.copy_(merged)
         self._merged = True
-        self._drop_cache()
+        self._cache.clear()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -149,15 +171,15 @@ class LFMALinear(nn.Module):
             return
         self.base.weight.copy_(self._folded_weight(sign=-1.0))
         self._merged = False
-        self._drop_cache()
+        self._cache.clear()
 
     # ------------------------------------------------------------------ nn.Module hooks
     def train(self, mode: bool = True) -> "LFMALinear":
-        self._drop_cache()
+        self._cache.clear()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._drop_cache()
+        self._cache.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 # Without a GPU, the Triton backend runs its kernels on CPU tensors through Triton's interpreter,
 # which must be chosen before triton (imported by lfma_kernels' triton backend) is imported.
@@ -63,3 +64,25 @@ def random_frequencies(shape, k, *, generator=None, dtype=torch.float32, device=
 def gen():
     """A fresh, seeded generator per test: inputs are random, and reproducible on failure."""
     return torch.Generator().manual_seed(1234)
+
+
+def make_layer(d_in=80, d_out=48, **kwargs):
+    """A seeded ``LFMALinear`` on a fresh non-square ``nn.Linear`` (K = 17 unless given)."""
+    torch.manual_seed(0)
+    kwargs.setdefault("k", 17)
+    return lfma.LFMALinear(nn.Linear(d_in, d_out), **kwargs)
+
+
+@pytest.fixture
+def count_folds(monkeypatch):
+    """Counts how often the backend ``auto`` picks for ``make_layer()`` rebuilds W + dW (a cache miss)."""
+    calls = []
+    module = dispatch.resolve("auto", torch.device("cpu"), torch.float32, 17, (48, 80))
+    original = module.folded_weight
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "folded_weight", counting)
+    return calls

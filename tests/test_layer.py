@@ -4,29 +4,7 @@ import torch
 import torch.nn as nn
 
 import lfma_kernels as lfma
-from lfma_kernels.ops import dispatch
-from conftest import FAST_BACKENDS, rel_err
-
-
-def make_layer(d_in=80, d_out=48, **kwargs):
-    torch.manual_seed(0)
-    kwargs.setdefault("k", 17)
-    return lfma.LFMALinear(nn.Linear(d_in, d_out), **kwargs)
-
-
-@pytest.fixture
-def count_folds(monkeypatch):
-    """Counts how often the backend ``auto`` picks here rebuilds W + dW (a cache miss)."""
-    calls = []
-    module = dispatch.resolve("auto", torch.device("cpu"), torch.float32, 17, (48, 80))
-    original = module.folded_weight
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, "folded_weight", counting)
-    return calls
+from conftest import FAST_BACKENDS, make_layer, rel_err
 
 
 def test_contract_attributes():

@@ -1,0 +1,76 @@
+"""The eval-mode cache of ``W + dW``: when it may serve a forward and how it notices a change.
+
+A cached forward must never serve a stale ``W + dW`` and must never stand in for a forward whose
+result needs a gradient through ``W + dW``. Both checks run on the host, on every eval forward,
+so they cost a few attribute reads and no device sync (comparing tensor contents would sync a GPU).
+
+What "changed" means, and what each part of the key catches:
+
+- ``_version`` of every source tensor: in-place updates (``copy_``, ``mul_``, per-parameter and
+  foreach optimizers, ``load_state_dict``);
+- ``data_ptr()``: the tensor was replaced (``layer.coeffs = ...``, ``.data = ...``,
+  ``load_state_dict(assign=True)``, a device move of the base layer alone);
+- the count of optimizer steps taken in this process: fused optimizers (``fused=True`` Adam, AdamW,
+  SGD) update parameters without bumping their version counter, and so do old-style optimizers
+  that write through ``p.data``. Every ``torch.optim.Optimizer`` runs the global step post-hooks,
+  so one counter covers all of them; a step anywhere invalidates every cache, which costs one
+  rebuild of ``W + dW`` per layer at the next eval forward after a step.
+
+Not seen: user code writing through ``tensor.data`` outside an optimizer step (``.data`` exists to
+hide writes from autograd's version counter). Write under ``torch.no_grad()`` instead, or call the
+layer's ``clear_cache()``.
+
+The cache is built outside inference mode, so a cache first built under
+``torch.inference_mode()`` can serve a later ordinary forward (an inference tensor would make
+autograd fail: "Inference tensors cannot be saved for backward").
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+__all__ = ["FoldedWeightCache", "optimizer_steps"]
+
+_optimizer_steps = 0
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Registered once, at import; the handle is kept so the hook is never collected.
+_STEP_HOOK = register_optimizer_step_post_hook(_count_step)
+
+
+def optimizer_steps() -> int:
+    """Optimizer steps taken in this process so far (any optimizer, any parameters)."""
+    return _optimizer_steps
+
+
+class FoldedWeightCache:
+    """One cached tensor and the key it was built under.
+
+    ``key`` is a tuple of ints the caller assembles (it knows its source tensors; a generic
+    builder would cost a loop on the hot path). The entry is one tuple, replaced whole, so a
+    thread never pairs one build's key with another build's tensor.
+    """
+
+    __slots__ = ("_entry",)
+
+    def __init__(self) -> None:
+        self._entry: Optional[Tuple[tuple, torch.Tensor]] = None
+
+    def get(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        entry = self._entry
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        with torch.inference_mode(False), torch.no_grad():
+            weight = build()
+        self._entry = (key, weight)
+        return weight
+
+    def clear(self) -> None:
+        self._entry = None
