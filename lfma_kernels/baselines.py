@@ -3,7 +3,8 @@
 ``FourierFTLinear`` is FourierFT (Gao et al., 2024): ``n`` random spectral positions shared by
 every layer of one shape, *real* trained coefficients, ``dW = alpha * Re(ifft2(F))``. It differs
 from LFMA only in the selection (random, not top-K of an init matrix) and in training the real
-parts alone, so it runs through ``lfma_linear`` with the imaginary parts pinned to zero.
+parts alone, so it runs through the same fused ``lfma_linear`` kernels with the imaginary parts
+pinned to zero.
 
 ``LoRALinear`` is the minimal LoRA the demo falls back on when ``peft`` is not installed.
 """
@@ -16,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_k
-from .functional import lfma_linear
+from .layers import check_backend_name
+from .ops import dispatch
 
 __all__ = ["FourierFTLinear", "LoRALinear"]
 
@@ -25,7 +27,9 @@ class FourierFTLinear(nn.Module):
     """A frozen ``nn.Linear`` plus FourierFT: ``spectrum`` (``[n]`` real) at ``n`` random positions.
 
     Positions come from ``seed`` alone (PEFT's ``random_loc_seed``), so layers of one shape share
-    them. ``spectrum`` starts at zero, so the adapted layer starts equal to the frozen one.
+    them. ``spectrum`` starts at zero, so the adapted layer starts equal to the frozen one. The
+    positions are in range by construction, so the forward skips the public entry point's index
+    check (a host sync on GPU every step) and calls the backend directly, as ``LFMALinear`` does.
     """
 
     def __init__(self, base: nn.Linear, n: int, *, alpha: float = 150.0, seed: int = 777,
@@ -35,6 +39,8 @@ class FourierFTLinear(nn.Module):
             raise TypeError(f"FourierFTLinear wraps an nn.Linear, got {type(base).__name__}")
         d_out, d_in = base.out_features, base.in_features
         check_k(n, (d_out, d_in))
+        check_backend_name(backend)
+        dispatch.prepare(backend)
         flat = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
         base.requires_grad_(False)
         self.base = base
@@ -47,8 +53,9 @@ class FourierFTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         coeffs = torch.stack([self.spectrum, torch.zeros_like(self.spectrum)], dim=1)
-        return lfma_linear(x, self.base.weight, self.base.bias, coeffs, self.rows, self.cols, self.alpha,
-                           backend=self.backend)
+        weight = self.base.weight
+        impl = dispatch.resolve(self.backend, x.device, x.dtype, coeffs.shape[0], tuple(weight.shape))
+        return impl.lfma_linear(x, weight, self.base.bias, coeffs, self.rows, self.cols, self.alpha)
 
     def extra_repr(self) -> str:
         return f"n={self.spectrum.shape[0]}, alpha={self.alpha}, backend={self.backend!r}"

@@ -62,11 +62,19 @@ class LFMAConfig:
                              "build LFMALinear directly)")
         check_backend_name(backend)
         if isinstance(target_modules, str):
-            re.compile(target_modules)
+            try:
+                re.compile(target_modules)
+            except re.error as e:
+                raise ValueError(f"LFMAConfig: target_modules {target_modules!r} is not a valid regular "
+                                 f"expression: {e}") from None
         else:
             target_modules = list(target_modules)
             if not target_modules:
                 raise ValueError("LFMAConfig: target_modules is empty")
+        for field, names in (("target_modules", target_modules), ("modules_to_save", modules_to_save)):
+            if not isinstance(names, str) and not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"LFMAConfig: {field} must be a regex string or a list of non-empty "
+                                 f"module-name suffixes, got {names!r}")
         self.target_modules = target_modules
         self.k, self.top_k_ratio, self.alpha, self.init = k, top_k_ratio, float(alpha), init
         self.init_std, self.seed, self.hermitian, self.backend = float(init_std), int(seed), bool(hermitian), backend
@@ -99,20 +107,43 @@ def _matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
     return any(_suffix_match(name, t) for t in targets)
 
 
+def _listing(names: Sequence[str], limit: int = 12, fold: bool = True) -> str:
+    """Module names for an error message; ``fold`` folds repeated blocks (``layer.*.query``), so
+    that a list of candidates does not hide a 12-layer model's head behind 48 projections."""
+    if fold:
+        names = list(dict.fromkeys(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", n) for n in names))
+    if not names:
+        return "(none)"
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _check_not_adapted(model: nn.Module, action: str) -> None:
+    adapted = sorted(lfma_layers(model))
+    if adapted:
+        raise ValueError(f"{action}: the model already has LFMA adapters at {_listing(adapted, fold=False)}; a model is "
+                         "adapted once: put every target into one LFMAConfig, or unload_lfma(model) (or start "
+                         "from a fresh model) first")
+
+
 def _target_names(model: nn.Module, config: LFMAConfig) -> List[str]:
     """Names of the modules ``config`` adapts; raises before anything is changed."""
-    adapted = tuple(n + "." for n in lfma_layers(model))
-    names = [n for n, m in model.named_modules() if n and not isinstance(m, LFMALinear) and
-             not n.startswith(adapted) and _matches(n, config.target_modules)]
+    names = [n for n, _ in model.named_modules() if n and _matches(n, config.target_modules)]
     if not names:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        shown = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
         raise ValueError(f"target_modules={config.target_modules!r} matched no module; the model's nn.Linear "
-                         f"layers are: {shown or '(none)'}")
+                         f"layers are: {_listing(linear)}")
     for n in names:
         module = model.get_submodule(n)
         if not isinstance(module, nn.Linear):
             raise TypeError(f"target {n!r} is a {type(module).__name__}, LFMA adapts nn.Linear layers only")
+        parent = model.get_submodule(n.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            # MultiheadAttention reads out_proj.weight and .bias directly instead of calling the
+            # module, so a wrapped out_proj would be bypassed (or missing its weight).
+            raise TypeError(f"target {n!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                            "directly instead of calling it, so an adapter there would never run; LFMA "
+                            "adapts layers that are called")
     return names
 
 
@@ -125,7 +156,9 @@ def _save_names(model: nn.Module, config: LFMAConfig) -> List[str]:
     names = [n for n, _ in model.named_modules() if n and any(_suffix_match(n, s) for s in config.modules_to_save)]
     missing = [s for s in config.modules_to_save if not any(_suffix_match(n, s) for n in names)]
     if missing:
-        raise ValueError(f"modules_to_save {missing} matched no module of the model")
+        owners = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+        raise ValueError(f"modules_to_save {missing} matched no module of the model; modules with parameters "
+                         f"are: {_listing(owners)}")
     return names
 
 
@@ -142,27 +175,30 @@ def apply_lfma(model: nn.Module, config: LFMAConfig,
                frequencies: Optional[Dict[str, Frequencies]] = None) -> nn.Module:
     """Wrap every target ``nn.Linear`` in an ``LFMALinear`` in place and freeze everything but the
     coefficients and ``modules_to_save``. ``frequencies`` (by layer name) overrides the selection,
-    as ``load_lfma`` does. Validates every layer before changing any."""
+    as ``load_lfma`` does. Validates every layer before changing any; a model is adapted once (a
+    second call raises ``ValueError``: one config, one saved adapter)."""
+    _check_not_adapted(model, "apply_lfma")
     names = _target_names(model, config)
     save_names = _save_names(model, config)
-    for n in names:
-        base = model.get_submodule(n)
-        k = config.k if frequencies is None or n not in frequencies else None
-        if k is not None and k > base.out_features * base.in_features:
-            raise ValueError(f"layer {n!r}: k={k} exceeds d_out*d_in = {base.out_features * base.in_features}")
-        if config.top_k_ratio is not None:
-            num_frequencies((base.out_features, base.in_features), config.top_k_ratio)
+    # Building a layer freezes its base: if a later layer is refused, thaw them all again.
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     layers = {}
     for i, n in enumerate(names):
         base = model.get_submodule(n)
         given = None if frequencies is None else frequencies.get(n)
-        if given is not None:
-            layers[n] = LFMALinear(base, alpha=config.alpha, hermitian=config.hermitian, backend=config.backend,
-                                   frequencies=given)
-        else:
-            layers[n] = LFMALinear(base, k=config.k, top_k_ratio=config.top_k_ratio, alpha=config.alpha,
-                                   init=config.init, init_std=config.init_std, seed=config.seed + i,
-                                   hermitian=config.hermitian, backend=config.backend)
+        try:
+            if given is not None:
+                layers[n] = LFMALinear(base, alpha=config.alpha, hermitian=config.hermitian,
+                                       backend=config.backend, frequencies=given)
+            else:
+                layers[n] = LFMALinear(base, k=config.k, top_k_ratio=config.top_k_ratio, alpha=config.alpha,
+                                       init=config.init, init_std=config.init_std, seed=config.seed + i,
+                                       hermitian=config.hermitian, backend=config.backend)
+        except (ValueError, TypeError, RuntimeError) as e:
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+            kind = next(t for t in (ValueError, TypeError, RuntimeError) if isinstance(e, t))
+            raise kind(f"layer {n!r}: {e}") from e
     model.requires_grad_(False)
     for n, layer in layers.items():
         _set_submodule(model, n, layer)
@@ -223,9 +259,7 @@ def load_lfma(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module
     against the model before anything is changed; a mismatch raises ``ValueError`` naming the layer.
     """
     config, layers, state = _load_files(directory)
-    if lfma_layers(model):
-        raise ValueError("load_lfma expects a model without LFMA adapters; this one has "
-                         f"{len(lfma_layers(model))} (unload_lfma it, or load into a fresh model)")
+    _check_not_adapted(model, "load_lfma")
     names = _target_names(model, config)
     if sorted(names) != sorted(layers):
         extra, missing = sorted(set(names) - set(layers)), sorted(set(layers) - set(names))

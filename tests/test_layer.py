@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import lfma_kernels as lfma
+from lfma_kernels.ops import dispatch
 from conftest import FAST_BACKENDS, make_layer, rel_err
 
 
@@ -166,6 +167,19 @@ def test_bad_construction():
         with pytest.raises(ValueError, match=match):
             lfma.LFMALinear(base, **kwargs)
         assert all(p.requires_grad for p in base.parameters()), "a failed construction froze the base layer"
+
+
+UNAVAILABLE = [b for b in dispatch.BACKENDS if b not in lfma.available_backends()]
+
+
+@pytest.mark.skipif(not UNAVAILABLE, reason="every backend is available here")
+def test_backend_that_cannot_run_here_is_refused_at_construction():
+    """Availability cannot change within a process, so a backend that cannot run fails at
+    construction (saying why), not at the first forward; the base layer is left as it was."""
+    base = nn.Linear(8, 6)
+    with pytest.raises(RuntimeError, match=f"backend '{UNAVAILABLE[0]}' is not available: .+"):
+        lfma.LFMALinear(base, k=2, backend=UNAVAILABLE[0])
+    assert all(p.requires_grad for p in base.parameters())
 
 
 def test_frequencies_argument():

@@ -162,11 +162,11 @@ def test_merge_safe_checks_every_layer_first():
 
 def test_bad_targets_change_nothing():
     model = fresh_model()
-    with pytest.raises(ValueError, match=r"matched no module.*layer\.0\.query"):
+    with pytest.raises(ValueError, match=r"matched no module.*layer\.\*\.query, layer\.\*\.key, layer\.\*\.value, classifier"):
         lfma.apply_lfma(model, lfma.LFMAConfig(["q_proj"], k=2))
     with pytest.raises(TypeError, match="layer.0.norm"):
         lfma.apply_lfma(model, lfma.LFMAConfig(["norm"], k=2))
-    with pytest.raises(ValueError, match="k=1000"):
+    with pytest.raises(ValueError, match=r"layer\.0\.query.*got 1000"):
         lfma.apply_lfma(model, lfma.LFMAConfig(["query"], k=1000))
     with pytest.raises(ValueError, match="modules_to_save"):
         lfma.apply_lfma(model, lfma.LFMAConfig(["query"], k=2, modules_to_save=["head"]))
@@ -175,3 +175,82 @@ def test_bad_targets_change_nothing():
     for kwargs in ({}, {"k": 2, "top_k_ratio": 0.1}, {"top_k_ratio": 0.0}, {"k": 2, "backend": "numpy"}):
         with pytest.raises(ValueError):
             lfma.LFMAConfig(["query"], **kwargs)
+
+
+def model_state(model):
+    """Everything apply_lfma could change: the module tree, the parameters and their flags."""
+    return ([(n, type(m).__name__) for n, m in model.named_modules()],
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+            getattr(model, "lfma_config", None))
+
+
+def assert_unchanged(model, before):
+    modules, params, config = model_state(model)
+    assert modules == before[0] and config is before[2]
+    assert params.keys() == before[1].keys()
+    for n, (tensor, flag) in params.items():
+        assert torch.equal(tensor, before[1][n][0]) and flag == before[1][n][1], n
+
+
+@pytest.mark.parametrize("second", [["layer.2.query"], ["query"]])
+def test_second_apply_is_refused_and_changes_nothing(tmp_path, second):
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["layer.0.query"], k=4))
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"already has LFMA adapters at layer\.0\.query"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(second, k=4))
+    assert_unchanged(model, before)
+    assert model.layer[0].query.coeffs.requires_grad
+    lfma.save_lfma(model, tmp_path)
+    loaded = lfma.load_lfma(fresh_model(), tmp_path)
+    x = torch.randn(2, 3, 24)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_failed_apply_restores_every_flag():
+    """A refusal met while building the third layer (hermitian K above the half-spectrum of a
+    smaller layer) leaves no base frozen by the layers built before it."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(4, 3)
+
+    model = Mixed()
+    before = model_state(model)
+    with pytest.raises(ValueError, match="layer 'c'.*hermitian"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["a", "b", "c"], k=12, hermitian=True))
+    assert_unchanged(model, before)
+
+
+def test_ratio_giving_no_frequency_names_the_layer():
+    model = fresh_model()
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"layer 'layer\.0\.query'.*selects no frequency"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["query"], top_k_ratio=0.001))
+    assert_unchanged(model, before)
+
+
+def test_unmatched_modules_to_save_lists_candidates():
+    with pytest.raises(ValueError, match=r"\['head'\] matched no module.*classifier"):
+        lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["query"], k=2, modules_to_save=["head"]))
+
+
+@pytest.mark.parametrize("targets", ["(", "query[", ["query", ""], ["query", 3]])
+def test_malformed_target_modules_is_a_value_error(targets):
+    with pytest.raises(ValueError, match="target_modules") as info:
+        lfma.LFMAConfig(targets, k=3)
+    if isinstance(targets, str):
+        assert repr(targets) in str(info.value)
+
+
+def test_multihead_attention_out_proj_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+    model = Block()
+    before = model_state(model)
+    with pytest.raises(TypeError, match=r"'attn\.out_proj'.*MultiheadAttention"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["out_proj", "fc"], k=3))
+    assert_unchanged(model, before)

@@ -98,8 +98,20 @@ def _module(name: str) -> ModuleType:
     return _modules[name]
 
 
+def _require(name: str) -> None:
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+
+
 def prepare(backend: str) -> None:
-    """Probe (and import) what ``backend`` may resolve to, ahead of the first call."""
+    """Probe (and import) what ``backend`` may resolve to, ahead of the first call.
+
+    An explicit backend that cannot run in this process raises ``RuntimeError`` now, saying why:
+    availability (an import, a compiled extension, a GPU) does not change within a process.
+    Whether it runs on the tensors' device is checked per call, since tensors move."""
+    if backend != "auto":
+        _require(backend)
     for name in (BACKENDS if backend == "auto" else (backend,)):
         if unavailable_reason(name) is None:
             _module(name)
@@ -142,9 +154,7 @@ def auto_backend(device: torch.device, dtype: torch.dtype, k: int, shape: Sequen
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int]) -> ModuleType:
     """The backend module for a call; ``RuntimeError`` naming the reason if it cannot run here."""
     name = auto_backend(device, dtype, k, shape) if backend == "auto" else backend
-    reason = unavailable_reason(name)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    _require(name)
     if not _runs_on(name, device):
         raise RuntimeError(
             f"backend {name!r} does not run on {device.type} tensors (it runs on {', '.join(_DEVICES[name])}); "
