@@ -38,10 +38,16 @@ class LFMALinear(nn.Module):
     ``frequencies=``, positions and initial values chosen by the caller (FourierFT-style shared
     positions, or a saved adapter).
 
-    In eval mode with no gradient needed for ``coeffs`` the layer multiplies by a cached
-    ``W + dW``, so inference costs exactly what the frozen layer costs. The cache is rebuilt when
-    ``coeffs`` or the weight change (in place included: it is keyed on the tensors' version
-    counters), and dropped on ``train()``, ``merge``/``unmerge`` and device or dtype moves.
+    In eval mode, when neither ``coeffs`` nor the weight needs a gradient, the layer multiplies
+    by a cached ``W + dW``, so inference costs exactly what the frozen layer costs. The cache is
+    rebuilt when anything it was built from changes (in place included, fused optimizers too: see
+    :mod:`lfma_kernels.eval_cache`), and dropped on ``train()``, ``merge``/``unmerge`` and device
+    or dtype moves; ``clear_cache()`` is for writes through ``.data`` outside an optimizer step.
+
+    ``backend``: ``"auto"`` or a name from ``lfma.available_backends()``; one that cannot run in
+    this process raises ``RuntimeError`` here, saying why. One that runs on another device than
+    the layer's (``"cuda"`` for a layer still on CPU) is accepted, and checked at each call,
+    since the layer may be moved there first.
     """
 
     def __init__(
