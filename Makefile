@@ -3,6 +3,9 @@
 # make test   unit tests (tests/, the demo's --quick smoke run included), in a local virtual
 #             environment created on first use
 # make bench  the CPU benchmarks (layer and model level), written to benchmarks/RESULTS.md
+# make gpu-check OUT=folder   on a CUDA machine, one budgeted run (about 7.5 minutes) that builds the
+#             extension, runs the CUDA tests and the GPU benchmarks and writes RESULTS_GPU.md and
+#             gpu_constants.json into OUT (benchmarks/gpu_check.py); needs no .venv, installs nothing
 
 PYTHON ?= python3
 VENV = .venv
@@ -13,7 +16,7 @@ PIP = $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP = $(VENV)/.installed
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench gpu-check venv clean
 
 test: $(STAMP)
 	$(VENV_PYTHON) -m pytest -q
@@ -24,6 +27,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV_PYTHON) benchmarks/bench_layer.py --ratios 0.0001,0.0003,0.0005,0.0016,0.05 --output benchmarks/RESULTS.md
 	$(VENV_PYTHON) benchmarks/bench_models.py --output benchmarks/RESULTS.md --charts benchmarks/models_cpu.png
+
+# No $(STAMP) prerequisite: a GPU machine may have no package registry, so this runs with the
+# interpreter that is there (the project's .venv where one exists) over the source tree.
+OUT ?= results/gpu-check
+gpu-check:
+	$(if $(wildcard $(VENV_PYTHON)),$(VENV_PYTHON),$(PYTHON)) benchmarks/gpu_check.py $(OUT)
 
 venv: $(STAMP)
 

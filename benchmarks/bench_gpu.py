@@ -24,13 +24,14 @@ format (benchmarks/report.py); the file is rewritten after every shape, so a run
 what it measured. --crossover times the fused kernels against the FFT path over K and prints the
 crossover K per shape and the constants of lfma_kernels/ops/triton_ops.py's cost model that
 reproduce it (which replace the estimates there), and the three coefficient-gradient paths of
-a layer's backward (what torch_ops.coeff_grad_path chooses between).
+a layer's backward (what torch_ops.coeff_grad_path chooses between); --json writes the same
+constants, crossovers and gradient paths machine-readably. Both modes start no new shape (tables:
+no new case) once --budget-s has passed.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import statistics
 import sys
@@ -45,6 +46,7 @@ if _HERE not in sys.path:
 import bench_layer as B  # noqa: E402  (also puts the source tree on the path if not installed)
 import torch  # noqa: E402
 
+from costfit import crossover_k, describe, fit_nlogn, write_json  # noqa: E402
 from lfma_kernels.ops import dispatch, torch_ops  # noqa: E402
 from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section  # noqa: E402
 
@@ -358,36 +360,35 @@ def _random_problem(shape: Shape, k: int, device: str, seed: int = 0):
     return coeffs, rows, cols
 
 
-def _crossover(ks: Sequence[int], kernel: Sequence[Optional[float]], fft: Sequence[Optional[float]]) -> str:
-    """The first K where the FFT path is faster, interpolated geometrically between measured Ks."""
-    prev = None
-    for k, a, b in zip(ks, kernel, fft):
-        if a is None or b is None:
-            continue
-        if b < a:
-            if prev is None:
-                return f"<= {k}"
-            (k0, d0), d1 = prev, math.log(a / b)
-            t = d0 / (d0 - d1) if d0 != d1 else 0.0
-            return f"~{round(k0 * (k / k0) ** t)}"
-        prev = (k, math.log(a / b))
-    return f"> {ks[-1]}"
+def _over_budget(args: argparse.Namespace, start: float, what: str, skipped: List[str]) -> bool:
+    """Whether the time budget is spent; if so, ``what`` is recorded as not measured."""
+    if time.perf_counter() - start <= args.budget_s:
+        return False
+    skipped.append(what)
+    print(f"time budget of {args.budget_s:.0f} s spent; not measured: {what}", file=sys.stderr, flush=True)
+    return True
 
 
 def run_crossover(args: argparse.Namespace) -> int:
     from lfma_kernels.ops import triton_ops
     bench = Bench(args.warmup_ms, args.rep_ms)
     dev = args.device
+    start = time.perf_counter()
     ks = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
     lines = [f"# triton kernel vs FFT path ({torch.cuda.get_device_name(torch.device(dev))}, "
              f"dot precision {triton_ops.get_dot_precision()}, median ms)", ""]
-    rows, rates, fft_fwd, fft_bwd = [], [], [], []
-    summary = []
+    rows, rates, fft_fwd, fft_bwd, skipped = [], [], [], [], []
+    summary, times_json, crossovers = [], [], {}
     for shape in args.shapes:
+        spec = f"{shape[0]}x{shape[1]}"
+        if _over_budget(args, start, f"crossover {spec}", skipped):
+            continue
+        print(f"crossover {spec} ({time.perf_counter() - start:.0f} s elapsed)", file=sys.stderr, flush=True)
         n = shape[0] * shape[1]
         g = torch.randn(shape, device=dev)
         times: Dict[str, List[Optional[float]]] = {"kern": [], "fft": [], "gkern": [], "gfft": []}
-        for k in [k for k in ks if k <= n]:
+        used = [k for k in ks if k <= n]
+        for k in used:
             c, r, cl = _random_problem(shape, k, dev)
             t = {
                 "kern": bench(f"{shape} K={k} kernel", lambda: lambda: triton_ops._launch_delta_weight(c, r, cl, shape, 1.0)),
@@ -399,37 +400,31 @@ def run_crossover(args: argparse.Namespace) -> int:
                 times[key].append(v)
             if t["kern"] and k >= 64:
                 rates.append(2.0 * k * n / (t["kern"] * 1e-3))
-            rows.append([f"{shape[0]}x{shape[1]}", str(k)] + [fmt_ms(t[key]) for key in ("kern", "fft", "gkern", "gfft")]
-                        + ["kernel" if triton_ops.use_kernel(k, shape) else "fft",
-                           "kernel" if triton_ops.use_kernel(k, shape, inverse=False) else "fft"])
-        used = [k for k in ks if k <= n]
+            model = ["kernel" if triton_ops.use_kernel(k, shape) else "fft",
+                     "kernel" if triton_ops.use_kernel(k, shape, inverse=False) else "fft"]
+            rows.append([spec, str(k)] + [fmt_ms(t[key]) for key in ("kern", "fft", "gkern", "gfft")] + model)
+            times_json.append({"shape": spec, "k": k, "kernel_ms": t["kern"], "fft_ms": t["fft"],
+                               "grad_kernel_ms": t["gkern"], "grad_fft_ms": t["gfft"], "model_dW": model[0],
+                               "model_grad": model[1]})
         fwd = [v for v in times["fft"] if v]
         bwd = [v for v in times["gfft"] if v]
         if fwd:
             fft_fwd.append((n, statistics.median(fwd)))
         if bwd:
             fft_bwd.append((n, statistics.median(bwd)))
-        summary.append([f"{shape[0]}x{shape[1]}", _crossover(used, times["kern"], times["fft"]),
-                        _crossover(used, times["gkern"], times["gfft"])])
+        crossovers[spec] = {"dW": crossover_k(used, times["kern"], times["fft"]),
+                            "grad": crossover_k(used, times["gkern"], times["gfft"])}
+        summary.append([spec, describe(crossovers[spec]["dW"]), describe(crossovers[spec]["grad"])])
     lines += [markdown_table(["shape", "K", "kernel dW", "fft dW", "kernel grad", "fft grad", "model dW", "model grad"],
                              rows, [False, True, True, True, True, True, False, False]), ""]
     lines += ["Measured crossover K (the FFT path is faster from there on):", "",
               markdown_table(["shape", "dW", "grad"], summary, [False, True, True]), ""]
 
-    def fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
-        """t_ms = a + b * N log2 N, least squares (seconds returned)."""
-        xs = [n * math.log2(n) for n, _ in points]
-        ys = [t * 1e-3 for _, t in points]
-        if len(points) < 2:
-            return ys[0] if ys else float("nan"), 0.0
-        mx, my = statistics.mean(xs), statistics.mean(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
-        return max(my - b * mx, 0.0), max(b, 0.0)
-
-    a_f, b_f = fit(fft_fwd)
-    a_g, b_g = fit(fft_bwd)
+    a_f, b_f = fit_nlogn(fft_fwd)
+    a_g, b_g = fit_nlogn(fft_bwd)
     rate = statistics.median(rates) if rates else float("nan")
+    constants = {"_KERNEL_MAC_PER_S": rate, "_FFT_FIXED_S": a_f, "_FFT_GRAD_FIXED_S": a_g,
+                 "_FFT_S_PER_POINT_LOG2": b_f, "fft_grad_s_per_point_log2": b_g}
     lines += ["Constants for lfma_kernels/ops/triton_ops.py (replace the estimates there):", "",
               f"    _KERNEL_MAC_PER_S = {rate:.3g}",
               f"    _FFT_FIXED_S = {a_f:.3g}",
@@ -437,8 +432,12 @@ def run_crossover(args: argparse.Namespace) -> int:
               f"    _FFT_S_PER_POINT_LOG2 = {b_f:.3g}   # (gradient fit: {b_g:.3g})", ""]
 
     # The backward's three ways to dL/dcoeffs (torch_ops.coeff_grad_path's constants are CPU-measured).
-    grad_rows = []
+    grad_rows, grad_json = [], []
     for shape in args.shapes:
+        spec = f"{shape[0]}x{shape[1]}"
+        if _over_budget(args, start, f"coefficient-gradient paths {spec}", skipped):
+            continue
+        print(f"gradient paths {spec} ({time.perf_counter() - start:.0f} s elapsed)", file=sys.stderr, flush=True)
         for tokens in args.tokens:
             for k in (16, 64, 176, 512, 2048):
                 if k > shape[0] * shape[1]:
@@ -454,18 +453,29 @@ def run_crossover(args: argparse.Namespace) -> int:
                     x, gy, r, cl, shape, 1.0, torch.float32))
                 measured = {"dense": dense, "gemm": gemm, "fft": fft}
                 best = min((v, name) for name, v in measured.items() if v is not None)[1] if any(measured.values()) else "-"
-                grad_rows.append([f"{shape[0]}x{shape[1]}", str(tokens), str(k), fmt_ms(dense), fmt_ms(gemm), fmt_ms(fft),
-                                  best, torch_ops.coeff_grad_path(tokens, k, shape)])
+                model = torch_ops.coeff_grad_path(tokens, k, shape)
+                grad_rows.append([spec, str(tokens), str(k), fmt_ms(dense), fmt_ms(gemm), fmt_ms(fft), best, model])
+                grad_json.append({"shape": spec, "tokens": tokens, "k": k, "dense_ms": dense, "gemm_ms": gemm,
+                                  "fft_ms": fft, "fastest": best, "model": model})
     lines += ["Coefficient gradient of a layer's backward, bf16 activations (dense: G = g^T x then the "
               "triton gradient; gemm: the fused batch kernel; fft: torch_ops.coeff_grad_batch_fft):", "",
               markdown_table(["shape", "tokens", "K", "dense", "gemm", "fft", "fastest", "coeff_grad_path picks"],
                              grad_rows, [False, True, True, True, True, True, False, False]), ""]
+    if skipped:
+        lines += ["Not measured (time budget): " + ", ".join(skipped), ""]
     if bench.errors:
         lines += ["Errors:", ""] + [f"- {e}" for e in bench.errors]
     text = "\n".join(lines)
     if args.output:
         write_section(args.output, SECTION + " crossover", text)
         print(f"wrote section '{SECTION} crossover' of {args.output}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, {"script": f"benchmarks/bench_gpu.py {' '.join(args.argv)}",
+                               "device": torch.cuda.get_device_name(torch.device(dev)),
+                               "dot_precision": triton_ops.get_dot_precision(), "triton_ops": constants,
+                               "crossover_k": crossovers, "times": times_json, "coeff_grad_paths": grad_json,
+                               "not_measured": skipped, "errors": bench.errors})
+        print(f"wrote {args.json}", file=sys.stderr)
     print(text)
     return 1 if bench.errors else 0
 
@@ -489,9 +499,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=int, default=10, help="do_bench warmup (ms, default 10)")
     parser.add_argument("--rep-ms", type=int, default=50, help="do_bench measuring time (ms, default 50)")
     parser.add_argument("--budget-s", type=float, default=500.0,
-                        help="start no new (shape, ratio) case after this many seconds (default 500: the "
-                             "whole run then fits one 10-minute call); the rest is listed as not measured")
+                        help="start no new (shape, ratio) case, or crossover shape, after this many seconds (default "
+                             "500: the whole run then fits one 10-minute call); the rest is listed as not measured")
     parser.add_argument("--output", metavar="PATH", help="write the tables as a section of this Markdown file")
+    parser.add_argument("--json", metavar="PATH",
+                        help="--crossover: also write the constants, crossovers and times as JSON here")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.shapes = args.shapes or B.parse_shapes(QUICK_SHAPES if args.quick else FULL_SHAPES)

@@ -1,41 +1,102 @@
 """Where the torch backend's separable product stops beating scatter + irfft2 (and the same for
 the coefficient gradient). Prints median milliseconds per path and the measured crossover K;
 the constants of the cost model in lfma_kernels/ops/torch_ops.py come from this table, and the
-last two columns show what that model picks (sep or fft) for dW and for the gradient.
+last two columns show what that model picks (sep or fft) for dW and for the gradient. Then the
+constants that reproduce the measured crossovers (the model: the FFT wins once
+2K > c(N) * log2(N), c(N) = _FFT_C_768 * (N / 768^2)^p, divided by _RFFT_SPEEDUP for the gradient).
 
-    python benchmarks/crossover.py [--device cuda]
+    python benchmarks/crossover.py [--device cuda] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
 import torch
 
+from costfit import crossover_k, describe, fit_power, write_json
 from lfma_kernels.ops import torch_ops as T
 from timing import median_ms
 
+KS = [4, 8, 16, 24, 32, 48, 64, 96, 128, 176, 256, 384]
+PATHS = ("sep", "fft", "gsep", "gfft")
 
-def main() -> None:
+
+def time_paths(fns: Dict[str, Callable[[], object]], device: str) -> Dict[str, float]:
+    """Median ms of each function. On a GPU every timed call is followed by a synchronisation:
+    the kernels run asynchronously, and without it the timer measures only their launch."""
+    return {name: median_ms(fn, device=device, min_time_s=0.05) for name, fn in fns.items()}
+
+
+def measure(shape: Sequence[int], k: int, g: torch.Tensor, device: str) -> Dict[str, float]:
+    """The four paths (dW: separable, FFT; gradient from G: separable, FFT) at one shape and K."""
+    rows = torch.randint(0, shape[0], (k,), device=device)
+    cols = torch.randint(0, shape[1], (k,), device=device)
+    c = torch.randn(k, 2, device=device)
+    return time_paths({
+        "sep": lambda: T.delta_weight_separable(c, rows, cols, shape, 1.0),
+        "fft": lambda: T.delta_weight_fft(c, rows, cols, shape, 1.0),
+        "gsep": lambda: T.coeff_grad_separable(g, rows, cols, 1.0),
+        "gfft": lambda: T.coeff_grad_fft(g, rows, cols, 1.0),
+    }, device)
+
+
+def constants(per_shape: Dict[str, dict]) -> Dict[str, Optional[float]]:
+    """torch_ops' constants fitted to the measured crossovers: c(N) = 2K*/log2(N) per shape, where
+    the crossover was bracketed ("~"); for the gradient, c(N) / _RFFT_SPEEDUP."""
+    c_dw, speedups = [], []
+    for spec, entry in per_shape.items():
+        n = math.prod(int(s) for s in spec.split("x"))
+        (rel, k), (grel, gk) = entry["dW"], entry["grad"]
+        if rel == "~":
+            c_dw.append((n, 2 * k / math.log2(n)))
+            if grel == "~":
+                speedups.append(k / gk)
+    c_768, p = fit_power(c_dw, 768 * 768) if c_dw else (None, None)
+    return {"_FFT_C_768": c_768, "size_exponent": p,
+            "_RFFT_SPEEDUP": statistics.median(speedups) if speedups else None}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default="768x768,1024x1024,768x3072,4096x4096")
-    args = parser.parse_args()
-    ks = [4, 8, 16, 24, 32, 48, 64, 96, 128, 176, 256, 384]
+    parser.add_argument("--json", metavar="PATH", help="also write the times, crossovers and constants here")
+    args = parser.parse_args(argv)
     print(f"{'shape':>10} {'K':>5} {'sep ms':>8} {'fft ms':>8} {'gsep ms':>8} {'gfft ms':>8}  dW  grad")
+    per_shape: Dict[str, dict] = {}
+    rows: List[dict] = []
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.split("x"))
         g = torch.randn(shape, device=args.device)
-        for k in ks:
-            rows = torch.randint(0, shape[0], (k,), device=args.device)
-            cols = torch.randint(0, shape[1], (k,), device=args.device)
-            c = torch.randn(k, 2, device=args.device)
-            sep = median_ms(lambda: T.delta_weight_separable(c, rows, cols, shape, 1.0))
-            fft = median_ms(lambda: T.delta_weight_fft(c, rows, cols, shape, 1.0))
-            gsep = median_ms(lambda: T.coeff_grad_separable(g, rows, cols, 1.0))
-            gfft = median_ms(lambda: T.coeff_grad_fft(g, rows, cols, 1.0))
+        times: Dict[str, List[float]] = {p: [] for p in PATHS}
+        for k in KS:
+            ms = measure(shape, k, g, args.device)
+            for p in PATHS:
+                times[p].append(ms[p])
             pick = "sep" if T.use_separable(k, shape) else "fft"
             gpick = "sep" if T.use_separable(k, shape, inverse=False) else "fft"
-            print(f"{spec:>10} {k:>5} {sep:8.3f} {fft:8.3f} {gsep:8.3f} {gfft:8.3f}  {pick:>3}  {gpick:>4}")
+            rows.append({"shape": spec, "k": k, **{f"{p}_ms": ms[p] for p in PATHS}, "model_dW": pick,
+                         "model_grad": gpick})
+            print(f"{spec:>10} {k:>5} {ms['sep']:8.3f} {ms['fft']:8.3f} {ms['gsep']:8.3f} {ms['gfft']:8.3f}"
+                  f"  {pick:>3}  {gpick:>4}", flush=True)
+        per_shape[spec] = {"dW": crossover_k(KS, times["sep"], times["fft"]),
+                           "grad": crossover_k(KS, times["gsep"], times["gfft"])}
+    print("\nmeasured crossover K (the FFT is faster from there on):")
+    for spec, entry in per_shape.items():
+        print(f"  {spec:>10}: dW {describe(entry['dW'])}, grad {describe(entry['grad'])}")
+    fitted = constants(per_shape)
+    print("constants for lfma_kernels/ops/torch_ops.py that reproduce them:")
+    for name, value in fitted.items():
+        print(f"  {name} = {'n/a (no bracketed crossover)' if value is None else f'{value:.3g}'}")
+    if args.json:
+        write_json(args.json, {"script": "benchmarks/crossover.py", "device": args.device,
+                               "torch_ops": fitted, "crossover_k": per_shape, "times": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

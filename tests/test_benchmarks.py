@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
@@ -56,11 +57,38 @@ def test_bench_models_table_ratios_and_missing_peers():
 
     rows = [{"variant": "frozen", "note": "head only", "trainable": 10, "step_ms": 50.0, "eval_ms": 40.0,
              "peak_mb": 10.0},
+            {"variant": bench_models.FLOOR, "note": "head only, dL/dx", "trainable": 10, "step_ms": 80.0,
+             "eval_ms": 40.0, "peak_mb": 11.0},
             {"variant": "LoRA r=8", "note": "peft not installed (pip install -e '.[bench]')"},
-            {"variant": "LFMA auto", "note": "K=3, cpp", "trainable": 16, "step_ms": 60.0, "eval_ms": 42.0,
+            {"variant": "LFMA auto", "note": "K=3, cpp", "trainable": 16, "step_ms": 84.0, "eval_ms": 42.0,
              "peak_mb": 12.0}]
     lines = bench_models.table(rows).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[3] == "step / floor" and header[6] == "step / LoRA" and header[9] == "eval / frozen"
     lora = next(line for line in lines if line.startswith("| LoRA r=8"))
     assert "missing" in lora and "peft not installed" in lora
     lfma = [c.strip() for c in next(line for line in lines if line.startswith("| LFMA auto")).strip("|").split("|")]
-    assert lfma[5] == "-" and lfma[8] == "1.05x"  # no LoRA to divide by; eval / frozen = 42 / 40
+    assert lfma[3] == "1.05x"                    # step / floor = 84 / 80
+    assert lfma[6] == "-" and lfma[9] == "1.05x"  # no LoRA to divide by; eval / frozen = 42 / 40
+    floor = [c.strip() for c in next(line for line in lines if line.startswith("| frozen, full")).strip("|").split("|")]
+    assert floor[3] == "1.00x"
+
+
+@pytest.mark.parametrize("variant, backbone_backward", [("frozen", False), ("frozen, full backward", True)])
+def test_bench_models_floor_runs_the_backbone_backward(variant, backbone_backward):
+    """The floor row trains the head alone, yet its backward reaches the embeddings' output (through
+    every layer); plain "frozen" stops at the head."""
+    pytest.importorskip("transformers")
+    import bench_models
+
+    model, inputs = bench_models.build("ViT-B/16", 1, 1, 8, "cpu", torch.float32)
+    model, _ = bench_models.adapt(model, variant, 0.0003)
+    seen = []
+    model.base_model.embeddings.register_forward_hook(lambda module, args, out: seen.append(out))
+    model(**inputs).loss.backward()
+    assert (seen[0].grad is not None) == backbone_backward
+    trained = [name for name, p in model.named_parameters() if p.grad is not None]
+    assert trained and all(name.startswith("classifier") for name in trained)
+    with torch.no_grad():  # eval forwards are the plain frozen model's
+        model(**inputs)
+    assert not seen[1].requires_grad
