@@ -1,16 +1,17 @@
-"""``LFMALinear``: a frozen ``nn.Linear`` plus K trained complex coefficients at fixed frequencies."""
+"""``LFMALinear``: a frozen ``nn.Linear`` (or transformers ``Conv1D``) plus K trained complex
+coefficients at fixed frequencies. The math, cache and merge live in :mod:`.adapter`."""
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ._checks import check_frequencies, check_k
-from .eval_cache import FoldedWeightCache, optimizer_steps
+from . import adapter
+from ._checks import check_frequencies
+from .eval_cache import FoldedWeightCache
 from .ops import dispatch
-from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
+from .selection import Frequencies
 
 __all__ = ["LFMALinear"]
 
@@ -20,23 +21,23 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(dispatch.BACKENDS)}")
 
 
-def _tensor(module: nn.Module, name: str) -> torch.Tensor:
-    """``getattr(module, name)`` for a parameter or buffer, without ``nn.Module.__getattr__``'s
-    ~0.5 us on the eval hot path; falls back to it for anything else (a parametrization, say)."""
-    t = module._parameters.get(name)
-    if t is None:
-        t = module._buffers.get(name)
-    return t if t is not None else getattr(module, name)
+def check_given_frequencies(frequencies: Frequencies, shape) -> None:
+    values = frequencies.values
+    if not values.is_complex() or values.dim() != 1:
+        raise ValueError(f"frequencies.values must be a complex 1-D tensor, got {values.dtype} {tuple(values.shape)}")
+    check_frequencies(torch.view_as_real(values), frequencies.rows, frequencies.cols, shape)
 
 
 class LFMALinear(nn.Module):
     """``y = x (W + dW)^T + b`` with ``dW = alpha * Re(ifft2(F))``, ``F`` nonzero at K frequencies.
 
-    The wrapped ``base`` is frozen in place; only ``coeffs`` (``[K, 2]`` float32: real, imag) train.
-    Positions are the K strongest 2-D frequencies of an init matrix (``init="random"``: a seeded
-    Gaussian of std ``init_std``; ``"weight"``: the frozen weight; or a tensor), or, through
-    ``frequencies=``, positions and initial values chosen by the caller (FourierFT-style shared
-    positions, or a saved adapter).
+    ``base`` is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's projections, weight stored
+    ``(in, out)``), frozen in place; only ``coeffs`` (``[K, 2]`` float32: real, imag) train.
+    Frequencies and ``dW`` live on the logical ``(d_out, d_in)`` weight; merging a ``Conv1D``
+    adds ``dW^T`` to its stored weight. Positions are the K strongest 2-D frequencies of an init
+    matrix (``init="random"``: a seeded Gaussian of std ``init_std``; ``"weight"``: the frozen
+    weight; or a tensor), or, through ``frequencies=``, positions and initial values chosen by
+    the caller (FourierFT-style shared positions, or a saved adapter).
 
     In eval mode, when neither ``coeffs`` nor the weight needs a gradient, the layer multiplies
     by a cached ``W + dW``, so inference costs exactly what the frozen layer costs. The cache is
@@ -52,7 +53,7 @@ class LFMALinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         *,
         k: Optional[int] = None,
         top_k_ratio: Optional[float] = None,
@@ -65,22 +66,14 @@ class LFMALinear(nn.Module):
         frequencies: Optional[Frequencies] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LFMALinear wraps an nn.Linear, got {type(base).__name__}")
+        adapter.check_base(base, "LFMALinear")
         check_backend_name(backend)
         dispatch.prepare(backend)
-        shape = (base.out_features, base.in_features)
         if frequencies is None:
-            if (k is None) == (top_k_ratio is None):
-                raise ValueError("pass exactly one of k and top_k_ratio")
-            k = check_k(k, shape) if k is not None else num_frequencies(shape, top_k_ratio)
-            frequencies = select_frequencies(init_matrix(init, base.weight, std=init_std, seed=seed), k,
-                                             hermitian=hermitian)
+            frequencies = adapter.choose_frequencies(base, k=k, top_k_ratio=top_k_ratio, init=init,
+                                                     init_std=init_std, seed=seed, hermitian=hermitian)
         else:
-            values = frequencies.values
-            if not values.is_complex() or values.dim() != 1:
-                raise ValueError(f"frequencies.values must be a complex 1-D tensor, got {values.dtype} {tuple(values.shape)}")
-            check_frequencies(torch.view_as_real(values), frequencies.rows, frequencies.cols, shape)
+            check_given_frequencies(frequencies, adapter.base_shape(base))
         device = base.weight.device
         base.requires_grad_(False)
         self.base = base
@@ -96,11 +89,11 @@ class LFMALinear(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return adapter.base_shape(self.base)[1]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return adapter.base_shape(self.base)[0]
 
     @property
     def k(self) -> int:
@@ -110,45 +103,21 @@ class LFMALinear(nn.Module):
     def merged(self) -> bool:
         return self._merged
 
-    def _impl(self, x: torch.Tensor):
-        return dispatch.resolve(self.backend, x.device, x.dtype, self.k, (self.out_features, self.in_features))
+    def _adapters(self) -> tuple:
+        t = adapter.tensor
+        return (adapter.Adapter(t(self, "coeffs"), t(self, "rows"), t(self, "cols"), self.alpha),)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self._modules["base"]
         if self._merged:
-            return self.base(x)
-        if not self.training:
-            base = self._modules["base"]
-            cached = self._eval_weight(base)
-            if cached is not None:
-                return F.linear(x, cached, _tensor(base, "bias"))
-        return self._impl(x).lfma_linear(x, self.base.weight, self.base.bias, self.coeffs, self.rows, self.cols,
-                                         self.alpha)
+            return base(x)
+        return adapter.linear(x, base, self._adapters(), self.backend, self._cache, self.training)
 
     def delta_weight(self) -> torch.Tensor:
-        """``dW`` (float32, shaped like the weight), differentiable w.r.t. ``coeffs``."""
-        return self._impl(self.coeffs).delta_weight(self.coeffs, self.rows, self.cols,
-                                                    (self.out_features, self.in_features), self.alpha)
-
-    def _folded_weight(self, sign: float = 1.0) -> torch.Tensor:
-        w = self.base.weight
-        coeffs = self.coeffs if sign > 0 else -self.coeffs.detach()
-        return self._impl(w).folded_weight(w, coeffs, self.rows, self.cols, self.alpha)
-
-    def _eval_weight(self, base: nn.Module) -> Optional[torch.Tensor]:
-        """The cached ``W + dW``, or ``None`` when this forward needs a gradient through it (the
-        coefficients or the weight require grad under grad mode) or when a change to its sources
-        could go unseen (inference tensors track no version). See :mod:`.eval_cache`."""
-        c, w = _tensor(self, "coeffs"), _tensor(base, "weight")
-        if torch.is_grad_enabled() and (c.requires_grad or w.requires_grad):
-            return None
-        rows, cols = _tensor(self, "rows"), _tensor(self, "cols")
-        try:
-            key = (optimizer_steps(), c._version, c.data_ptr(), w._version, w.data_ptr(),
-                   rows._version, rows.data_ptr(), cols._version, cols.data_ptr())
-        except RuntimeError:  # inference tensors (a layer built under inference_mode) have no version
-            return None
-        return self._cache.get(key, self._folded_weight)
+        """``dW`` (float32, shaped ``(d_out, d_in)`` like the logical weight), differentiable
+        w.r.t. ``coeffs``."""
+        return adapter.delta_weight(self.base, self._adapters()[0], self.backend)
 
     def clear_cache(self) -> None:
         """Drop the eval cache of ``W + dW``. Needed only after writing to ``coeffs``, ``rows``,
@@ -157,27 +126,26 @@ class LFMALinear(nn.Module):
         self._cache.clear()
 
     # ------------------------------------------------------------------ merge
-    @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
         """Add ``dW`` into the frozen weight; ``safe=True`` refuses non-finite results and leaves
         the weight untouched. Merging a merged layer does nothing."""
         if self._merged:
             return
-        merged = self._folded_weight()
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError("merge(safe=True): W + dW has non-finite values; the weight was left untouched")
-        self.base.weight.copy_(merged)
+        adapter.merge(self.base, self._adapters(), self.backend, safe=safe, what="merge(safe=True)")
         self._merged = True
         self._cache.clear()
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract ``dW`` from the weight again (exact up to rounding in the weight's dtype)."""
         if not self._merged:
             return
-        self.base.weight.copy_(self._folded_weight(sign=-1.0))
+        adapter.unmerge(self.base, self._adapters(), self.backend)
         self._merged = False
         self._cache.clear()
+
+    def _folded_weight(self) -> torch.Tensor:
+        """``W + dW`` as ``(d_out, d_in)`` in the weight's dtype, no autograd (what ``merge`` writes)."""
+        return adapter.folded_weight(self.base, self._adapters(), self.backend)
 
     # ------------------------------------------------------------------ nn.Module hooks
     def train(self, mode: bool = True) -> "LFMALinear":

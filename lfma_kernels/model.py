@@ -1,4 +1,5 @@
-"""Model-level tooling: apply LFMA to chosen ``nn.Linear`` layers, count, save/load, merge, unload."""
+"""Model-level tooling: apply LFMA to chosen ``nn.Linear`` (or transformers ``Conv1D``) layers,
+count, save/load, merge, unload."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_frequencies
+from .adapter import base_shape, is_conv1d
 from .layers import LFMALinear, check_backend_name
 from .selection import Frequencies, num_frequencies
 
@@ -126,17 +128,22 @@ def _check_not_adapted(model: nn.Module, action: str) -> None:
                          "from a fresh model) first")
 
 
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def _target_names(model: nn.Module, config: LFMAConfig) -> List[str]:
     """Names of the modules ``config`` adapts; raises before anything is changed."""
     names = [n for n, _ in model.named_modules() if n and _matches(n, config.target_modules)]
     if not names:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linear = [n for n, m in model.named_modules() if _adaptable(m)]
         raise ValueError(f"target_modules={config.target_modules!r} matched no module; the model's nn.Linear "
-                         f"layers are: {_listing(linear)}")
+                         f"and Conv1D layers are: {_listing(linear)}")
     for n in names:
         module = model.get_submodule(n)
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"target {n!r} is a {type(module).__name__}, LFMA adapts nn.Linear layers only")
+        if not _adaptable(module):
+            raise TypeError(f"target {n!r} is a {type(module).__name__}, LFMA adapts nn.Linear and transformers "
+                            "Conv1D layers only")
         parent = model.get_submodule(n.rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):
             # MultiheadAttention reads out_proj.weight and .bias directly instead of calling the
@@ -173,7 +180,7 @@ def _layer_k(config: LFMAConfig, shape: Tuple[int, int]) -> int:
 
 def apply_lfma(model: nn.Module, config: LFMAConfig,
                frequencies: Optional[Dict[str, Frequencies]] = None) -> nn.Module:
-    """Wrap every target ``nn.Linear`` in an ``LFMALinear`` in place and freeze everything but the
+    """Wrap every target ``nn.Linear`` or ``Conv1D`` in an ``LFMALinear`` in place and freeze everything but the
     coefficients and ``modules_to_save``. ``frequencies`` (by layer name) overrides the selection,
     as ``load_lfma`` does. Validates every layer before changing any; a model is adapted once (a
     second call raises ``ValueError``: one config, one saved adapter)."""
@@ -268,7 +275,7 @@ def load_lfma(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module
     frequencies = {}
     for n in names:
         base = model.get_submodule(n)
-        shape = (base.out_features, base.in_features)
+        shape = base_shape(base)
         d_out, d_in, k = layers[n]
         if (d_out, d_in) != shape:
             raise ValueError(f"layer {n!r}: the adapter was saved for shape {(d_out, d_in)}, the model's is {shape}")
@@ -319,7 +326,7 @@ def unmerge_lfma(model: nn.Module) -> None:
 
 
 def unload_lfma(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain ``nn.Linear`` layers back; returns the model."""
+    """Merge every adapter and put the plain ``nn.Linear`` / ``Conv1D`` layers back; returns the model."""
     merge_lfma(model)
     for n, layer in lfma_layers(model).items():
         _set_submodule(model, n, layer.base)

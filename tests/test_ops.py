@@ -210,6 +210,10 @@ def test_grad_path_fixture_reaches_the_backward(grad_path, gen, monkeypatch):
     ("coeff_grad", lambda c, r, k: (torch.randn(12, 10, dtype=c.dtype), r, k, 1.5)),
     ("linear", lambda c, r, k: (torch.randn(3, 4, 10, dtype=c.dtype, requires_grad=True),
                                 torch.randn(12, 10, dtype=c.dtype), torch.randn(12, dtype=c.dtype), c, r, k, 1.5)),
+    # a transformers Conv1D's weight: stored (in, out), passed as its transposed view
+    ("folded_weight", lambda c, r, k: (torch.randn(10, 12, dtype=c.dtype).t(), c.detach(), r, k, 1.5)),
+    ("linear", lambda c, r, k: (torch.randn(3, 4, 10, dtype=c.dtype, requires_grad=True),
+                                torch.randn(10, 12, dtype=c.dtype, requires_grad=True).t(), None, c, r, k, 1.5)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck(op, make_args, dtype, gen):

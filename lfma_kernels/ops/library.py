@@ -48,6 +48,16 @@ class BackendOps(NamedTuple):
     lfma_linear: Callable[..., torch.Tensor]    # (x, weight, bias, coeffs, rows, cols, alpha), differentiable
 
 
+def _fold(kernels: Kernels, weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
+    """``W + dW`` in ``weight``'s layout. A weight that is the transpose of a contiguous tensor (a
+    transformers Conv1D stores ``(in, out)``) is folded in its stored layout, with no copy:
+    ``(W + dW)^T = W^T + dW^T``, and ``dW^T`` is the same sum of cosines with the roles of ``rows``
+    and ``cols`` swapped (the phase ``m u / d_out + n v / d_in`` is symmetric in them)."""
+    if weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous():
+        return kernels.folded_weight(weight.t(), coeffs, cols, rows, alpha).t()
+    return kernels.folded_weight(weight, coeffs, rows, cols, alpha)
+
+
 def register_backend(name: str, kernels: Kernels) -> BackendOps:
     # Imported here (torch_ops imports this module to register itself) and looked up at call
     # time, so the path chosen is always the cost model's current one.
@@ -67,7 +77,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
     @torch.library.custom_op(prefix + "folded_weight", mutates_args=())
     def folded_weight_op(weight: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                          alpha: float) -> torch.Tensor:
-        return kernels.folded_weight(weight, coeffs, rows, cols, alpha)
+        return _fold(kernels, weight, coeffs, rows, cols, alpha)
 
     @folded_weight_op.register_fake
     def _(weight, coeffs, rows, cols, alpha):
@@ -98,7 +108,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
     @torch.library.custom_op(prefix + "linear", mutates_args=())
     def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], coeffs: torch.Tensor,
                   rows: torch.Tensor, cols: torch.Tensor, alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        folded = kernels.folded_weight(weight, coeffs, rows, cols, alpha)
+        folded = _fold(kernels, weight, coeffs, rows, cols, alpha)
         return F.linear(x, folded, bias), folded
 
     @linear_op.register_fake

@@ -1,0 +1,166 @@
+"""The one implementation of an LFMA-adapted layer, shared by ``LFMALinear`` and the PEFT layer.
+
+An adapted layer is a frozen base layer (``nn.Linear``, or transformers' ``Conv1D``, whose weight
+is stored transposed as ``(in, out)``) plus one or more adapters, each K coefficients at K fixed
+frequencies with its own ``alpha``. Everything is defined on the *logical* ``(d_out, d_in)``
+weight (DESIGN section 1): frequencies, ``dW``, saved adapters. Here live the forward (one folded
+GEMM whatever the number of active adapters), the eval cache's key, merge and unmerge, and the
+frequency selection; the two layer classes only hold the state and name it their way.
+"""
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import check_k
+from .eval_cache import FoldedWeightCache, optimizer_steps
+from .ops import dispatch
+from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
+
+__all__ = [
+    "Adapter", "is_conv1d", "check_base", "base_shape", "logical_weight", "linear", "delta_weight",
+    "folded_weight", "merge", "unmerge", "choose_frequencies", "tensor",
+]
+
+
+class Adapter(NamedTuple):
+    coeffs: torch.Tensor  # [K, 2] real (real, imag), trained
+    rows: torch.Tensor    # int64 [K], frequency index along d_out
+    cols: torch.Tensor    # int64 [K], frequency index along d_in
+    alpha: float
+
+
+def tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``getattr(module, name)`` for a parameter or buffer, without ``nn.Module.__getattr__``'s
+    ~0.5 us on the eval hot path; falls back to it for anything else (a parametrization, say)."""
+    t = module._parameters.get(name)
+    if t is None:
+        t = module._buffers.get(name)
+    return t if t is not None else getattr(module, name)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D``, recognised without importing transformers: if it is not
+    imported, no module of that class can exist."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def check_base(base: nn.Module, what: str) -> None:
+    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+        raise TypeError(f"{what} wraps an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+
+
+def base_shape(base: nn.Module) -> Tuple[int, int]:
+    """The logical ``(d_out, d_in)``."""
+    if is_conv1d(base):
+        d_in, d_out = base.weight.shape
+        return int(d_out), int(d_in)
+    return base.out_features, base.in_features
+
+
+def logical_weight(base: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W`` as ``(d_out, d_in)``: a Conv1D's stored ``(in, out)`` weight is seen transposed (a
+    view: the kernels fold it in its stored layout, see ``ops/library.py``)."""
+    w = tensor(base, "weight") if weight is None else weight
+    return w.t() if is_conv1d(base) else w
+
+
+def _combined(adapters: Sequence[Adapter]) -> Adapter:
+    """Several adapters as one: positions concatenated (repeated positions add up in every
+    kernel) and each ``alpha`` moved into its coefficients, so one fold serves their sum."""
+    if len(adapters) == 1:
+        return adapters[0]
+    return Adapter(torch.cat([a.coeffs * a.alpha for a in adapters]), torch.cat([a.rows for a in adapters]),
+                   torch.cat([a.cols for a in adapters]), 1.0)
+
+
+def _impl(backend: str, like: torch.Tensor, k: int, shape: Sequence[int]):
+    return dispatch.resolve(backend, like.device, like.dtype, k, shape)
+
+
+def folded_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str, sign: float = 1.0) -> torch.Tensor:
+    """``W + sign * sum(dW)`` as ``(d_out, d_in)`` in the weight's dtype, no autograd."""
+    w = logical_weight(base)
+    a = _combined(adapters)
+    coeffs = a.coeffs if sign > 0 else -a.coeffs.detach()
+    return _impl(backend, w, a.rows.shape[0], w.shape).folded_weight(w, coeffs, a.rows, a.cols, a.alpha)
+
+
+def delta_weight(base: nn.Module, adapter: Adapter, backend: str) -> torch.Tensor:
+    """``dW`` (``(d_out, d_in)``, float32 or wider), differentiable w.r.t. the coefficients."""
+    shape = base_shape(base)
+    return _impl(backend, adapter.coeffs, adapter.rows.shape[0], shape).delta_weight(
+        adapter.coeffs, adapter.rows, adapter.cols, shape, adapter.alpha)
+
+
+def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
+                 cache: FoldedWeightCache) -> Optional[torch.Tensor]:
+    """The cached ``W + dW``, or ``None`` when this forward needs a gradient through it (the
+    coefficients or the weight require grad under grad mode) or when a change to its sources
+    could go unseen (inference tensors track no version). See :mod:`.eval_cache`."""
+    w = tensor(base, "weight")
+    if torch.is_grad_enabled() and (w.requires_grad or any(a.coeffs.requires_grad for a in adapters)):
+        return None
+    try:
+        key = [optimizer_steps(), w._version, w.data_ptr()]
+        for a in adapters:
+            key += (a.alpha, a.coeffs._version, a.coeffs.data_ptr(), a.rows._version, a.rows.data_ptr(),
+                    a.cols._version, a.cols.data_ptr())
+    except RuntimeError:  # inference tensors (a layer built under inference_mode) have no version
+        return None
+    return cache.get(tuple(key), lambda: folded_weight(base, adapters, backend))
+
+
+def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backend: str,
+           cache: FoldedWeightCache, training: bool) -> torch.Tensor:
+    """``F.linear(x, W + sum(dW), b)``: one folded GEMM forward and one for ``dL/dx``; in eval, the
+    cached ``W + dW`` whenever no gradient flows through it."""
+    if not training:
+        cached = _eval_weight(base, adapters, backend, cache)
+        if cached is not None:
+            return F.linear(x, cached, tensor(base, "bias"))
+    w = logical_weight(base)
+    a = _combined(adapters)
+    return _impl(backend, x, a.rows.shape[0], w.shape).lfma_linear(x, w, tensor(base, "bias"), a.coeffs, a.rows,
+                                                                   a.cols, a.alpha)
+
+
+@torch.no_grad()
+def merge(base: nn.Module, adapters: Sequence[Adapter], backend: str, *, safe: bool, what: str) -> None:
+    """Add ``sum(dW)`` into the base weight (``dW^T`` into a Conv1D's stored weight); with
+    ``safe=True`` a non-finite result raises ``ValueError`` and the weight is left untouched."""
+    merged = folded_weight(base, adapters, backend)
+    if safe and not torch.isfinite(merged).all():
+        raise ValueError(f"{what}: W + dW has non-finite values; the weight was left untouched")
+    tensor(base, "weight").copy_(logical_weight(base, merged))
+
+
+@torch.no_grad()
+def unmerge(base: nn.Module, adapters: Sequence[Adapter], backend: str) -> None:
+    """Subtract ``sum(dW)`` again (exact up to rounding in the weight's dtype)."""
+    tensor(base, "weight").copy_(logical_weight(base, folded_weight(base, adapters, backend, sign=-1.0)))
+
+
+def choose_frequencies(
+    base: nn.Module,
+    *,
+    k: Optional[int],
+    top_k_ratio: Optional[float],
+    init: Union[str, torch.Tensor],
+    init_std: float,
+    seed: int,
+    hermitian: bool,
+) -> Frequencies:
+    """The paper's selection on the logical weight: the K strongest frequencies of the init
+    matrix, exactly one of ``k`` / ``top_k_ratio``."""
+    shape = base_shape(base)
+    if (k is None) == (top_k_ratio is None):
+        raise ValueError("pass exactly one of k and top_k_ratio")
+    k = check_k(k, shape) if k is not None else num_frequencies(shape, top_k_ratio)
+    return select_frequencies(init_matrix(init, logical_weight(base), std=init_std, seed=seed), k,
+                              hermitian=hermitian)
