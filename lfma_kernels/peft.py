@@ -1,0 +1,419 @@
+"""LFMA as a registered PEFT method: ``import lfma_kernels.peft``, then PEFT's own API.
+
+    import lfma_kernels.peft            # registers the method "lfma" (peft_type "LFMA") with PEFT
+    from lfma_kernels.peft import LfmaConfig
+    model = get_peft_model(model, LfmaConfig(target_modules=["query", "value"], top_k_ratio=0.0003))
+
+PEFT has no plugin discovery: the import must run before ``PeftModel.from_pretrained`` reads an
+``adapter_config.json`` with ``"peft_type": "LFMA"``. Registration extends PEFT's closed
+``PeftType`` enum (with ``aenum``) and calls ``peft.utils.register_peft_method``, once per process.
+
+The layer (:class:`LfmaLinear`, for ``nn.Linear`` and transformers ``Conv1D``) keeps each
+adapter's state under names that contain ``lfma_``: ``lfma_coeffs`` (real ``[K, 2]`` parameters,
+never complex: NCCL rejects complex tensors, and PEFT casts adapter tensors to the base model's
+float dtype, which would drop an imaginary part; float32 under PEFT's default
+``autocast_adapter_dtype=True``, the base dtype without it, as every PEFT method) and
+``lfma_rows`` / ``lfma_cols`` (integer buffers, saved with the adapter: an ``init="weight"``
+selection depends on the base weights and cannot be regenerated from a seed; PEFT's and
+``model.to(dtype)``'s casts leave integers alone).
+The forward, eval cache, merge and selection are :mod:`lfma_kernels.adapter`'s, shared with
+``LFMALinear``: one folded GEMM per forward, however many adapters are active.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from . import adapter
+from .eval_cache import FoldedWeightCache
+from .layers import check_backend_name
+from .ops import dispatch
+from .selection import num_frequencies
+
+try:
+    import peft
+    from peft.config import PeftConfig
+    from peft.tuners._buffer_dict import BufferDict
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+    from peft.utils import PeftType, register_peft_method
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+except ImportError as e:  # missing, or too old to have these names
+    raise ImportError(f"lfma_kernels.peft needs peft >= 0.18 (pip install 'lfma_kernels[peft]'): {e}") from e
+
+__all__ = ["LfmaConfig", "LfmaModel", "LfmaLayer", "LfmaLinear", "SUPPORTED_PEFT"]
+
+# Tested with peft 0.18.1 and 0.21.2 (tests/test_peft.py): the BaseTuner hooks used here
+# (tuner_layer_cls, target_module_mapping, structural adapter-state selection) date from 0.18.
+SUPPORTED_PEFT = (0, 18)
+
+
+def _version_tuple(version: str) -> tuple:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+
+
+if _version_tuple(peft.__version__) < SUPPORTED_PEFT:
+    raise ImportError(f"lfma_kernels.peft supports peft >= {'.'.join(map(str, SUPPORTED_PEFT))}; "
+                      f"peft {peft.__version__} is installed: pip install -U 'lfma_kernels[peft]'")
+
+
+def _extend_peft_type() -> None:
+    if "LFMA" in PeftType.__members__:
+        return
+    try:
+        from aenum import extend_enum
+    except ImportError as e:
+        raise ImportError("lfma_kernels.peft needs aenum to register LFMA with PEFT's closed PeftType enum: "
+                          "pip install 'lfma_kernels[peft]'") from e
+    extend_enum(PeftType, "LFMA", "LFMA")
+
+
+_extend_peft_type()
+
+
+@dataclass
+class LfmaConfig(PeftConfig):
+    """Configuration of an LFMA adapter (see DESIGN section 3 and ``lfma.LFMALinear``).
+
+    Args:
+        target_modules: module names (suffix match) or one regex; ``nn.Linear`` and transformers
+            ``Conv1D`` layers. Defaults per architecture as PEFT's LoRA (e.g. query/value).
+        exclude_modules: names or regex of modules not to adapt.
+        k / top_k_ratio: exactly one: K frequencies per layer, or ``K = int(d_out*d_in*ratio)``.
+        k_pattern: per-module K by name pattern, e.g. ``{"c_attn": 64}`` (like FourierFT's
+            ``n_frequency_pattern``), overriding ``k`` / ``top_k_ratio`` there.
+        alpha: ``dW = alpha * Re(ifft2(F))``.
+        init / init_std / seed: the matrix whose strongest frequencies are selected: ``"random"``
+            (a Gaussian of std ``init_std``, seed ``seed + i`` for the i-th adapted layer, as the
+            native ``apply_lfma``) or ``"weight"`` (the frozen weight).
+        hermitian: select from the half-spectrum only (K independent frequencies).
+        backend: kernel backend, ``"auto"`` or one of ``lfma.available_backends()``.
+        init_weights: ``True``: zero coefficients (the adapted model starts as the base model);
+            ``False`` (default, as the paper and PEFT's FourierFT): ``c = fft2(D)[u, v]``.
+        fan_in_fan_out: the target stores its weight ``(in, out)``; forced to ``True`` (with a
+            warning) for ``Conv1D`` targets and to ``False`` for ``nn.Linear``.
+        bias: ``"none"``, ``"all"`` or ``"lfma_only"`` (biases of the adapted layers train).
+        modules_to_save, layers_to_transform, layers_pattern: as in every PEFT method.
+    """
+
+    target_modules: Optional[Union[List[str], str]] = field(
+        default=None, metadata={"help": "Module names (suffix match) or a regex of the layers to adapt."})
+    exclude_modules: Optional[Union[List[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules not to adapt."})
+    k: Optional[int] = field(default=None, metadata={"help": "Frequencies per layer (or top_k_ratio)."})
+    top_k_ratio: Optional[float] = field(default=None, metadata={"help": "K = int(d_out * d_in * ratio)."})
+    alpha: float = field(default=12.0, metadata={"help": "Scale of dW = alpha * Re(ifft2(F))."})
+    init: str = field(default="random", metadata={"help": "'random' or 'weight': the matrix selected from."})
+    init_std: float = field(default=1e-3, metadata={"help": "Std of the 'random' init matrix."})
+    seed: int = field(default=0, metadata={"help": "Seed of the first layer's 'random' init matrix."})
+    hermitian: bool = field(default=False, metadata={"help": "Select one of each conjugate pair only."})
+    backend: str = field(default="auto", metadata={"help": "Kernel backend."})
+    init_weights: bool = field(default=False, metadata={"help": "True: zero coefficients (identity start)."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "The target stores its weight (in, out)."})
+    modules_to_save: Optional[List[str]] = field(
+        default=None, metadata={"help": "Modules trained fully and saved with the adapter."})
+    layers_to_transform: Optional[Union[List[int], int]] = field(
+        default=None, metadata={"help": "Indices of the layers to adapt."})
+    layers_pattern: Optional[Union[List[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list layers_to_transform indexes."})
+    k_pattern: Dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Per-module K by name pattern, e.g. {'c_attn': 64}."})
+    bias: str = field(default="none", metadata={"help": "'none', 'all' or 'lfma_only'."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.LFMA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if (self.k is None) == (self.top_k_ratio is None):
+            raise ValueError("LfmaConfig: pass exactly one of k and top_k_ratio")
+        if self.k is not None:
+            _check_k_value(self.k, "k")
+        if self.top_k_ratio is not None and not 0 < self.top_k_ratio <= 1:
+            raise ValueError(f"LfmaConfig: top_k_ratio must be in (0, 1], got {self.top_k_ratio}")
+        for pattern, k in self.k_pattern.items():
+            _check_k_value(k, f"k_pattern[{pattern!r}]")
+        if self.init not in ("random", "weight"):
+            raise ValueError(f"LfmaConfig: init must be 'random' or 'weight', got {self.init!r}")
+        if self.bias not in ("none", "all", "lfma_only"):
+            raise ValueError(f"LfmaConfig: bias must be 'none', 'all' or 'lfma_only', got {self.bias!r}")
+        check_backend_name(self.backend)
+        if isinstance(self.target_modules, str):
+            if self.layers_to_transform is not None or self.layers_pattern is not None:
+                raise ValueError("LfmaConfig: layers_to_transform / layers_pattern cannot be used when "
+                                 "target_modules is a regex string")
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"LfmaConfig: target_modules {self.target_modules!r} is not a valid regular "
+                                 f"expression: {e}") from None
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("LfmaConfig: layers_pattern needs layers_to_transform")
+
+
+def _check_k_value(k: Any, what: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"LfmaConfig: {what} must be a positive int, got {k!r}")
+
+
+def base_numel(base: nn.Module) -> int:
+    d_out, d_in = adapter.base_shape(base)
+    return d_out * d_in
+
+
+def _pattern_key(patterns: Sequence[str], name: str) -> Optional[str]:
+    """The first pattern that is ``name`` itself or matches its trailing components (PEFT's
+    ``rank_pattern`` rule)."""
+    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", name)), None)
+
+
+class LfmaLayer(BaseTunerLayer):
+    """The PEFT tuner-layer state of LFMA: per adapter, coefficients, positions, alpha, backend."""
+
+    adapter_layer_names = ("lfma_coeffs",)
+    other_param_names = ("lfma_rows", "lfma_cols", "lfma_alpha", "lfma_backend")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        adapter.check_base(base_layer, "LfmaLayer")
+        self.base_layer = base_layer
+        self.lfma_coeffs = nn.ParameterDict({})
+        self.lfma_rows = BufferDict({}, persistent=True)
+        self.lfma_cols = BufferDict({}, persistent=True)
+        self.lfma_alpha: Dict[str, float] = {}
+        self.lfma_backend: Dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: List[str] = []
+        self._lfma_cache = FoldedWeightCache()
+        self.kwargs = kwargs
+        self.out_features, self.in_features = adapter.base_shape(base_layer)
+
+    def update_layer(self, adapter_name: str, k: int, config: LfmaConfig, seed: int) -> None:
+        """Add adapter ``adapter_name`` with ``k`` frequencies selected as ``config`` says."""
+        dispatch.prepare(config.backend)
+        frequencies = adapter.choose_frequencies(self.get_base_layer(), k=k, top_k_ratio=None, init=config.init,
+                                                 init_std=config.init_std, seed=seed, hermitian=config.hermitian)
+        coeffs = torch.view_as_real(frequencies.values.detach()).float()
+        if config.init_weights:
+            coeffs = torch.zeros_like(coeffs)
+        self.lfma_coeffs[adapter_name] = nn.Parameter(coeffs.contiguous())
+        self.lfma_rows[adapter_name] = frequencies.rows.to(torch.int64)
+        self.lfma_cols[adapter_name] = frequencies.cols.to(torch.int64)
+        self.lfma_alpha[adapter_name] = float(config.alpha)
+        self.lfma_backend[adapter_name] = config.backend
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _adapters(self, names: Sequence[str]) -> List[adapter.Adapter]:
+        t = adapter.tensor
+        return [adapter.Adapter(t(self.lfma_coeffs, n), t(self.lfma_rows, n), t(self.lfma_cols, n),
+                                self.lfma_alpha[n]) for n in names if n in self.lfma_coeffs]
+
+    def _backend(self, names: Sequence[str]) -> str:
+        """The first named adapter's backend (adapters of one layer normally share one)."""
+        return next((self.lfma_backend[n] for n in names if n in self.lfma_backend), "auto")
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """What merging ``adapter_name`` adds to the base layer's stored weight: ``dW``, or ``dW^T``
+        for a ``Conv1D`` (PEFT's LoRA convention), in float32, differentiable."""
+        base = self.get_base_layer()
+        delta = adapter.delta_weight(base, self._adapters([adapter_name])[0], self.lfma_backend[adapter_name])
+        return adapter.logical_weight(base, delta)
+
+
+class LfmaLinear(nn.Module, LfmaLayer):
+    """LFMA on an ``nn.Linear`` or a transformers ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LfmaConfig, k: int, seed: int,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        LfmaLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = adapter.is_conv1d(base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, k, config, seed)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.base_layer
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        if self.merged:
+            return base(x, *args, **kwargs)
+        names = self.active_adapters
+        adapters = self._adapters(names)
+        if not adapters:
+            return base(x, *args, **kwargs)
+        return adapter.linear(x, base, adapters, self._backend(names), self._lfma_cache, self.training)
+
+    def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
+        """``W + sum(dW)`` of the named adapters as ``(d_out, d_in)``, no autograd (what merging writes)."""
+        return adapter.folded_weight(self.get_base_layer(), self._adapters(adapter_names), self._backend(adapter_names))
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+        """Merge the named (default: active) adapters into the base weight with one fold of their
+        summed ``dW``; ``safe_merge=True`` refuses a non-finite result and changes nothing."""
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lfma_coeffs]
+        if not names:
+            return
+        adapter.merge(self.get_base_layer(), self._adapters(names), self._backend(names), safe=safe_merge,
+                      what=f"merging LFMA adapter(s) {names}")
+        self.merged_adapters.extend(names)
+        self._lfma_cache.clear()
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again (exact up to rounding in the weight's dtype)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        names = list(self.merged_adapters)
+        adapter.unmerge(self.get_base_layer(), self._adapters(names), self._backend(names))
+        self.merged_adapters = []
+        self._lfma_cache.clear()
+
+    def train(self, mode: bool = True) -> "LfmaLinear":
+        self._lfma_cache.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._lfma_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "lfma." + super().__repr__()
+
+
+class LfmaModel(BaseTuner):
+    """Creates LFMA adapters on a model (PEFT ``BaseTuner``); use through ``get_peft_model``."""
+
+    prefix: str = "lfma_"
+    tuner_layer_cls = LfmaLayer
+    # LoRA's defaults (query/value projections; GPT-2's c_attn), plus ViT, which LoRA's lacks
+    # (transformers 5 renamed its query/value to q_proj/v_proj; a model has one pair or the other).
+    target_module_mapping = {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+                             "vit": ["query", "value", "q_proj", "v_proj"]}
+
+    def _pre_injection_hook(self, model: nn.Module, config: LfmaConfig, adapter_name: str) -> None:
+        """Every target checked (type, K) before the first is replaced: bad input changes nothing."""
+        if config.target_modules is None:  # the architecture's defaults, as inject_adapter resolves them
+            config = self._prepare_adapter_config(config, self.get_model_config(model))
+        wrapped = set()  # modules inside a tuner layer (its base_layer): PEFT does not target them
+        for key, module in model.named_modules():
+            if key.rpartition(".")[0] in wrapped:
+                wrapped.add(key)
+                continue
+            if isinstance(module, BaseTunerLayer):
+                wrapped.add(key)
+            if key and self._check_target_module_exists(config, key):
+                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+                self._check_target(base, key)
+                k = self._layer_k(config, key, base)
+                if k > base_numel(base):
+                    raise ValueError(f"layer {key!r}: k={k} exceeds d_out*d_in = {base_numel(base)}")
+
+    @staticmethod
+    def _check_target(base: nn.Module, key: str) -> None:
+        if not (isinstance(base, nn.Linear) or adapter.is_conv1d(base)):
+            raise TypeError(f"target {key!r} is a {type(base).__name__}; LFMA adapts nn.Linear and "
+                            "transformers Conv1D layers only")
+
+    def _create_and_replace(self, lfma_config: LfmaConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        self._check_target(base, current_key)
+        self._check_fan_in_fan_out(lfma_config, base)
+        k, seed = self._layer_k(lfma_config, current_key, base), lfma_config.seed + self._layer_index(
+            lfma_config, adapter_name, current_key)
+        try:
+            if isinstance(target, LfmaLayer):
+                target.update_layer(adapter_name, k, lfma_config, seed)
+                return
+            new_module = LfmaLinear(target, adapter_name, lfma_config, k, seed)
+        except ValueError as e:
+            raise ValueError(f"layer {current_key!r}: {e}") from e
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _check_fan_in_fan_out(config: LfmaConfig, base: nn.Module) -> None:
+        conv1d = adapter.is_conv1d(base)
+        if conv1d and not config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.")
+            config.fan_in_fan_out = True
+        elif not conv1d and config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.")
+            config.fan_in_fan_out = False
+
+    @staticmethod
+    def _layer_k(config: LfmaConfig, key: str, base: nn.Module) -> int:
+        pattern = _pattern_key(list(config.k_pattern), key)
+        if pattern is not None:
+            return config.k_pattern[pattern]
+        if config.k is not None:
+            return config.k
+        try:
+            return num_frequencies(adapter.base_shape(base), config.top_k_ratio)
+        except ValueError as e:
+            raise ValueError(f"layer {key!r}: {e}") from None
+
+    def _layer_index(self, config: LfmaConfig, adapter_name: str, key: str) -> int:
+        """The layer's position among the adapter's targets in ``named_modules`` order, so that
+        layer ``i`` draws its random init with ``seed + i`` exactly as the native ``apply_lfma``."""
+        order = self.__dict__.setdefault("_lfma_target_order", {})
+        if adapter_name not in order:
+            names = [n for n, _ in self.model.named_modules() if n and self._check_target_module_exists(config, n)]
+            order[adapter_name] = {n: i for i, n in enumerate(names)}
+        return order[adapter_name].get(key, 0)
+
+    def _safe_merge_check(self, adapter_names: Optional[List[str]]) -> None:
+        """Every layer's merged weight checked before any is written, so that a non-finite
+        adapter anywhere changes nothing (PEFT's own loop would merge the layers before it)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, LfmaLinear) and not module.merged:
+                names = [n for n in (adapter_names or module.active_adapters) if n in module.lfma_coeffs]
+                if names and not torch.isfinite(module.merged_weight(names)).all():
+                    raise ValueError(f"safe merge: layer {name!r} would get non-finite weights from LFMA adapter(s) "
+                                     f"{names}; nothing was merged")
+
+    def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._safe_merge_check(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[List[str]] = None):
+        if merge and safe_merge:
+            self._safe_merge_check(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
+
+def _register() -> None:
+    """Register once per process. A second import of this module (``importlib.reload``) points
+    PEFT at the new classes; a method "lfma" from another package is refused."""
+    from peft.mapping import (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING,
+                              PEFT_TYPE_TO_TUNER_MAPPING)
+
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType.LFMA)
+    if registered is None:
+        register_peft_method(name="lfma", config_cls=LfmaConfig, model_cls=LfmaModel, prefix="lfma_")
+    elif registered.__module__ == __name__:
+        PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.LFMA] = LfmaConfig
+        PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LFMA] = LfmaModel
+        PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.LFMA] = "lfma_"
+    else:
+        raise ImportError(f"PEFT already has a method 'lfma' from {registered.__module__}; "
+                          "lfma_kernels.peft cannot register its own")
+
+
+_register()
