@@ -209,6 +209,17 @@ class LfmaLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT's move for the coefficients (device, and dtype by its convention); the positions
+        move to the device only: peft < 0.21 casts integer buffers to the base's float dtype too,
+        which would round positions above 256 in bfloat16."""
+        positions = [(store, store[adapter_name]) for store in (self.lfma_rows, self.lfma_cols)
+                     if adapter_name in store]
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        target = device if device is not None else self.get_base_layer().weight.device
+        for store, t in positions:
+            store[adapter_name] = t if target.type == "meta" else t.to(target)
+
     def _adapters(self, names: Sequence[str]) -> List[adapter.Adapter]:
         t = adapter.tensor
         return [adapter.Adapter(t(self.lfma_coeffs, n), t(self.lfma_rows, n), t(self.lfma_cols, n),

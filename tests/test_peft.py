@@ -263,6 +263,18 @@ def test_state_dict_helpers_and_load_adapter(tmp_path):
 
 
 def test_positions_survive_dtype_moves():
+    """Integer positions through a bfloat16 base model (PEFT moves adapter tensors to the base
+    layer's device and dtype when it builds them) and a later model.to(dtype): bfloat16 holds
+    integers exactly only up to 256, so a wide layer would show any cast."""
+    def wide(dtype):
+        torch.manual_seed(0)
+        return get_peft_model(nn.Sequential(nn.Linear(300, 290)).to(dtype),
+                              LfmaConfig(target_modules=["0"], k=40))
+
+    want, got = wide(torch.float32), wide(torch.bfloat16).to(torch.float16)
+    for name in ("lfma_rows", "lfma_cols"):
+        a, b = getattr(want.base_model.model[0], name)["default"], getattr(got.base_model.model[0], name)["default"]
+        assert b.dtype == torch.int64 and int(b.max()) > 256 and torch.equal(a, b)
     model = peft_model("mlp").to(torch.bfloat16)
     for layer in lfma_layers(model).values():
         assert layer.lfma_rows["default"].dtype == torch.int64 and layer.lfma_cols["default"].dtype == torch.int64
