@@ -17,7 +17,9 @@ Steps, most valuable first; seconds are estimates for one H200 with 16 CPU cores
 script's loop counts (no GPU has run them yet), and `cap` the most a step may take:
 
   build             ~60 s  (cap 240) setup.py build_ext --inplace: the C++ and CUDA extension, in
-                           the background from the start (CPU only); the steps that need it wait
+                           the background from the start, beside tests-triton (which needs none of
+                           it); every later step waits for it: they use it, or time the GPU and
+                           should not share the CPUs with a compiler
   tests-triton     ~120 s  (cap 240) tests/test_triton.py on CUDA: the Triton kernels at paper
                            sizes, bf16/fp16, Inductor (conftest sets TRITON_INTERPRET=1 only where
                            there is no GPU); compiles and caches the kernels the benchmarks reuse
@@ -33,6 +35,9 @@ script's loop counts (no GPU has run them yet), and `cap` the most a step may ta
   bench-cpp         ~30 s  (cap 90)  bench_cpp.py --device cuda: backend cuda against triton
   tests-all           rest           the whole suite (the CPU tests again, on this torch)
 
+The estimates up to bench-cpp add up to ~425 s, so the default budget of 450 s usually ends at
+tests-all, and the whole run fits an 8-minute slot.
+
 Correctness comes first (short, and a wrong kernel makes every timing moot), then the Triton
 backend's numbers that `auto` runs on CUDA and the constants its planner needs, then the model
 level, then the cheaper or less central rest. No step starts after the budget is spent, nor with
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import importlib
 import json
 import os
@@ -312,6 +318,9 @@ def run(args: argparse.Namespace, steps: Sequence[Step]) -> int:
                 if build_step.status != "passed":
                     notes.append(f"the extension build {build_step.status} (see {LOGS}/build.log): the later "
                                  "steps ran without the cpp and cuda backends")
+                elif not glob.glob(os.path.join(ROOT, "lfma_kernels", "_C_cuda*")):
+                    notes.append(f"the build made no CUDA kernels (no nvcc? see {LOGS}/build.log): the later "
+                                 "steps ran without the cuda backend")
                 left = args.budget - (time.time() - start)
                 if left < step.min_s:
                     step.status = f"not started ({max(left, 0):.0f} s of the budget left after the build)"
