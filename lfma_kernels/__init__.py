@@ -3,7 +3,7 @@
 ``dW = alpha * Re(ifft2(F))`` with ``F`` nonzero at K selected frequencies, evaluated without a
 dense spectrum or FFT where that is cheaper, folded into the frozen weight, and cached in eval.
 """
-from . import reference
+from . import distributed, reference
 from .functional import available_backends, delta_weight, lfma_linear
 from .layers import LFMALinear
 from .model import (
@@ -25,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Frequencies", "LFMAConfig", "LFMALinear", "ParameterCount", "apply_lfma", "available_backends",
     "delta_weight", "lfma_linear", "lfma_state_dict", "load_lfma", "merge_lfma", "num_frequencies",
-    "reference", "save_lfma", "select_frequencies", "trainable_parameters", "unload_lfma", "unmerge_lfma",
+    "distributed", "reference", "save_lfma", "select_frequencies", "trainable_parameters", "unload_lfma", "unmerge_lfma",
 ]

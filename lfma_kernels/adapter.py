@@ -23,7 +23,7 @@ from .selection import Frequencies, init_matrix, num_frequencies, select_frequen
 
 __all__ = [
     "Adapter", "is_conv1d", "check_base", "base_shape", "logical_weight", "linear", "delta_weight",
-    "folded_weight", "merge", "unmerge", "choose_frequencies", "tensor",
+    "folded_weight", "merge", "unmerge", "choose_frequencies", "tensor", "check_unsharded", "cache_allowed",
 ]
 
 
@@ -53,6 +53,34 @@ def is_conv1d(module: nn.Module) -> bool:
 def check_base(base: nn.Module, what: str) -> None:
     if not (isinstance(base, nn.Linear) or is_conv1d(base)):
         raise TypeError(f"{what} wraps an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+    check_unsharded(base, what)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def check_unsharded(base: nn.Module, what: str) -> None:
+    """Refuse a base whose weight is already sharded (a DTensor: ``fully_shard`` or tensor
+    parallelism came first): coefficients added afterwards would be trained by no engine's
+    gradient reduction (the ranks silently diverge), and ``init="weight"`` would leave DTensor
+    positions. Adapt the unsharded model, then shard it."""
+    if _is_dtensor(tensor(base, "weight")):
+        raise ValueError(f"{what}: the base layer's weight is a DTensor, already sharded (fully_shard or tensor "
+                         "parallelism); apply LFMA (apply_lfma / load_lfma / get_peft_model) to the unsharded "
+                         "model first, then shard it")
+
+
+def cache_allowed(module: nn.Module) -> bool:
+    """Whether an adapted layer may keep an eval cache: not while FSDP2 (or another DTensor
+    engine) manages its parameters. FSDP2 refills the unsharded parameters without bumping their
+    version counters, so an in-place change to the shards outside an optimizer step could go
+    unseen, and a cached full ``W + dW`` per layer would undo the sharding's memory saving. Read
+    between forwards (``train()``/``eval()``), when FSDP2 has the sharded DTensors registered."""
+    return not any(_is_dtensor(p) for p in module.parameters())
 
 
 def base_shape(base: nn.Module) -> Tuple[int, int]:
@@ -99,12 +127,13 @@ def delta_weight(base: nn.Module, adapter: Adapter, backend: str) -> torch.Tenso
 
 
 def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
-                 cache: FoldedWeightCache) -> Optional[torch.Tensor]:
+                 cache: Optional[FoldedWeightCache]) -> Optional[torch.Tensor]:
     """The cached ``W + dW``, or ``None`` when this forward needs a gradient through it (the
     coefficients or the weight require grad under grad mode) or when a change to its sources
     could go unseen (inference tensors track no version). See :mod:`.eval_cache`."""
     w = tensor(base, "weight")
-    if torch.is_grad_enabled() and (w.requires_grad or any(a.coeffs.requires_grad for a in adapters)):
+    if cache is None or (torch.is_grad_enabled() and (w.requires_grad or any(a.coeffs.requires_grad
+                                                                             for a in adapters))):
         return None
     try:
         key = [optimizer_steps(), w._version, w.data_ptr()]
@@ -117,9 +146,9 @@ def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
 
 
 def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backend: str,
-           cache: FoldedWeightCache, training: bool) -> torch.Tensor:
+           cache: Optional[FoldedWeightCache], training: bool) -> torch.Tensor:
     """``F.linear(x, W + sum(dW), b)``: one folded GEMM forward and one for ``dL/dx``; in eval, the
-    cached ``W + dW`` whenever no gradient flows through it."""
+    cached ``W + dW`` whenever no gradient flows through it (``cache=None``: never)."""
     if not training:
         cached = _eval_weight(base, adapters, backend, cache)
         if cached is not None:

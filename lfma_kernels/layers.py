@@ -44,6 +44,8 @@ class LFMALinear(nn.Module):
     rebuilt when anything it was built from changes (in place included, fused optimizers too: see
     :mod:`lfma_kernels.eval_cache`), and dropped on ``train()``, ``merge``/``unmerge`` and device
     or dtype moves; ``clear_cache()`` is for writes through ``.data`` outside an optimizer step.
+    Under FSDP2 (parameters sharded as DTensors when ``train()``/``eval()`` is called) there is no
+    cache: every eval forward folds ``W + dW`` afresh (see :func:`.adapter.cache_allowed`).
 
     ``backend``: ``"auto"`` or a name from ``lfma.available_backends()``; one that cannot run in
     this process raises ``RuntimeError`` here, saying why. One that runs on another device than
@@ -85,6 +87,7 @@ class LFMALinear(nn.Module):
         self.backend = backend
         self._merged = False
         self._cache = FoldedWeightCache()
+        self._cache_allowed = True
 
     # ------------------------------------------------------------------ properties
     @property
@@ -112,7 +115,8 @@ class LFMALinear(nn.Module):
         base = self._modules["base"]
         if self._merged:
             return base(x)
-        return adapter.linear(x, base, self._adapters(), self.backend, self._cache, self.training)
+        return adapter.linear(x, base, self._adapters(), self.backend, self._cache if self._cache_allowed else None,
+                              self.training)
 
     def delta_weight(self) -> torch.Tensor:
         """``dW`` (float32, shaped ``(d_out, d_in)`` like the logical weight), differentiable
@@ -150,6 +154,7 @@ class LFMALinear(nn.Module):
     # ------------------------------------------------------------------ nn.Module hooks
     def train(self, mode: bool = True) -> "LFMALinear":
         self._cache.clear()
+        self._cache_allowed = adapter.cache_allowed(self)
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):

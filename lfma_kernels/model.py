@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_frequencies
-from .adapter import base_shape, is_conv1d
+from .adapter import base_shape, check_unsharded, is_conv1d
 from .layers import LFMALinear, check_backend_name
 from .selection import Frequencies, num_frequencies
 
@@ -144,6 +144,7 @@ def _target_names(model: nn.Module, config: LFMAConfig) -> List[str]:
         if not _adaptable(module):
             raise TypeError(f"target {n!r} is a {type(module).__name__}, LFMA adapts nn.Linear and transformers "
                             "Conv1D layers only")
+        check_unsharded(module, f"target {n!r}")
         parent = model.get_submodule(n.rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):
             # MultiheadAttention reads out_proj.weight and .bias directly instead of calling the

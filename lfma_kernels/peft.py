@@ -190,6 +190,7 @@ class LfmaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: List[str] = []
         self._lfma_cache = FoldedWeightCache()
+        self._lfma_cache_allowed = True
         self.kwargs = kwargs
         self.out_features, self.in_features = adapter.base_shape(base_layer)
 
@@ -260,7 +261,8 @@ class LfmaLinear(nn.Module, LfmaLayer):
         adapters = self._adapters(names)
         if not adapters:
             return base(x, *args, **kwargs)
-        return adapter.linear(x, base, adapters, self._backend(names), self._lfma_cache, self.training)
+        cache = self._lfma_cache if self._lfma_cache_allowed else None
+        return adapter.linear(x, base, adapters, self._backend(names), cache, self.training)
 
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """``W + sum(dW)`` of the named adapters as ``(d_out, d_in)``, no autograd (what merging writes)."""
@@ -289,6 +291,7 @@ class LfmaLinear(nn.Module, LfmaLayer):
 
     def train(self, mode: bool = True) -> "LfmaLinear":
         self._lfma_cache.clear()
+        self._lfma_cache_allowed = adapter.cache_allowed(self)
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
@@ -332,6 +335,7 @@ class LfmaModel(BaseTuner):
         if not (isinstance(base, nn.Linear) or adapter.is_conv1d(base)):
             raise TypeError(f"target {key!r} is a {type(base).__name__}; LFMA adapts nn.Linear and "
                             "transformers Conv1D layers only")
+        adapter.check_unsharded(base, f"target {key!r}")
 
     def _create_and_replace(self, lfma_config: LfmaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:

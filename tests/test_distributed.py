@@ -100,8 +100,7 @@ def test_sharded_weight_is_refused(launched):
     _, results = launched("sharded_build", "native")
     for rank, result in enumerate(results):
         for init, error in result["errors"].items():
-            if not error:
-                pytest.xfail("LFMALinear does not refuse a DTensor (already sharded) weight yet")
+            assert error, f"rank {rank}, init={init}: a layer on an already-sharded weight was not refused"
             assert error.startswith("ValueError") and "shard" in error, f"rank {rank}, init={init}: {error}"
 
 

@@ -161,3 +161,22 @@ def test_layer_built_under_inference_mode_runs_in_eval():
         layer = make_layer().eval()
         out = layer(X)
     assert rel_err(out, oracle(layer)) <= 1e-5
+
+
+def test_no_cache_while_parameters_are_sharded(monkeypatch, count_folds):
+    """Under FSDP2 the parameters are DTensors between forwards and the unsharded copies are
+    refilled without version bumps: the layer keeps no cache (nor its memory), every eval forward
+    runs the uncached fused path."""
+    from lfma_kernels import adapter
+
+    layer = make_layer()
+    monkeypatch.setattr(adapter, "_is_dtensor", lambda t: t is layer.coeffs)
+    layer.eval()
+    for _ in range(3):
+        assert rel_err(cached_output(layer), oracle(layer)) <= 1e-5
+    assert not count_folds and layer._cache._entry is None
+    monkeypatch.setattr(adapter, "_is_dtensor", lambda t: False)  # unsharded again
+    layer.train().eval()
+    cached_output(layer)
+    cached_output(layer)
+    assert len(count_folds) == 1 and layer._cache._entry is not None
