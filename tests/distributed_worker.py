@@ -4,8 +4,8 @@
 
 Runs each case in turn in one process group (one launch: a process start costs seconds here) and
 writes its reports to REPORT_DIR/CASE-API. CASE is an engine (``ENGINES``) or ``sharded_build``;
-API is how the adapter is applied, saved and loaded (``APIS``; a PEFT entry joins the native one
-later). The test imports this module too: the single-process reference runs the same model, data
+API is how the adapter is applied, saved and loaded (``APIS``: the native API and the PEFT
+method). The test imports this module too: the single-process reference runs the same model, data
 and training sequence on the whole batch.
 """
 from __future__ import annotations
@@ -46,8 +46,28 @@ def _apply_native(model: nn.Module) -> nn.Module:
     return lfma.apply_lfma(model, lfma.LFMAConfig(["0", "4"], k=13, modules_to_save=["6"]))
 
 
+def _apply_peft(model: nn.Module) -> nn.Module:
+    from lfma_kernels.peft import LfmaConfig
+    from peft import get_peft_model
+
+    return get_peft_model(model, LfmaConfig(target_modules=["0", "4"], k=13, modules_to_save=["6"]))
+
+
+def _peft_layers(model: nn.Module) -> List[nn.Module]:
+    from lfma_kernels.peft import LfmaLayer
+
+    return [m for m in model.modules() if isinstance(m, LfmaLayer)]
+
+
+def _load_peft(model: nn.Module, directory: Path) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, directory)
+
+
 APIS: Dict[str, AdapterApi] = {
     "native": AdapterApi(_apply_native, lambda m: list(lfma_layers(m).values()), lfma.save_lfma, lfma.load_lfma),
+    "peft": AdapterApi(_apply_peft, _peft_layers, lambda m, d: m.save_pretrained(d), _load_peft),
 }
 
 
