@@ -9,6 +9,7 @@ frequency selection; the two layer classes only hold the state and name it their
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -23,7 +24,7 @@ from .selection import Frequencies, init_matrix, num_frequencies, select_frequen
 
 __all__ = [
     "Adapter", "is_conv1d", "check_base", "base_shape", "logical_weight", "linear", "delta_weight",
-    "folded_weight", "merge", "unmerge", "choose_frequencies", "tensor", "check_unsharded", "cache_allowed",
+    "folded_weight", "merge", "unmerge", "choose_frequencies", "check_init_scale", "tensor", "check_unsharded", "cache_allowed",
 ]
 
 
@@ -184,12 +185,23 @@ def choose_frequencies(
     init_std: float,
     seed: int,
     hermitian: bool,
+    init_scale: float = 1.0,
 ) -> Frequencies:
     """The paper's selection on the logical weight: the K strongest frequencies of the init
-    matrix, exactly one of ``k`` / ``top_k_ratio``."""
+    matrix ``D``, exactly one of ``k`` / ``top_k_ratio``; the values (the starting coefficients)
+    are ``init_scale * fft2(D)`` there. The scale leaves the selection alone (top-K of |fft2(D)|
+    is scale-free): ``init="weight", init_scale=0.01`` is the official code's ``D = 0.01 W``
+    start, ``init_scale=0`` starts at ``dW = 0`` on the chosen support."""
     shape = base_shape(base)
     if (k is None) == (top_k_ratio is None):
         raise ValueError("pass exactly one of k and top_k_ratio")
     k = check_k(k, shape) if k is not None else num_frequencies(shape, top_k_ratio)
-    return select_frequencies(init_matrix(init, logical_weight(base), std=init_std, seed=seed), k,
-                              hermitian=hermitian)
+    check_init_scale(init_scale)
+    chosen = select_frequencies(init_matrix(init, logical_weight(base), std=init_std, seed=seed), k,
+                                hermitian=hermitian)
+    return chosen if init_scale == 1.0 else chosen._replace(values=chosen.values * init_scale)
+
+
+def check_init_scale(init_scale: float) -> None:
+    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not math.isfinite(init_scale):
+        raise ValueError(f"init_scale must be a finite number, got {init_scale!r}")

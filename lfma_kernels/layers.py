@@ -35,9 +35,12 @@ class LFMALinear(nn.Module):
     ``(in, out)``), frozen in place; only ``coeffs`` (``[K, 2]`` float32: real, imag) train.
     Frequencies and ``dW`` live on the logical ``(d_out, d_in)`` weight; merging a ``Conv1D``
     adds ``dW^T`` to its stored weight. Positions are the K strongest 2-D frequencies of an init
-    matrix (``init="random"``: a seeded Gaussian of std ``init_std``; ``"weight"``: the frozen
-    weight; or a tensor), or, through ``frequencies=``, positions and initial values chosen by
-    the caller (FourierFT-style shared positions, or a saved adapter).
+    matrix ``D`` (``init="random"``: a seeded Gaussian of std ``init_std``; ``"weight"``: the
+    frozen weight; or a tensor), or, through ``frequencies=``, positions and initial values chosen
+    by the caller (FourierFT-style shared positions, or a saved adapter). The coefficients start
+    at ``init_scale * fft2(D)`` at those positions: 1 is the paper's start; with
+    ``init="weight"``, 0.01 is the official code's (``D = 0.01 W``) and 0 starts from ``dW = 0``
+    on the weight's strongest frequencies.
 
     In eval mode, when neither ``coeffs`` nor the weight needs a gradient, the layer multiplies
     by a cached ``W + dW``, so inference costs exactly what the frozen layer costs. The cache is
@@ -66,6 +69,7 @@ class LFMALinear(nn.Module):
         hermitian: bool = False,
         backend: str = "auto",
         frequencies: Optional[Frequencies] = None,
+        init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         adapter.check_base(base, "LFMALinear")
@@ -73,7 +77,8 @@ class LFMALinear(nn.Module):
         dispatch.prepare(backend)
         if frequencies is None:
             frequencies = adapter.choose_frequencies(base, k=k, top_k_ratio=top_k_ratio, init=init,
-                                                     init_std=init_std, seed=seed, hermitian=hermitian)
+                                                     init_std=init_std, seed=seed, hermitian=hermitian,
+                                                     init_scale=init_scale)
         else:
             check_given_frequencies(frequencies, adapter.base_shape(base))
         device = base.weight.device

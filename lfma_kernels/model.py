@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_frequencies
-from .adapter import base_shape, check_unsharded, is_conv1d
+from .adapter import base_shape, check_init_scale, check_unsharded, is_conv1d
 from .layers import LFMALinear, check_backend_name
 from .selection import Frequencies, num_frequencies
 
@@ -35,7 +35,8 @@ class LFMAConfig:
     matched against the full name. ``modules_to_save``: suffixes of modules (a fresh classifier
     head, say) trained fully and saved with the adapter. Layer ``i`` of the matches, in
     ``named_modules`` order, draws its random init matrix with seed ``seed + i``, so layers of one
-    shape get different frequencies.
+    shape get different frequencies. ``init_scale`` scales the starting coefficients, not the
+    selection (``init="weight", init_scale=0.01``: the official code's start; 0: a zero start).
     """
 
     target_modules: Union[str, List[str]]
@@ -44,6 +45,7 @@ class LFMAConfig:
     alpha: float = 12.0
     init: str = "random"
     init_std: float = 1e-3
+    init_scale: float = 1.0
     seed: int = 0
     hermitian: bool = False
     backend: str = "auto"
@@ -52,7 +54,7 @@ class LFMAConfig:
     def __init__(self, target_modules: Union[str, Sequence[str]], *, k: Optional[int] = None,
                  top_k_ratio: Optional[float] = None, alpha: float = 12.0, init: str = "random",
                  init_std: float = 1e-3, seed: int = 0, hermitian: bool = False, backend: str = "auto",
-                 modules_to_save: Sequence[str] = ()) -> None:
+                 modules_to_save: Sequence[str] = (), init_scale: float = 1.0) -> None:
         if (k is None) == (top_k_ratio is None):
             raise ValueError("LFMAConfig: pass exactly one of k and top_k_ratio")
         if top_k_ratio is not None and not 0 < top_k_ratio <= 1:
@@ -79,7 +81,9 @@ class LFMAConfig:
                                  f"module-name suffixes, got {names!r}")
         self.target_modules = target_modules
         self.k, self.top_k_ratio, self.alpha, self.init = k, top_k_ratio, float(alpha), init
+        check_init_scale(init_scale)
         self.init_std, self.seed, self.hermitian, self.backend = float(init_std), int(seed), bool(hermitian), backend
+        self.init_scale = float(init_scale)
         self.modules_to_save = tuple(modules_to_save)
 
     def to_dict(self) -> dict:
@@ -201,6 +205,7 @@ def apply_lfma(model: nn.Module, config: LFMAConfig,
             else:
                 layers[n] = LFMALinear(base, k=config.k, top_k_ratio=config.top_k_ratio, alpha=config.alpha,
                                        init=config.init, init_std=config.init_std, seed=config.seed + i,
+                                       init_scale=config.init_scale,
                                        hermitian=config.hermitian, backend=config.backend)
         except (ValueError, TypeError, RuntimeError) as e:
             for p, flag in requires_grad.items():

@@ -87,9 +87,12 @@ class LfmaConfig(PeftConfig):
         k_pattern: per-module K by name pattern, e.g. ``{"c_attn": 64}`` (like FourierFT's
             ``n_frequency_pattern``), overriding ``k`` / ``top_k_ratio`` there.
         alpha: ``dW = alpha * Re(ifft2(F))``.
-        init / init_std / seed: the matrix whose strongest frequencies are selected: ``"random"``
-            (a Gaussian of std ``init_std``, seed ``seed + i`` for the i-th adapted layer, as the
-            native ``apply_lfma``) or ``"weight"`` (the frozen weight).
+        init / init_std / seed: the matrix ``D`` whose strongest frequencies are selected:
+            ``"random"`` (a Gaussian of std ``init_std``, seed ``seed + i`` for the i-th adapted
+            layer, as the native ``apply_lfma``) or ``"weight"`` (the frozen weight).
+        init_scale: the coefficients start at ``init_scale * fft2(D)`` on the selected support
+            (1: the paper; ``init="weight"`` with 0.01: the official code's ``D = 0.01 W``; 0: a
+            zero start, as ``init_weights=True``, which wins when set).
         hermitian: select from the half-spectrum only (K independent frequencies).
         backend: kernel backend, ``"auto"`` or one of ``lfma.available_backends()``.
         init_weights: ``True``: zero coefficients (the adapted model starts as the base model);
@@ -109,6 +112,7 @@ class LfmaConfig(PeftConfig):
     alpha: float = field(default=12.0, metadata={"help": "Scale of dW = alpha * Re(ifft2(F))."})
     init: str = field(default="random", metadata={"help": "'random' or 'weight': the matrix selected from."})
     init_std: float = field(default=1e-3, metadata={"help": "Std of the 'random' init matrix."})
+    init_scale: float = field(default=1.0, metadata={"help": "Starting coefficients: init_scale * fft2(D)."})
     seed: int = field(default=0, metadata={"help": "Seed of the first layer's 'random' init matrix."})
     hermitian: bool = field(default=False, metadata={"help": "Select one of each conjugate pair only."})
     backend: str = field(default="auto", metadata={"help": "Kernel backend."})
@@ -144,6 +148,10 @@ class LfmaConfig(PeftConfig):
         if self.bias not in ("none", "all", "lfma_only"):
             raise ValueError(f"LfmaConfig: bias must be 'none', 'all' or 'lfma_only', got {self.bias!r}")
         check_backend_name(self.backend)
+        try:
+            adapter.check_init_scale(self.init_scale)
+        except ValueError as e:
+            raise ValueError(f"LfmaConfig: {e}") from None
         if isinstance(self.target_modules, str):
             if self.layers_to_transform is not None or self.layers_pattern is not None:
                 raise ValueError("LfmaConfig: layers_to_transform / layers_pattern cannot be used when "
@@ -198,7 +206,8 @@ class LfmaLayer(BaseTunerLayer):
         """Add adapter ``adapter_name`` with ``k`` frequencies selected as ``config`` says."""
         dispatch.prepare(config.backend)
         frequencies = adapter.choose_frequencies(self.get_base_layer(), k=k, top_k_ratio=None, init=config.init,
-                                                 init_std=config.init_std, seed=seed, hermitian=config.hermitian)
+                                                 init_std=config.init_std, seed=seed, hermitian=config.hermitian,
+                                                 init_scale=config.init_scale)
         coeffs = torch.view_as_real(frequencies.values.detach()).float()
         if config.init_weights:
             coeffs = torch.zeros_like(coeffs)

@@ -35,6 +35,39 @@ def test_initial_coefficients_are_the_init_spectrum():
     assert torch.equal(torch.view_as_complex(w.coeffs.detach().contiguous()), spectrum[w.rows, w.cols])
 
 
+def top_k_projection(weight, rows, cols):
+    """``P_K(W) = Re(ifft2(mask * fft2(W)))`` in float64, ``mask`` the selected positions."""
+    mask = torch.zeros(weight.shape, dtype=torch.bool)
+    mask[rows, cols] = True
+    return torch.fft.ifft2(torch.fft.fft2(weight.double()) * mask).real
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0])
+def test_scaled_weight_start_is_alpha_scale_times_the_weights_top_k_part(scale):
+    """The official code's start: support from the weight's energy, dW = alpha * scale * P_K(W)."""
+    layer = make_layer(init="weight", init_scale=scale, alpha=12.0, k=40)
+    want = 12.0 * scale * top_k_projection(layer.base.weight.detach(), layer.rows, layer.cols)
+    assert rel_err(layer.delta_weight(), want) <= 1e-5
+    unscaled = make_layer(init="weight", alpha=12.0, k=40)
+    assert torch.equal(layer.rows, unscaled.rows) and torch.equal(layer.cols, unscaled.cols)
+
+
+def test_zero_start_keeps_the_weights_support_and_starts_at_the_base_layer():
+    layer = make_layer(init="weight", init_scale=0.0, k=40)
+    reference = make_layer(init="weight", k=40)
+    assert torch.equal(layer.rows, reference.rows) and torch.equal(layer.cols, reference.cols)
+    assert not layer.coeffs.any()
+    x = torch.randn(3, 80)
+    assert torch.equal(layer(x), layer.base(x))
+    layer(x).backward(torch.randn(3, 48))
+    assert layer.coeffs.grad.abs().sum() > 0, "a zero start must still train"
+    config = lfma.LFMAConfig(["0"], k=4, init="weight", init_scale=0.0)
+    assert lfma.LFMAConfig.from_dict(config.to_dict()).init_scale == 0.0
+    for bad in (float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="init_scale"):
+            make_layer(init_scale=bad)
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS + ["auto", "reference"])
 def test_forward_backward_matches_oracle(backend):
     layer = make_layer(backend=backend, hermitian=True)

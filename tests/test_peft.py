@@ -182,6 +182,17 @@ def test_init_weights_true_starts_as_the_base_model():
         assert not layer.lfma_coeffs["default"].any()
 
 
+def test_init_scale_matches_the_native_layer():
+    model = peft_model("mlp", init="weight", init_scale=0.01)
+    native = lfma.apply_lfma(fresh("mlp"), lfma.LFMAConfig(MODELS["mlp"][1], k=7, alpha=40.0, init="weight",
+                                                           init_scale=0.01))
+    for name, layer in lfma_layers(model).items():
+        twin = native.get_submodule(name.removeprefix("base_model.model."))
+        assert torch.equal(layer.lfma_coeffs["default"], twin.coeffs) and twin.coeffs.abs().max() > 0
+    with pytest.raises(ValueError, match="init_scale"):
+        LfmaConfig(target_modules=["lin0"], k=3, init_scale=float("inf"))
+
+
 def test_k_pattern_and_top_k_ratio():
     model = get_peft_model(fresh("mlp"), LfmaConfig(target_modules=["lin0", "lin1"], top_k_ratio=0.01,
                                                     k_pattern={"lin1": 5}))
