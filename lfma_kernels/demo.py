@@ -1,72 +1,57 @@
-"""The main job: does LFMA learn, at what parameter budget, next to the adapters people use?
+"""The main job: which adapter should a user pick, at which budget? A budget study on real data.
 
 A small Hugging Face ViT (1 channel, 8x8 images, 2x2 patches) is pretrained on scikit-learn's
-digits 0-4, then adapted to digits 5-9 with a fresh classifier head and each method: head only,
-LoRA r=1 and r=4 on query+value, FourierFT, LFMA (the paper's selection), LFMA with
-``hermitian=True`` at the same K, and full fine-tuning. Three seeds each; learning rates were
-picked on the validation split (``--sweep``), accuracy is reported on the test split only.
+digits 0-4, then adapted to digits 5-9 with a fresh classifier head and each method at several
+budgets of real trained scalars per adapted projection (query and value of every layer): LoRA,
+FourierFT, LFMA with the paper's start (top-K of a random probe, ``c = fft2(D)``), LFMA with the
+official code's start (support from the weight's energy, ``D = 0.01 W``), LFMA with the weight's
+support and a zero start, and LFMA ``hermitian=True``; head-only and full fine-tuning are the
+reference lines. Learning rates were picked per method and budget on the validation split
+(``--sweep``; the table is in ``LEARNING_RATES``), accuracy is reported on the test split only,
+mean +- std over ``SEEDS``.
 
-    lfma-demo            # or: python -m lfma_kernels.demo, or: make demo
-    lfma-demo --quick    # one seed, fewer epochs: the smoke run of the tests
+    lfma-demo            # or: python -m lfma_kernels.demo, or: make demo (the whole grid)
+    lfma-demo --quick    # one seed, few epochs, two budgets: the smoke run of the tests
     lfma-demo --sweep    # the learning-rate sweep on the validation split
 
-Writes a table to stdout, ``results/demo.json`` (one record per method) and ``results/demo.png``.
+Runs go to ``--jobs`` worker processes (one thread each: the model is small enough that a run
+is bound by per-call overhead, so two processes on two cores finish the grid twice as fast as two
+threads). Writes a table to stdout, ``results/demo.json`` (one record per method and budget) and
+``results/demo.png`` (accuracy against real trained scalars).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .baselines import FourierFTLinear, LoRALinear
-from .model import LFMAConfig, apply_lfma, lfma_layers
+from .model import LFMAConfig, _set_submodule, apply_lfma, lfma_layers
 from .ops import dispatch
 
 # The model: small enough to train in seconds on 2 CPU cores, shaped like a real ViT.
 HIDDEN, LAYERS, HEADS, MLP = 64, 4, 4, 128
-# One adapter budget for the low-budget methods: 128 real trained scalars per adapted projection
-# (LoRA r=1: r * (d_in + d_out) = 128; FourierFT: n = 128 real; LFMA: K = 64 complex).
-LFMA_K = 64
-FOURIERFT_N = 128
+# Budgets: real trained scalars per adapted projection (d_in = d_out = 64), 16x from end to end:
+# LoRA r * (d_in + d_out) = 128 r (r = 1 .. 16); FourierFT n real coefficients; LFMA 2K (K complex).
+BUDGETS = (128, 256, 512, 1024, 2048)
+QUICK_BUDGETS = (128, 512)
 ALPHA = {"lfma": 120.0, "fourierft": 150.0}
 PRETRAIN_EPOCHS, ADAPT_EPOCHS, QUICK_EPOCHS = 30, 30, 4
 BATCH = 32
 SEEDS = (0, 1, 2)
-
-# Learning rates chosen on the validation split by ``--sweep`` (seed 0, 30 epochs, AdamW; run
-# 2026-11-26 on the 2-core CPU machine). Validation accuracy (%) per learning rate:
-#                    3e-4   1e-3   3e-3   1e-2   3e-2   1e-1   3e-1
-#   head only        46.9   60.3   63.7   65.9   70.9   70.4   67.6
-#   LoRA r=1         63.7   82.7   89.4   91.6   92.7   87.2   30.2
-#   LoRA r=4         79.3   89.9   91.6   93.9   92.2   84.4   43.6
-#   FourierFT        59.2   79.9   89.4   89.9   92.7   93.9   84.4
-#   LFMA             54.2   74.3   84.4   91.6   94.4   93.3   86.0
-#   LFMA hermitian   52.0   77.1   84.9   87.7   95.0   93.3   91.6
-#   full fine-tuning 96.1   97.8   93.3   85.5   30.7   20.1   38.5
-# (LFMA at alpha=12, the paper's Table 1 setting, peaked at the grid's edge, 89.9% at 3e-1: with
-# d=64 layers it moves dW too slowly, so the demo uses the paper's main ViT setting, alpha=120.)
-LEARNING_RATES: Dict[str, float] = {
-    "head only": 3e-2,
-    "LoRA r=1": 3e-2,
-    "LoRA r=4": 1e-2,
-    "FourierFT": 1e-1,
-    "LFMA": 3e-2,
-    "LFMA hermitian": 3e-2,
-    "full fine-tuning": 1e-3,
-}
-SWEEP_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-
-
+HEAD = "classifier"
 # ------------------------------------------------------------------------------------------ data
 @dataclass
 class Split:
@@ -187,67 +172,95 @@ def _freeze_all_but_head(model: nn.Module) -> None:
     model.classifier.requires_grad_(True)
 
 
-def _wrap(model: nn.Module, targets: Sequence[str], make: Callable[[nn.Linear], nn.Module]) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, make(module))
+def _target_names(model: nn.Module) -> List[str]:
+    suffixes = attention_targets(model)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in suffixes]
 
 
-def setup_head_only(model, seed):
+def _auto_backend(k: int) -> str:
+    """What ``auto`` runs for one adapted projection of this model on CPU."""
+    return dispatch.auto_backend(torch.device("cpu"), torch.float32, k, (HIDDEN, HIDDEN))
+
+
+def setup_head_only(model: nn.Module, budget: int, seed: int) -> str:
     _freeze_all_but_head(model)
     return "-"
 
 
-def setup_lora(r: int):
-    def setup(model, seed):
-        targets = attention_targets(model)
-        try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError:
-            _freeze_all_but_head(model)
-            torch.manual_seed(seed)
-            _wrap(model, targets, lambda lin: LoRALinear(lin, r, alpha=r))
-            return "local LoRA"
-        torch.manual_seed(seed)
-        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=targets), model)
-        model.requires_grad_(False)
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
-        model.classifier.requires_grad_(True)
-        return "peft"
-    return setup
-
-
-def setup_fourierft(model, seed):
-    _freeze_all_but_head(model)
-    _wrap(model, attention_targets(model),
-          lambda lin: FourierFTLinear(lin, FOURIERFT_N, alpha=ALPHA["fourierft"], seed=777 + seed))
-    return dispatch.auto_backend(torch.device("cpu"), torch.float32, FOURIERFT_N, (HIDDEN, HIDDEN))
-
-
-def setup_lfma(hermitian: bool):
-    def setup(model, seed):
-        apply_lfma(model, LFMAConfig(attention_targets(model), k=LFMA_K, alpha=ALPHA["lfma"], seed=seed,
-                                     hermitian=hermitian, modules_to_save=["classifier"]))
-        return dispatch.auto_backend(torch.device("cpu"), torch.float32, LFMA_K, (HIDDEN, HIDDEN))
-    return setup
-
-
-def setup_full(model, seed):
+def setup_full(model: nn.Module, budget: int, seed: int) -> str:
     model.requires_grad_(True)
     return "-"
 
 
-METHODS: Dict[str, Callable[[nn.Module, int], str]] = {
-    "head only": setup_head_only,
-    "LoRA r=1": setup_lora(1),
-    "LoRA r=4": setup_lora(4),
-    "FourierFT": setup_fourierft,
-    "LFMA": setup_lfma(hermitian=False),
-    "LFMA hermitian": setup_lfma(hermitian=True),
-    "full fine-tuning": setup_full,
+def setup_lora(model: nn.Module, budget: int, seed: int) -> str:
+    r = budget // (2 * HIDDEN)
+    targets = attention_targets(model)
+    _freeze_all_but_head(model)
+    torch.manual_seed(seed)
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        for name in _target_names(model):
+            _set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha=r))
+        return "local LoRA"
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=targets), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith(HEAD + "."))
+    return "peft"
+
+
+def setup_fourierft(model: nn.Module, budget: int, seed: int) -> str:
+    _freeze_all_but_head(model)
+    for name in _target_names(model):
+        _set_submodule(model, name, FourierFTLinear(model.get_submodule(name), budget, alpha=ALPHA["fourierft"],
+                                                    seed=777 + seed))
+    return _auto_backend(budget)
+
+
+def setup_lfma(**options) -> Callable[[nn.Module, int, int], str]:
+    def setup(model: nn.Module, budget: int, seed: int) -> str:
+        apply_lfma(model, LFMAConfig(attention_targets(model), k=budget // 2, alpha=ALPHA["lfma"], seed=seed,
+                                     modules_to_save=[HEAD], **options))
+        return _auto_backend(budget // 2)
+    return setup
+
+
+@dataclass(frozen=True)
+class Method:
+    setup: Callable[[nn.Module, int, int], str]  # (model, budget, seed) -> the backend it runs
+    size: Callable[[int], str]                   # the budget in the method's own terms
+    budgets: Tuple[int, ...] = BUDGETS           # (0,): a reference line, no adapter
+
+
+def _reference(setup) -> Method:
+    return Method(setup, lambda budget: "-", budgets=(0,))
+
+
+METHODS: Dict[str, Method] = {
+    "head only": _reference(setup_head_only),
+    "LoRA": Method(setup_lora, lambda b: f"r={b // (2 * HIDDEN)}"),
+    "FourierFT": Method(setup_fourierft, lambda b: f"n={b}"),
+    "LFMA": Method(setup_lfma(), lambda b: f"K={b // 2}"),
+    "LFMA official start": Method(setup_lfma(init="weight", init_scale=0.01), lambda b: f"K={b // 2}"),
+    "LFMA zero start": Method(setup_lfma(init="weight", init_scale=0.0), lambda b: f"K={b // 2}"),
+    "LFMA hermitian": Method(setup_lfma(hermitian=True), lambda b: f"K={b // 2}"),
+    "full fine-tuning": _reference(setup_full),
 }
+
+# Learning rates chosen on the validation split by ``--sweep`` (seed 0, ADAPT_EPOCHS epochs, AdamW),
+# the best of SWEEP_GRID per method and budget; the sweep's accuracies are in SWEEP_RESULTS below.
+SWEEP_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+LEARNING_RATES: Dict[str, Dict[int, float]] = {
+    "head only": {0: 3e-2},
+    "LoRA": {128: 3e-2, 256: 3e-2, 512: 1e-2, 1024: 1e-2, 2048: 1e-2},
+    "FourierFT": {128: 1e-1, 256: 1e-1, 512: 1e-1, 1024: 1e-1, 2048: 1e-1},
+    "LFMA": {128: 3e-2, 256: 3e-2, 512: 3e-2, 1024: 3e-2, 2048: 3e-2},
+    "LFMA official start": {128: 3e-2, 256: 3e-2, 512: 3e-2, 1024: 3e-2, 2048: 3e-2},
+    "LFMA zero start": {128: 3e-2, 256: 3e-2, 512: 3e-2, 1024: 3e-2, 2048: 3e-2},
+    "LFMA hermitian": {128: 3e-2, 256: 3e-2, 512: 3e-2, 1024: 3e-2, 2048: 3e-2},
+    "full fine-tuning": {0: 1e-3},
+}
+SWEEP_RESULTS = """(not yet run)"""
 
 
 @dataclass
@@ -260,41 +273,88 @@ class RunResult:
     backend: str
 
 
-def run_method(method: str, backbone: nn.Module, data: Data, *, lr: float, epochs: int, seed: int,
-               quiet: bool) -> RunResult:
+def run_method(method: str, budget: int, backbone: nn.Module, data: Data, *, lr: float, epochs: int, seed: int,
+               quiet: bool = True) -> RunResult:
     model = copy.deepcopy(backbone)
     _fresh_head(model, seed)
-    backend = METHODS[method](model, seed)
+    backend = METHODS[method].setup(model, budget, seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     layers = lfma_layers(model)
     coefficients = sum(m.k for m in layers.values()) if layers else None
-    times = train(model, data.train, lr=lr, epochs=epochs, seed=seed, desc=f"{method} seed {seed}", quiet=quiet)
+    times = train(model, data.train, lr=lr, epochs=epochs, seed=seed, desc=f"{method} {budget} seed {seed}",
+                  quiet=quiet)
     return RunResult(accuracy(model, data.val), accuracy(model, data.test), statistics.median(times), trainable,
                      coefficients, backend)
 
 
+# ------------------------------------------------------------------------------------ the grid
+Task = Tuple[str, int, float, int, int]  # method, budget, learning rate, epochs, seed
+_worker: Dict[str, object] = {}
+
+
+def _init_worker(backbone_state: dict, data: Data) -> None:
+    torch.set_num_threads(1)
+    backbone = build_vit(seed=0)
+    backbone.load_state_dict(backbone_state)
+    _worker.update(backbone=backbone, data=data)
+
+
+def _run_task(task: Task) -> RunResult:
+    method, budget, lr, epochs, seed = task
+    return run_method(method, budget, _worker["backbone"], _worker["data"], lr=lr, epochs=epochs, seed=seed)
+
+
+def run_grid(tasks: Sequence[Task], backbone: nn.Module, data: Data, *, jobs: int, quiet: bool) -> List[RunResult]:
+    """Every task's result, in order; ``jobs`` worker processes (1: here, in this process). Every
+    run uses one thread, so the results do not depend on ``jobs`` (a thread count changes the
+    rounding of the parallel reductions, and 30 epochs can amplify it into another accuracy)."""
+    if jobs <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _worker.update(backbone=backbone, data=data)
+            return [_run_task(t) for t in tasks]
+        finally:
+            torch.set_num_threads(threads)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads running
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                                initargs=(backbone.state_dict(), data)) as pool:
+        futures = [pool.submit(_run_task, t) for t in tasks]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            future.result()  # raise a worker's error here, early
+            if not quiet and done % 10 == 0:
+                print(f"  {done}/{len(tasks)} runs", file=sys.stderr, flush=True)
+        return [f.result() for f in futures]
+
+
 # ---------------------------------------------------------------------------------------- report
-def sweep(backbone: nn.Module, data: Data, methods: Sequence[str], epochs: int, quiet: bool) -> Dict[str, float]:
-    """Validation accuracy for every learning rate of ``SWEEP_GRID``, seed 0; prints the grid."""
-    chosen = {}
-    print(f"{'method':<18}" + "".join(f"{lr:>9.0e}" for lr in SWEEP_GRID) + "   best")
-    for method in methods:
-        scores = [run_method(method, backbone, data, lr=lr, epochs=epochs, seed=0, quiet=quiet).val
-                  for lr in SWEEP_GRID]
+def sweep(backbone: nn.Module, data: Data, methods: Sequence[str], budgets: Sequence[int], epochs: int, jobs: int,
+          quiet: bool) -> Dict[str, Dict[int, float]]:
+    """Validation accuracy for every learning rate of ``SWEEP_GRID``, seed 0; prints the grid and
+    returns the best rate per method and budget (ties: the smaller rate)."""
+    points = [(m, b) for m in methods for b in METHODS[m].budgets if b in budgets or b == 0]
+    tasks = [(m, b, lr, epochs, 0) for m, b in points for lr in SWEEP_GRID]
+    results = iter(run_grid(tasks, backbone, data, jobs=jobs, quiet=quiet))
+    chosen: Dict[str, Dict[int, float]] = {}
+    print(f"{'method':<24}{'size':>7}" + "".join(f"{lr:>8.0e}" for lr in SWEEP_GRID) + "    best")
+    for method, budget in points:
+        scores = [next(results).val for _ in SWEEP_GRID]
         best = SWEEP_GRID[max(range(len(scores)), key=lambda i: (scores[i], -i))]
-        chosen[method] = best
-        print(f"{method:<18}" + "".join(f"{100 * s:>9.1f}" for s in scores) + f"   {best:.0e}", flush=True)
+        chosen.setdefault(method, {})[budget] = best
+        print(f"{method:<24}{METHODS[method].size(budget):>7}" + "".join(f"{100 * s:>8.1f}" for s in scores)
+              + f"   {best:.0e}", flush=True)
     return chosen
 
 
 def format_table(records: List[dict]) -> str:
-    head = ("method", "real trained", "complex coeffs", "test acc % (mean +- std)", "step ms", "backend")
+    head = ("method", "size", "real trained", "complex coeffs", "test acc % (mean +- std)", "step ms", "lr",
+            "backend")
     rows = [head]
     for r in records:
-        rows.append((r["method"], f"{r['trainable_real']:,}",
+        rows.append((r["method"], r["size"], f"{r['trainable_real']:,}",
                      f"{r['coefficients']:,}" if r["coefficients"] is not None else "-",
                      f"{100 * r['accuracy_mean']:.1f} +- {100 * r['accuracy_std']:.1f}", f"{r['step_ms']:.2f}",
-                     r["backend"]))
+                     f"{r['learning_rate']:.0e}", r["backend"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -302,19 +362,31 @@ def format_table(records: List[dict]) -> str:
 
 
 def plot(records: List[dict], path: str) -> None:
+    """Accuracy against real trained scalars (log x): a line with error bars per adapter method,
+    the reference methods (one point each) as horizontal lines with their spread shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    by_method: Dict[str, List[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
     markers = "osD^v<>p"
-    for i, r in enumerate(records):
-        ax.errorbar(r["trainable_real"], 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"],
-                    fmt=markers[i % len(markers)], capsize=3, label=r["method"])
-    ax.legend(fontsize=8, loc="lower right")  # methods of one budget share an x: a legend, not labels
+    for i, (method, points) in enumerate(by_method.items()):
+        mean = [100 * p["accuracy_mean"] for p in points]
+        std = [100 * p["accuracy_std"] for p in points]
+        if points[0]["budget"] == 0:
+            line = ax.axhline(mean[0], linestyle="--", linewidth=1, color=f"C{i}",
+                              label=f"{method} ({points[0]['trainable_real']:,} scalars)")
+            ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=line.get_color(), alpha=0.1)
+        else:
+            ax.errorbar([p["trainable_real"] for p in points], mean, yerr=std, marker=markers[i % len(markers)],
+                        capsize=3, color=f"C{i}", label=method)
+    ax.legend(fontsize=8, loc="lower right")
     ax.set_xscale("log")
-    ax.set_xlabel("real trained scalars (adapter + classifier head, log scale)")
+    ax.set_xlabel("real trained scalars (adapters + classifier head, log scale)")
     ax.set_ylabel("test accuracy, digits 5-9 (%)")
     ax.set_title(f"ViT ({LAYERS} layers, d={HIDDEN}) pretrained on digits 0-4, adapted to 5-9")
     ax.grid(True, which="both", alpha=0.3)
@@ -324,13 +396,19 @@ def plot(records: List[dict], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="LFMA against LoRA, FourierFT, head-only and full fine-tuning "
-                                                 "on scikit-learn's digits with a small ViT.")
-    parser.add_argument("--quick", action="store_true", help="one seed, few epochs (the tests' smoke run)")
+    parser = argparse.ArgumentParser(description="Accuracy against trained parameters: LFMA, LoRA, FourierFT, "
+                                                 "head-only and full fine-tuning of a small ViT on scikit-learn's "
+                                                 "digits.")
+    parser.add_argument("--quick", action="store_true", help="one seed, few epochs, two budgets (the smoke run)")
     parser.add_argument("--sweep", action="store_true", help="learning-rate sweep on the validation split")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated real scalars per projection (default: " + ",".join(map(str, BUDGETS))
+                             + f"; --quick: {','.join(map(str, QUICK_BUDGETS))})")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 4),
+                        help="worker processes (default: the CPU count, at most 4)")
     parser.add_argument("--output-dir", default="results", help="where demo.json and demo.png go")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     try:
         import matplotlib  # noqa: F401
@@ -343,6 +421,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    budgets = (tuple(int(b) for b in args.budgets.split(",")) if args.budgets
+               else QUICK_BUDGETS if args.quick else BUDGETS)
+    odd = [b for b in budgets if b not in BUDGETS]
+    if odd:
+        parser.error(f"budgets {odd} are not in the study's grid {BUDGETS} (learning rates were swept for those)")
 
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     start = time.perf_counter()
@@ -353,35 +436,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     epochs = QUICK_EPOCHS if args.quick else ADAPT_EPOCHS
     if args.sweep:
-        sweep(backbone, data, methods, epochs, args.quiet)
+        sweep(backbone, data, methods, budgets, epochs, args.jobs, args.quiet)
         return 0
 
+    seeds = SEEDS[:1] if args.quick else SEEDS
+    points = [(m, b) for m in methods for b in METHODS[m].budgets if b in budgets or b == 0]
+    tasks = [(m, b, LEARNING_RATES[m][b], epochs, seed) for m, b in points for seed in seeds]
+    print(f"{len(tasks)} runs ({len(points)} points x {len(seeds)} seeds) on {args.jobs} worker(s)", flush=True)
+    results = iter(run_grid(tasks, backbone, data, jobs=args.jobs, quiet=args.quiet))
     records = []
-    for method in methods:
-        runs = [run_method(method, backbone, data, lr=LEARNING_RATES[method], epochs=epochs, seed=seed,
-                           quiet=args.quiet) for seed in (SEEDS[:1] if args.quick else SEEDS)]
+    for method, budget in points:
+        runs = [next(results) for _ in seeds]
         tests = [r.test for r in runs]
         records.append({
             "method": method,
+            "budget": budget,
+            "size": METHODS[method].size(budget),
             "trainable_real": runs[0].trainable_real,
             "coefficients": runs[0].coefficients,
             "accuracy_mean": statistics.mean(tests),
             "accuracy_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "accuracy_runs": tests,
+            "seeds": list(seeds),
+            "runs": [asdict(r) for r in runs],
             "step_ms": statistics.median(r.step_ms for r in runs),
             "backend": runs[0].backend,
-            "learning_rate": LEARNING_RATES[method],
+            "learning_rate": LEARNING_RATES[method][budget],
         })
-        print(f"{method}: {100 * records[-1]['accuracy_mean']:.1f}% ({time.perf_counter() - start:.0f} s)",
-              flush=True)
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "demo.json"), "w") as f:
         json.dump(records, f, indent=2)
     plot(records, os.path.join(args.output_dir, "demo.png"))
     print()
-    print(f"Digits 5-9, test split ({len(data.test.y)} images), {1 if args.quick else len(SEEDS)} seed(s), "
-          f"{epochs} epochs; trained scalars include the 325-scalar head.")
+    print(f"Digits 5-9, test split ({len(data.test.y)} images), {len(seeds)} seed(s), {epochs} epochs; real trained "
+          f"scalars include the 325-scalar head; budgets are real scalars per adapted projection "
+          f"({2 * LAYERS} projections).")
     print(format_table(records))
     print(f"\nwrote {args.output_dir}/demo.json and {args.output_dir}/demo.png in {time.perf_counter() - start:.0f} s")
     return 0
