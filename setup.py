@@ -1,7 +1,7 @@
 """Build script: metadata lives in pyproject.toml; this file adds the compiled extension of csrc/.
 
-    lfma_kernels._C       csrc/bindings.cpp, csrc/cpu_kernels.cpp: the lfma_ext ops and their CPU
-                          kernels (always, unless LFMA_SKIP_EXTENSION=1)
+    lfma_kernels._C       csrc/bindings.cpp and the CPU kernels (csrc/cpu_*.cpp): the lfma_ext ops
+                          and their CPU kernels (always, unless LFMA_SKIP_EXTENSION=1)
     lfma_kernels._C_cuda  csrc/cuda_bindings.cpp, csrc/lfma_cuda.cu: CUDA kernels for the same ops,
                           when torch is a CUDA build and nvcc is found, or LFMA_FORCE_CUDA=1
 
@@ -27,8 +27,6 @@ from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu_kernels.cpp"]
-CUDA_SOURCES = ["csrc/cuda_bindings.cpp", "csrc/lfma_cuda.cu"]
 DEFAULT_ARCHES = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
@@ -78,13 +76,15 @@ def _extensions():
              "use `pip install --no-build-isolation .` to compile it (or it compiles on first use).")
         return [], {}
 
-    # The flags the on-the-fly build uses too (lfma_kernels/ops/extension.py, loaded by path: the
-    # package itself is not importable before it is installed).
+    # The sources and flags the on-the-fly build uses too (lfma_kernels/ops/extension.py, loaded by
+    # path: the package itself is not importable before it is installed).
     spec = importlib.util.spec_from_file_location(
         "_lfma_extension_flags", os.path.join(ROOT, "lfma_kernels", "ops", "extension.py"))
     flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flags)
     cxx, link, nvcc_flags = flags.cxx_flags(), flags.link_flags(), flags.nvcc_flags()
+    cpu_sources = [os.path.join("csrc", f) for f in flags.CPU_SOURCES]
+    cuda_sources = [os.path.join("csrc", f) for f in flags.CUDA_SOURCES]
 
     # A virtual environment's ninja sits beside its python, not necessarily on PATH.
     bindir = os.path.dirname(sys.executable)
@@ -92,7 +92,7 @@ def _extensions():
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     ext_modules = [cpp_extension.CppExtension(
-        "lfma_kernels._C", CPU_SOURCES, include_dirs=[CSRC],
+        "lfma_kernels._C", cpu_sources, include_dirs=[CSRC],
         extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
     force = os.environ.get("LFMA_FORCE_CUDA") == "1"
@@ -108,7 +108,7 @@ def _extensions():
     if torch_cuda and nvcc:
         _log(f"building the CUDA kernels (torch {torch.__version__}, CUDA_HOME={cpp_extension.CUDA_HOME})")
         ext_modules.append(cpp_extension.CUDAExtension(
-            "lfma_kernels._C_cuda", CUDA_SOURCES, include_dirs=[CSRC],
+            "lfma_kernels._C_cuda", cuda_sources, include_dirs=[CSRC],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}))
     elif force:
         # CPU-only torch: no torch CUDA libraries to link, and none are needed (cuda_bindings.cpp
@@ -117,7 +117,7 @@ def _extensions():
         _log(f"LFMA_FORCE_CUDA=1: building the CUDA kernels against a torch without CUDA "
              f"({torch.__version__}); compile and link check only")
         ext_modules.append(cpp_extension.CppExtension(
-            "lfma_kernels._C_cuda", CUDA_SOURCES, include_dirs=[CSRC],
+            "lfma_kernels._C_cuda", cuda_sources, include_dirs=[CSRC],
             library_dirs=[os.path.join(cuda_home, "lib64")],
             libraries=["cudart_static", "rt", "dl", "pthread"],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags + arches}))

@@ -13,12 +13,13 @@ Default: the acceptance comparisons of issue 4, median milliseconds side by side
   (targets: cuda within 1.5x of triton, float32 error <= 1e-5).
 
 --batch-grad: the backward's three ways to dL/dcoeffs (dense G, gemm, fft batch path) on CPU over
-  shapes, token counts and K; the cost per (token, frequency) pair of cpp_ops comes from here.
+  shapes, token counts and K; the cost per (token, frequency) pair of the planner's CPU table
+  (lfma_kernels/ops/planner.py, batch_pair_s["cpp"]) comes from here.
 
 --crossover: every CPU algorithm of the extension (separable, hybrid, fft2; csrc/cpu_kernels.cpp)
   for dW and for dL/dcoeffs from G, against the torch backend, over K and shapes; the columns
   "best" and "model" show the fastest measured and what the kernels' cost model picks. The cost
-  model constants and the cpp/torch crossover of lfma_kernels/ops/dispatch.py come from here.
+  model constants (csrc/cpu_plan.cpp) and the cpp/torch order of the planner's CPU table come from here.
 
 Candidates are timed round-robin (one run of each per round, in a random order, medians over the
 rounds), so load from other processes falls on all of them alike; a comparison is repeated while
@@ -54,7 +55,7 @@ from timing import interleaved_ms  # noqa: E402
 ACCEPTANCE = [((768, 768), 176), ((768, 768), 943), ((1024, 1024), 104), ((1024, 1024), 524)]
 CROSSOVER_SHAPES = "768x768,1024x1024,768x3072,3072x768,4096x4096"
 CROSSOVER_KS = "1,2,4,8,16,32,64,104,176,524,943,2000,5000,29491"
-ALGOS = ("separable", "hybrid", "fft2")
+ALGOS = ("separable", "hybrid", "fft")
 
 
 def fmt(ms: Optional[float]) -> str:
@@ -74,7 +75,7 @@ def header(args: argparse.Namespace) -> str:
 def _extension_how() -> str:
     from lfma_kernels.ops import extension
     try:
-        return extension.load("cpu")
+        return extension.load("cpp")
     except RuntimeError as exc:
         return f"not available ({exc})"
 
@@ -148,7 +149,7 @@ def crossover(args: argparse.Namespace) -> None:
     from lfma_kernels.ops import cpp_ops, torch_ops
 
     ops = torch.ops.lfma_ext
-    codes = cpp_ops.ALGOS
+    codes = cpp_ops.ALGO_CODES
     shapes = B.parse_shapes(args.shapes)
     ks = [int(k) for k in args.ks.split(",")]
     rows_dw, rows_g, noisy = [], [], []
@@ -176,10 +177,10 @@ def crossover(args: argparse.Namespace) -> None:
                            f"{ms['torch'] / ms[model]:.2f}" if model in ms else "-"])
 
             fns = {a: (lambda a=a: ops.delta_weight(c, rows, cols, d_out, d_in, 1.0, codes[a])) for a in algos}
-            fns["torch"] = lambda: torch_ops._delta_weight(c, rows, cols, shape, 1.0)
+            fns["torch"] = lambda: torch_ops.KERNELS.delta_weight(c, rows, cols, shape, 1.0)
             rows_dw.append(row("dW", True, fns))
             fns = {a: (lambda a=a: ops.coeff_grad(grad, rows, cols, 1.0, codes[a])) for a in algos}
-            fns["torch"] = lambda: torch_ops._coeff_grad(grad, rows, cols, 1.0)
+            fns["torch"] = lambda: torch_ops.KERNELS.coeff_grad(grad, rows, cols, 1.0)
             rows_g.append(row("grad", False, fns))
     cols = ["shape", "K"] + list(ALGOS) + ["torch", "best", "model", "model/best", "torch/model"]
     print(header(args) + "\n")
@@ -195,10 +196,11 @@ def crossover(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 def batch_grad(args: argparse.Namespace) -> None:
     """dL/dcoeffs of a linear layer from x and g = dL/dout by each path of the cpp backend's backward:
-    dense (G = g^T x, then lfma_ext.coeff_grad), gemm (torch_ops.coeff_grad_batch_gemm) and fft
+    dense (G = g^T x, then lfma_ext.coeff_grad), gemm (torch_kernels.coeff_grad_batch_gemm) and fft
     (lfma_ext.coeff_grad_batch), plus the two row FFTs alone. The fft path's cost per (token,
-    frequency) pair beyond its FFTs, in GEMM multiply-adds, is cpp_ops' batch_fft_pair_cost."""
-    from lfma_kernels.ops import cpp_ops, torch_ops
+    frequency) pair beyond its FFTs, in GEMM multiply-adds, times the GEMM's, is the planner's CPU
+    batch_pair_s["cpp"]."""
+    from lfma_kernels.ops import planner, torch_kernels
 
     ops = torch.ops.lfma_ext
     gen = torch.Generator().manual_seed(0)
@@ -222,12 +224,13 @@ def batch_grad(args: argparse.Namespace) -> None:
                        "fft": lambda: ops.coeff_grad_batch(x, g, rows, cols, 1.0),
                        "row ffts": lambda: (torch.fft.rfft(x, dim=1), torch.fft.rfft(g, dim=1))}
                 if 2 * k * tokens * (d_out + d_in) <= args.max_sep_macs:
-                    fns["gemm"] = lambda: torch_ops.coeff_grad_batch_gemm(x, g, rows, cols, shape, 1.0, torch.float32)
+                    fns["gemm"] = lambda: torch_kernels.coeff_grad_batch_gemm(x, g, rows, cols, shape, 1.0,
+                                                                              torch.float32)
                 ms = interleaved_ms(fns, rounds=args.rounds, noisy=noisy,
                                     label=f"{d_out}x{d_in} tokens={tokens} K={k}")
                 pair = (ms["fft"] - ms["row ffts"]) * 1e9 / mac_ps / (tokens * k)
                 best = min(("dense", "gemm", "fft"), key=lambda p: ms.get(p, math.inf))
-                model = torch_ops.coeff_grad_path(tokens, k, shape, pair_cost=cpp_ops.BATCH_FFT_PAIR_COST)
+                model = planner.backward_path("cpp", "cpu", tokens, k, shape)
                 out.append([f"{d_out}x{d_in}", str(tokens), str(k)]
                            + [fmt(ms.get(p)) for p in ("dense", "gemm", "fft", "row ffts")]
                            + [f"{pair:.0f}", best, model, f"{ms[model] / ms[best]:.2f}"])

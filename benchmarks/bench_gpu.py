@@ -13,7 +13,8 @@ Three tables (shapes 768x768, 1024x1024, 768x3072, 3072x768, 4096x4096; ratios 0
 then the acceptance checks of the Triton issue (PASS/FAIL per figure), and the table printed last.
 The problems and timed functions are benchmarks/bench_layer.py's; "paper" is lfma_kernels.reference
 (dense complex spectrum, ifft2, second GEMM, autograd through ifft2). "auto" resolves to triton
-on CUDA; triton itself picks its fused kernel or the FFT path per K (triton_ops.use_kernel).
+on CUDA; triton itself runs its fused kernel or the FFT path per K, as the planner says
+(lfma_kernels/ops/planner.py, the CUDA table).
 
     PYTHONPATH=. python benchmarks/bench_gpu.py --output $OUT/RESULTS_GPU.md       # full run
     PYTHONPATH=. python benchmarks/bench_gpu.py --quick                            # 768x768, 1024x1024
@@ -22,10 +23,10 @@ on CUDA; triton itself picks its fused kernel or the FFT path per K (triton_ops.
 --output writes (or replaces) the section "gpu triton" of a results file in benchmarks/RESULTS.md's
 format (benchmarks/report.py); the file is rewritten after every shape, so a run cut short keeps
 what it measured. --crossover times the fused kernels against the FFT path over K and prints the
-crossover K per shape and the constants of lfma_kernels/ops/triton_ops.py's cost model that
-reproduce it (which replace the estimates there), and the three coefficient-gradient paths of
-a layer's backward (what torch_ops.coeff_grad_path chooses between); --json writes the same
-constants, crossovers and gradient paths machine-readably. Both modes start no new shape (tables:
+crossover K per shape and the triton entries of the planner's CUDA cost table
+(lfma_kernels/ops/planner.py) that reproduce it (which replace the estimates there), and the three
+coefficient-gradient paths of a layer's backward (what planner.backward_path chooses between);
+--json writes the same entries, crossovers and gradient paths machine-readably. Both modes start no new shape (tables:
 no new case) once --budget-s has passed.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ import bench_layer as B  # noqa: E402  (also puts the source tree on the path if
 import torch  # noqa: E402
 
 from costfit import crossover_k, describe, fit_nlogn, write_json  # noqa: E402
-from lfma_kernels.ops import dispatch, torch_ops  # noqa: E402
+from lfma_kernels.ops import dispatch, planner, torch_kernels  # noqa: E402
 from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section  # noqa: E402
 
 FULL_SHAPES = "768x768,1024x1024,768x3072,3072x768,4096x4096"
@@ -129,8 +130,7 @@ def _auto(p: B.Problem, dtype: torch.dtype) -> str:
 
 
 def _path(p: B.Problem) -> str:
-    from lfma_kernels.ops import triton_ops
-    return "kernel" if triton_ops.use_kernel(p.k, p.shape) else "fft"
+    return "kernel" if planner.dw_algorithm("triton", p.device.type, p.k, p.shape) == "separable" else "fft"
 
 
 def run_delta_weight(p: B.Problem, bench: Bench, res: Results) -> None:
@@ -151,7 +151,7 @@ def run_layer(p: B.Problem, tokens_list: Sequence[int], bench: Bench, res: Resul
         x, g = B.make_inputs(p, tokens, requires_grad=True)
         row = {"shape": p.shape, "ratio": p.ratio, "k": p.k, "tokens": tokens, "dtype": dtype_name,
                "auto": _auto(p, p.dtype), "floor": B.training_floor(p.shape, p.k), "ms": {},
-               "grad": torch_ops.coeff_grad_path(tokens, p.k, p.shape)}
+               "grad": planner.backward_path("triton", p.device.type, tokens, p.k, p.shape)}
         for name in _columns(p):
             row["ms"][name] = bench(f"{tag} train {tokens} {name}", lambda: B.train_step_fn(p, name, x, g))
         if "triton" in row["ms"]:
@@ -292,7 +292,7 @@ def render(args: argparse.Namespace, res: Results, errors: List[str], done: bool
     header += [
         "Median milliseconds from `triton.testing.do_bench` (L2 flushed between runs), all columns measured "
         "in this run. `paper`: `lfma_kernels.reference`; `torch`/`triton`: `LFMALinear(..., backend=...)`; "
-        "`auto` is triton on CUDA. `triton path`: the fused kernel or the FFT path (`triton_ops.use_kernel`). "
+        "`auto` is triton on CUDA. `triton path`: the fused kernel or the FFT path (`planner.dw_algorithm`). "
         "`triton+graph`: the same training step replayed as a CUDA graph. `frozen`: the `nn.Linear` alone "
         "(training = forward + dL/dx). `floor` (DESIGN section 2): "
         "`1 + min(d_out*d_in, 2K(d_out+d_in)) / (2*d_out*d_in)` times the frozen step; eval floor 1.",
@@ -350,7 +350,7 @@ def run_tables(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# crossover mode: constants for triton_ops' cost model and the backward's gradient paths
+# crossover mode: the planner's triton entries (CUDA table) and the backward's gradient paths
 # ---------------------------------------------------------------------------------------------
 def _random_problem(shape: Shape, k: int, device: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
@@ -392,16 +392,16 @@ def run_crossover(args: argparse.Namespace) -> int:
             c, r, cl = _random_problem(shape, k, dev)
             t = {
                 "kern": bench(f"{shape} K={k} kernel", lambda: lambda: triton_ops._launch_delta_weight(c, r, cl, shape, 1.0)),
-                "fft": bench(f"{shape} K={k} fft", lambda: lambda: torch_ops.delta_weight_fft(c, r, cl, shape, 1.0)),
+                "fft": bench(f"{shape} K={k} fft", lambda: lambda: torch_kernels.delta_weight_fft(c, r, cl, shape, 1.0)),
                 "gkern": bench(f"{shape} K={k} grad kernel", lambda: lambda: triton_ops._launch_coeff_grad(g, r, cl, 1.0)),
-                "gfft": bench(f"{shape} K={k} grad fft", lambda: lambda: torch_ops.coeff_grad_fft(g, r, cl, 1.0)),
+                "gfft": bench(f"{shape} K={k} grad fft", lambda: lambda: torch_kernels.coeff_grad_fft(g, r, cl, 1.0)),
             }
             for key, v in t.items():
                 times[key].append(v)
             if t["kern"] and k >= 64:
                 rates.append(2.0 * k * n / (t["kern"] * 1e-3))
-            model = ["kernel" if triton_ops.use_kernel(k, shape) else "fft",
-                     "kernel" if triton_ops.use_kernel(k, shape, inverse=False) else "fft"]
+            model = ["kernel" if planner.dw_algorithm("triton", "cuda", k, shape) == "separable" else "fft",
+                     "kernel" if planner.grad_algorithm("triton", "cuda", k, shape) == "separable" else "fft"]
             rows.append([spec, str(k)] + [fmt_ms(t[key]) for key in ("kern", "fft", "gkern", "gfft")] + model)
             times_json.append({"shape": spec, "k": k, "kernel_ms": t["kern"], "fft_ms": t["fft"],
                                "grad_kernel_ms": t["gkern"], "grad_fft_ms": t["gfft"], "model_dW": model[0],
@@ -423,15 +423,15 @@ def run_crossover(args: argparse.Namespace) -> int:
     a_f, b_f = fit_nlogn(fft_fwd)
     a_g, b_g = fit_nlogn(fft_bwd)
     rate = statistics.median(rates) if rates else float("nan")
-    constants = {"_KERNEL_MAC_PER_S": rate, "_FFT_FIXED_S": a_f, "_FFT_GRAD_FIXED_S": a_g,
-                 "_FFT_S_PER_POINT_LOG2": b_f, "fft_grad_s_per_point_log2": b_g}
-    lines += ["Constants for lfma_kernels/ops/triton_ops.py (replace the estimates there):", "",
-              f"    _KERNEL_MAC_PER_S = {rate:.3g}",
-              f"    _FFT_FIXED_S = {a_f:.3g}",
-              f"    _FFT_GRAD_FIXED_S = {a_g:.3g}",
-              f"    _FFT_S_PER_POINT_LOG2 = {b_f:.3g}   # (gradient fit: {b_g:.3g})", ""]
+    constants = {"triton_macs_per_s": rate, "triton_fft_fixed_s": a_f, "triton_fft_grad_fixed_s": a_g,
+                 "triton_fft_s": b_f, "triton_fft_grad_s": b_g}
+    lines += ["Entries of the planner's CUDA table (lfma_kernels/ops/planner.py; replace the estimates there):", "",
+              f"    triton_mac_s = 1 / {rate:.3g}",
+              f"    triton_fft_fixed_s = {a_f:.3g}",
+              f"    triton_fft_grad_fixed_s = {a_g:.3g}",
+              f"    triton_fft_s = {b_f:.3g}   # (gradient fit: {b_g:.3g})", ""]
 
-    # The backward's three ways to dL/dcoeffs (torch_ops.coeff_grad_path's constants are CPU-measured).
+    # The backward's three ways to dL/dcoeffs (the CUDA table's backward entries are the CPU's multiples).
     grad_rows, grad_json = [], []
     for shape in args.shapes:
         spec = f"{shape[0]}x{shape[1]}"
@@ -445,21 +445,21 @@ def run_crossover(args: argparse.Namespace) -> int:
                 c, r, cl = _random_problem(shape, k, dev)
                 x = torch.randn(tokens, shape[1], device=dev, dtype=torch.bfloat16)
                 gy = torch.randn(tokens, shape[0], device=dev, dtype=torch.bfloat16)
-                dense = bench(f"{shape} {tokens} K={k} dense", lambda: lambda: triton_ops._coeff_grad(
+                dense = bench(f"{shape} {tokens} K={k} dense", lambda: lambda: triton_ops.KERNELS.coeff_grad(
                     (gy.T @ x).float(), r, cl, 1.0))
-                gemm = bench(f"{shape} {tokens} K={k} gemm", lambda: lambda: triton_ops.coeff_grad_batch(
+                gemm = bench(f"{shape} {tokens} K={k} gemm", lambda: lambda: triton_ops.coeff_grad_batch_gemm(
                     x, gy, r, cl, shape, 1.0, torch.float32))
-                fft = bench(f"{shape} {tokens} K={k} fft", lambda: lambda: torch_ops.coeff_grad_batch_fft(
+                fft = bench(f"{shape} {tokens} K={k} fft", lambda: lambda: torch_kernels.coeff_grad_batch_fft(
                     x, gy, r, cl, shape, 1.0, torch.float32))
                 measured = {"dense": dense, "gemm": gemm, "fft": fft}
                 best = min((v, name) for name, v in measured.items() if v is not None)[1] if any(measured.values()) else "-"
-                model = torch_ops.coeff_grad_path(tokens, k, shape)
+                model = planner.backward_path("triton", "cuda", tokens, k, shape)
                 grad_rows.append([spec, str(tokens), str(k), fmt_ms(dense), fmt_ms(gemm), fmt_ms(fft), best, model])
                 grad_json.append({"shape": spec, "tokens": tokens, "k": k, "dense_ms": dense, "gemm_ms": gemm,
                                   "fft_ms": fft, "fastest": best, "model": model})
     lines += ["Coefficient gradient of a layer's backward, bf16 activations (dense: G = g^T x then the "
-              "triton gradient; gemm: the fused batch kernel; fft: torch_ops.coeff_grad_batch_fft):", "",
-              markdown_table(["shape", "tokens", "K", "dense", "gemm", "fft", "fastest", "coeff_grad_path picks"],
+              "triton gradient; gemm: the fused batch kernel; fft: torch_kernels.coeff_grad_batch_fft):", "",
+              markdown_table(["shape", "tokens", "K", "dense", "gemm", "fft", "fastest", "backward_path picks"],
                              grad_rows, [False, True, True, True, True, True, False, False]), ""]
     if skipped:
         lines += ["Not measured (time budget): " + ", ".join(skipped), ""]
@@ -472,7 +472,7 @@ def run_crossover(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"script": f"benchmarks/bench_gpu.py {' '.join(args.argv)}",
                                "device": torch.cuda.get_device_name(torch.device(dev)),
-                               "dot_precision": triton_ops.get_dot_precision(), "triton_ops": constants,
+                               "dot_precision": triton_ops.get_dot_precision(), "triton": constants,
                                "crossover_k": crossovers, "times": times_json, "coeff_grad_paths": grad_json,
                                "not_measured": skipped, "errors": bench.errors})
         print(f"wrote {args.json}", file=sys.stderr)

@@ -1,9 +1,10 @@
 """Where the torch backend's separable product stops beating scatter + irfft2 (and the same for
 the coefficient gradient). Prints median milliseconds per path and the measured crossover K;
-the constants of the cost model in lfma_kernels/ops/torch_ops.py come from this table, and the
-last two columns show what that model picks (sep or fft) for dW and for the gradient. Then the
-constants that reproduce the measured crossovers (the model: the FFT wins once
-2K > c(N) * log2(N), c(N) = _FFT_C_768 * (N / 768^2)^p, divided by _RFFT_SPEEDUP for the gradient).
+the torch-backend entries of the planner's cost table for the device (lfma_kernels/ops/planner.py)
+come from this table, and the last two columns show what the planner picks (sep or fft) for dW and
+for the gradient. Then the table entries that reproduce the measured crossovers (the model: the
+FFT wins once 2K > c(N) * log2(N), c(N) = irfft2_macs * (N / 768^2)^fft_size_exponent, divided by
+rfft2_speedup for the gradient; the table holds irfft2_s = irfft2_macs * gemm_mac_s).
 
     python benchmarks/crossover.py [--device cuda] [--json PATH]
 """
@@ -18,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from costfit import crossover_k, describe, fit_power, write_json
-from lfma_kernels.ops import torch_ops as T
+from lfma_kernels.ops import planner, torch_kernels
 from timing import median_ms
 
 KS = [4, 8, 16, 24, 32, 48, 64, 96, 128, 176, 256, 384]
@@ -37,16 +38,17 @@ def measure(shape: Sequence[int], k: int, g: torch.Tensor, device: str) -> Dict[
     cols = torch.randint(0, shape[1], (k,), device=device)
     c = torch.randn(k, 2, device=device)
     return time_paths({
-        "sep": lambda: T.delta_weight_separable(c, rows, cols, shape, 1.0),
-        "fft": lambda: T.delta_weight_fft(c, rows, cols, shape, 1.0),
-        "gsep": lambda: T.coeff_grad_separable(g, rows, cols, 1.0),
-        "gfft": lambda: T.coeff_grad_fft(g, rows, cols, 1.0),
+        "sep": lambda: torch_kernels.delta_weight_separable(c, rows, cols, shape, 1.0),
+        "fft": lambda: torch_kernels.delta_weight_fft(c, rows, cols, shape, 1.0),
+        "gsep": lambda: torch_kernels.coeff_grad_separable(g, rows, cols, 1.0),
+        "gfft": lambda: torch_kernels.coeff_grad_fft(g, rows, cols, 1.0),
     }, device)
 
 
-def constants(per_shape: Dict[str, dict]) -> Dict[str, Optional[float]]:
-    """torch_ops' constants fitted to the measured crossovers: c(N) = 2K*/log2(N) per shape, where
-    the crossover was bracketed ("~"); for the gradient, c(N) / _RFFT_SPEEDUP."""
+def constants(per_shape: Dict[str, dict], mac_s: List[float]) -> Dict[str, Optional[float]]:
+    """The planner's torch-backend entries fitted to the measured crossovers: c(N) = 2K*/log2(N) per
+    shape, where the crossover was bracketed ("~"); for the gradient, c(N) / rfft2_speedup; and the
+    separable product's time per multiply-add (gemm_mac_s), which turns c into seconds."""
     c_dw, speedups = [], []
     for spec, entry in per_shape.items():
         n = math.prod(int(s) for s in spec.split("x"))
@@ -56,8 +58,10 @@ def constants(per_shape: Dict[str, dict]) -> Dict[str, Optional[float]]:
             if grel == "~":
                 speedups.append(k / gk)
     c_768, p = fit_power(c_dw, 768 * 768) if c_dw else (None, None)
-    return {"_FFT_C_768": c_768, "size_exponent": p,
-            "_RFFT_SPEEDUP": statistics.median(speedups) if speedups else None}
+    gemm = statistics.median(mac_s) if mac_s else None
+    return {"irfft2_macs": c_768, "fft_size_exponent": p,
+            "rfft2_speedup": statistics.median(speedups) if speedups else None, "gemm_mac_s": gemm,
+            "irfft2_s": None if c_768 is None or gemm is None else c_768 * gemm}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -69,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{'shape':>10} {'K':>5} {'sep ms':>8} {'fft ms':>8} {'gsep ms':>8} {'gfft ms':>8}  dW  grad")
     per_shape: Dict[str, dict] = {}
     rows: List[dict] = []
+    mac_s: List[float] = []  # the separable product's seconds per multiply-add, where it is large enough to time
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.split("x"))
         g = torch.randn(shape, device=args.device)
@@ -77,8 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ms = measure(shape, k, g, args.device)
             for p in PATHS:
                 times[p].append(ms[p])
-            pick = "sep" if T.use_separable(k, shape) else "fft"
-            gpick = "sep" if T.use_separable(k, shape, inverse=False) else "fft"
+            if k >= 64:
+                mac_s.append(ms["sep"] * 1e-3 / (2 * k * shape[0] * shape[1]))
+            device_type = torch.device(args.device).type
+            pick = "sep" if planner.dw_algorithm("torch", device_type, k, shape) == "separable" else "fft"
+            gpick = "sep" if planner.grad_algorithm("torch", device_type, k, shape) == "separable" else "fft"
             rows.append({"shape": spec, "k": k, **{f"{p}_ms": ms[p] for p in PATHS}, "model_dW": pick,
                          "model_grad": gpick})
             print(f"{spec:>10} {k:>5} {ms['sep']:8.3f} {ms['fft']:8.3f} {ms['gsep']:8.3f} {ms['gfft']:8.3f}"
@@ -88,13 +96,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\nmeasured crossover K (the FFT is faster from there on):")
     for spec, entry in per_shape.items():
         print(f"  {spec:>10}: dW {describe(entry['dW'])}, grad {describe(entry['grad'])}")
-    fitted = constants(per_shape)
-    print("constants for lfma_kernels/ops/torch_ops.py that reproduce them:")
+    fitted = constants(per_shape, mac_s)
+    table = planner.table_for(torch.device(args.device).type).device
+    print(f"entries of the planner's {table!r} table (lfma_kernels/ops/planner.py) that reproduce them:")
     for name, value in fitted.items():
         print(f"  {name} = {'n/a (no bracketed crossover)' if value is None else f'{value:.3g}'}")
     if args.json:
-        write_json(args.json, {"script": "benchmarks/crossover.py", "device": args.device,
-                               "torch_ops": fitted, "crossover_k": per_shape, "times": rows})
+        write_json(args.json, {"script": "benchmarks/crossover.py", "device": args.device, "planner_table": table,
+                               "torch": fitted, "crossover_k": per_shape, "times": rows})
     return 0
 
 

@@ -27,11 +27,13 @@ script's loop counts (no GPU has run them yet), and `cap` the most a step may ta
   bench-gpu        ~100 s  (cap 170) bench_gpu.py --quick: 768x768 and 1024x1024 at four ratios,
                            delta_weight / training step / eval against the paper and the floor;
                            its own --budget-s ends it before its cap
-  crossover-triton  ~60 s  (cap 120) bench_gpu.py --crossover: triton_ops' cost-model constants
+  crossover-triton  ~60 s  (cap 120) bench_gpu.py --crossover: the triton entries of the planner's
+                           CUDA table (lfma_kernels/ops/planner.py)
   models            ~80 s  (cap 180) bench_models.py at full size (12 layers, batch 32, bf16): all
                            variants round-robin; writes only at its end, so it starts only with
                            its whole estimate left
-  crossover-torch   ~15 s  (cap 60)  crossover.py --device cuda: torch_ops' constants on the GPU
+  crossover-torch   ~15 s  (cap 60)  crossover.py --device cuda: the planner's torch-backend
+                           entries on the GPU
   bench-cpp         ~30 s  (cap 90)  bench_cpp.py --device cuda: backend cuda against triton
   tests-all           rest           the whole suite (the CPU tests again, on this torch)
 

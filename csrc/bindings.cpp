@@ -12,11 +12,15 @@
 //       from x [T, d_in] and grad_out [T, d_out] without forming G (CPU only)
 //   lfma_ext::choose_algo(k, d_out, d_in, inverse, terms=-1, columns=-1) -> int: what algo=-1 picks
 //       on CPU for K frequencies forming `terms` distinct hybrid terms in `columns` columns
+//   lfma_ext::algo_costs(k, d_out, d_in, inverse, terms=-1, columns=-1) -> float[3]: its estimates (ns)
+//   lfma_ext::count_terms(rows, cols, d_out, d_in) -> int[2]: the terms and columns a call would count
 //
 // `algo` picks the CPU algorithm (-1 the cost model, 0 separable, 1 hybrid, 2 2-D FFT; see
 // cpu_kernels.cpp) and is ignored on CUDA.
+#include <array>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -31,9 +35,7 @@ namespace {
 at::Tensor delta_weight_cpu_op(const at::Tensor& coeffs, const at::Tensor& rows, const at::Tensor& cols,
                                int64_t d_out, int64_t d_in, double alpha, int64_t algo) {
   const char* op = "lfma_ext::delta_weight";
-  check_size(op, d_out, d_in);
-  check_algo(op, algo);
-  const Frequencies f = check_frequencies(op, coeffs, rows, cols, coeffs.device());
+  const Frequencies f = check_delta_weight_args(op, coeffs, rows, cols, d_out, d_in, algo);
   check_range_cpu(op, f, d_out, d_in);
   return delta_weight_cpu(f.coeffs, f.rows, f.cols, d_out, d_in, alpha, algo);
 }
@@ -41,21 +43,17 @@ at::Tensor delta_weight_cpu_op(const at::Tensor& coeffs, const at::Tensor& rows,
 at::Tensor folded_weight_cpu_op(const at::Tensor& weight, const at::Tensor& coeffs, const at::Tensor& rows,
                                 const at::Tensor& cols, double alpha, int64_t algo) {
   const char* op = "lfma_ext::folded_weight";
-  check_algo(op, algo);
-  const at::Tensor w = check_weight(op, weight, "weight");
-  const Frequencies f = check_frequencies(op, coeffs, rows, cols, weight.device());
-  check_range_cpu(op, f, w.size(0), w.size(1));
-  return folded_weight_cpu(w, f.coeffs, f.rows, f.cols, alpha, algo);
+  const WeightAndFrequencies a = check_folded_weight_args(op, weight, coeffs, rows, cols, algo);
+  check_range_cpu(op, a.f, a.weight.size(0), a.weight.size(1));
+  return folded_weight_cpu(a.weight, a.f.coeffs, a.f.rows, a.f.cols, alpha, algo);
 }
 
 at::Tensor coeff_grad_cpu_op(const at::Tensor& grad_dw, const at::Tensor& rows, const at::Tensor& cols,
                              double alpha, int64_t algo) {
   const char* op = "lfma_ext::coeff_grad";
-  check_algo(op, algo);
-  const at::Tensor g = check_weight(op, grad_dw, "grad_dw").to(compute_type(grad_dw.scalar_type()));
-  const Frequencies f = check_indices(op, rows, cols, grad_dw.device());
-  check_range_cpu(op, f, g.size(0), g.size(1));
-  return coeff_grad_cpu(g, f.rows, f.cols, alpha, algo);
+  const WeightAndFrequencies a = check_coeff_grad_args(op, grad_dw, rows, cols, algo);
+  check_range_cpu(op, a.f, a.weight.size(0), a.weight.size(1));
+  return coeff_grad_cpu(a.weight, a.f.rows, a.f.cols, alpha, algo);
 }
 
 at::Tensor coeff_grad_batch_cpu_op(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& rows,
@@ -84,6 +82,25 @@ int64_t choose_algo_op(int64_t k, int64_t d_out, int64_t d_in, bool inverse, int
   return choose_algo(k, terms, columns, d_out, d_in, inverse);
 }
 
+std::vector<double> algo_costs_op(int64_t k, int64_t d_out, int64_t d_in, bool inverse, int64_t terms,
+                                  int64_t columns) {
+  TORCH_CHECK(k >= 0 && d_out >= 1 && d_in >= 1, "lfma_ext::algo_costs: need k >= 0 and positive sizes, got k = ",
+              k, ", ", d_out, " x ", d_in);
+  const std::array<double, 3> c = algo_costs(k, terms, columns, d_out, d_in, inverse);
+  return {c[0], c[1], c[2]};
+}
+
+std::vector<int64_t> count_terms_op(const at::Tensor& rows, const at::Tensor& cols, int64_t d_out, int64_t d_in) {
+  const char* op = "lfma_ext::count_terms";
+  check_size(op, d_out, d_in);
+  const Frequencies f = check_indices(op, rows, cols, rows.device());
+  TORCH_CHECK(rows.device().is_cpu(), op, ": rows and cols must be CPU tensors, got ", rows.device());
+  check_range_cpu(op, f, d_out, d_in);
+  const std::array<int64_t, 2> c = count_terms(f.rows.const_data_ptr<int64_t>(), f.cols.const_data_ptr<int64_t>(),
+                                               f.rows.size(0), d_out, d_in);
+  return {c[0], c[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lfma_ext, m) {
@@ -97,9 +114,13 @@ TORCH_LIBRARY(lfma_ext, m) {
         tags);
   m.def("coeff_grad(Tensor grad_dw, Tensor rows, Tensor cols, float alpha, int algo=-1) -> Tensor", tags);
   m.def("coeff_grad_batch(Tensor x, Tensor grad_out, Tensor rows, Tensor cols, float alpha) -> Tensor", tags);
-  // The algorithm algo=-1 resolves to on CPU (for benchmarks and tests).
+  // The CPU cost model, for the planner's reports, benchmarks and tests: the algorithm algo=-1 resolves
+  // to, its estimates (ns: separable, hybrid, fft2), and the terms/columns a call would count.
   m.def("choose_algo(int k, int d_out, int d_in, bool inverse, int terms=-1, int columns=-1) -> int",
         &choose_algo_op);
+  m.def("algo_costs(int k, int d_out, int d_in, bool inverse, int terms=-1, int columns=-1) -> float[]",
+        &algo_costs_op);
+  m.def("count_terms(Tensor rows, Tensor cols, int d_out, int d_in) -> int[]", &count_terms_op);
 }
 
 TORCH_LIBRARY_IMPL(lfma_ext, CPU, m) {

@@ -53,9 +53,7 @@ void launch_delta(const char* op, const Frequencies& f, int64_t d_out, int64_t d
 at::Tensor delta_weight_cuda(const at::Tensor& coeffs, const at::Tensor& rows, const at::Tensor& cols, int64_t d_out,
                              int64_t d_in, double alpha, int64_t algo) {
   const char* op = "lfma_ext::delta_weight";
-  check_size(op, d_out, d_in);
-  check_algo(op, algo);
-  const Frequencies f = check_frequencies(op, coeffs, rows, cols, coeffs.device());
+  const Frequencies f = check_delta_weight_args(op, coeffs, rows, cols, d_out, d_in, algo);
   const c10::DeviceGuard guard(coeffs.device());
   at::Tensor out = at::empty({d_out, d_in}, f.coeffs.options());
   launch_delta(op, f, d_out, d_in, alpha, at::Tensor(), out);
@@ -65,9 +63,9 @@ at::Tensor delta_weight_cuda(const at::Tensor& coeffs, const at::Tensor& rows, c
 at::Tensor folded_weight_cuda(const at::Tensor& weight, const at::Tensor& coeffs, const at::Tensor& rows,
                               const at::Tensor& cols, double alpha, int64_t algo) {
   const char* op = "lfma_ext::folded_weight";
-  check_algo(op, algo);
-  const at::Tensor w = check_weight(op, weight, "weight");
-  const Frequencies f = check_frequencies(op, coeffs, rows, cols, weight.device());
+  const WeightAndFrequencies a = check_folded_weight_args(op, weight, coeffs, rows, cols, algo);
+  const at::Tensor& w = a.weight;
+  const Frequencies& f = a.f;
   const c10::DeviceGuard guard(weight.device());
   const int64_t d_out = w.size(0), d_in = w.size(1);
   const bool acc64 = f.coeffs.scalar_type() == at::kDouble;
@@ -89,9 +87,9 @@ at::Tensor folded_weight_cuda(const at::Tensor& weight, const at::Tensor& coeffs
 at::Tensor coeff_grad_cuda(const at::Tensor& grad_dw, const at::Tensor& rows, const at::Tensor& cols, double alpha,
                            int64_t algo) {
   const char* op = "lfma_ext::coeff_grad";
-  check_algo(op, algo);
-  const at::Tensor g = check_weight(op, grad_dw, "grad_dw").to(compute_type(grad_dw.scalar_type()));
-  const Frequencies f = check_indices(op, rows, cols, grad_dw.device());
+  const WeightAndFrequencies a = check_coeff_grad_args(op, grad_dw, rows, cols, algo);
+  const at::Tensor& g = a.weight;
+  const Frequencies& f = a.f;
   const c10::DeviceGuard guard(grad_dw.device());
   const int64_t k = f.rows.size(0), d_out = g.size(0), d_in = g.size(1);
   const int code = dtype_code(g.scalar_type());

@@ -76,6 +76,34 @@ inline at::Tensor check_weight(const char* op, const at::Tensor& weight, const c
   return weight.contiguous();
 }
 
+// The arguments of each op, validated as both the CPU and the CUDA bindings take them.
+inline Frequencies check_delta_weight_args(const char* op, const at::Tensor& coeffs, const at::Tensor& rows,
+                                           const at::Tensor& cols, int64_t d_out, int64_t d_in, int64_t algo) {
+  check_size(op, d_out, d_in);
+  check_algo(op, algo);
+  return check_frequencies(op, coeffs, rows, cols, coeffs.device());
+}
+
+struct WeightAndFrequencies {
+  at::Tensor weight;  // the weight, or G = dL/d(dW), contiguous
+  Frequencies f;
+};
+
+inline WeightAndFrequencies check_folded_weight_args(const char* op, const at::Tensor& weight, const at::Tensor& coeffs,
+                                                     const at::Tensor& rows, const at::Tensor& cols, int64_t algo) {
+  check_algo(op, algo);
+  at::Tensor w = check_weight(op, weight, "weight");
+  return {w, check_frequencies(op, coeffs, rows, cols, weight.device())};
+}
+
+// G in the accumulation dtype (float32, or float64 for float64 G); f.coeffs is undefined.
+inline WeightAndFrequencies check_coeff_grad_args(const char* op, const at::Tensor& grad_dw, const at::Tensor& rows,
+                                                  const at::Tensor& cols, int64_t algo) {
+  check_algo(op, algo);
+  at::Tensor g = check_weight(op, grad_dw, "grad_dw").to(compute_type(grad_dw.scalar_type()));
+  return {g, check_indices(op, rows, cols, grad_dw.device())};
+}
+
 // Index range check on host memory (CPU only: on a GPU it would need a device sync; the public
 // Python entry points check ranges once, and the CUDA kernels reduce indices modulo the size).
 inline void check_range_cpu(const char* op, const Frequencies& f, int64_t d_out, int64_t d_in) {

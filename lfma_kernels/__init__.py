@@ -4,7 +4,7 @@
 dense spectrum or FFT where that is cheaper, folded into the frozen weight, and cached in eval.
 """
 from . import distributed, reference
-from .functional import available_backends, delta_weight, lfma_linear
+from .functional import available_backends, delta_weight, explain, lfma_linear
 from .layers import LFMALinear
 from .model import (
     LFMAConfig,
@@ -24,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Frequencies", "LFMAConfig", "LFMALinear", "ParameterCount", "apply_lfma", "available_backends",
-    "delta_weight", "lfma_linear", "lfma_state_dict", "load_lfma", "merge_lfma", "num_frequencies",
+    "delta_weight", "explain", "lfma_linear", "lfma_state_dict", "load_lfma", "merge_lfma", "num_frequencies",
     "distributed", "reference", "save_lfma", "select_frequencies", "trainable_parameters", "unload_lfma", "unmerge_lfma",
 ]

@@ -9,6 +9,7 @@ frequency selection; the two layer classes only hold the state and name it their
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -24,7 +25,7 @@ from .selection import Frequencies, init_matrix, num_frequencies, select_frequen
 
 __all__ = [
     "Adapter", "is_conv1d", "check_base", "base_shape", "logical_weight", "linear", "delta_weight",
-    "folded_weight", "merge", "unmerge", "choose_frequencies", "check_init_scale", "tensor", "check_unsharded", "cache_allowed",
+    "folded_weight", "plan", "merge", "unmerge", "choose_frequencies", "check_init_scale", "tensor", "check_unsharded", "cache_allowed",
 ]
 
 
@@ -158,6 +159,32 @@ def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backen
     a = _combined(adapters)
     return _impl(backend, x, a.rows.shape[0], w.shape).lfma_linear(x, w, tensor(base, "bias"), a.coeffs, a.rows,
                                                                    a.cols, a.alpha)
+
+
+def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter], backend: str, *,
+         training: bool, merged: bool, cache: bool):
+    """What :func:`linear` runs for input ``x`` (and, in training, its backward) and why: a
+    :class:`~lfma_kernels.ops.planner.Plan`. Without ``x``, for the weight's device and dtype and no
+    token count (so no backward path)."""
+    if not adapters:
+        raise ValueError("no active LFMA adapter: the layer runs its base layer alone")
+    w = logical_weight(base)
+    a = _combined(adapters)
+    shape = tuple(w.shape)
+    like = w if x is None else x
+    tokens = None if x is None else x.numel() // shape[1]
+    p = dispatch.explain(shape, a.rows.shape[0], device=like.device, dtype=like.dtype, tokens=tokens,
+                         backend_name=backend, weight_grad=w.requires_grad, rows=a.rows, cols=a.cols)
+    if merged:
+        note = "merged: the forward is the base layer alone (dW is in its weight)"
+    elif training:
+        note = "training: W + dW folded on every forward, one GEMM forward and one for dL/dx"
+    elif cache:
+        note = ("eval: one GEMM with a cached W + dW when nothing feeding it needs a gradient (built by "
+                "this backend when stale); otherwise the training path")
+    else:
+        note = "eval without a cache (sharded parameters): W + dW folded on every forward"
+    return dataclasses.replace(p, notes=p.notes + (note,))
 
 
 @torch.no_grad()

@@ -1,14 +1,15 @@
 """The public functional API: validated entry points that dispatch to a backend."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_frequencies, check_shape
+from ._checks import check_frequencies, check_k, check_shape
 from .ops import dispatch
+from .ops.planner import Plan
 
-__all__ = ["delta_weight", "lfma_linear", "available_backends"]
+__all__ = ["delta_weight", "lfma_linear", "available_backends", "explain"]
 
 available_backends = dispatch.available_backends
 
@@ -59,3 +60,38 @@ def lfma_linear(
     check_frequencies(coeffs, rows, cols, shape)
     impl = dispatch.resolve(backend, x.device, x.dtype, rows.shape[0], shape)
     return impl.lfma_linear(x, weight, bias, coeffs, rows.long(), cols.long(), float(alpha))
+
+
+def explain(
+    shape: Sequence[int],
+    k: Optional[int] = None,
+    *,
+    rows: Optional[torch.Tensor] = None,
+    cols: Optional[torch.Tensor] = None,
+    tokens: Optional[int] = None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    weight_grad: bool = False,
+) -> Plan:
+    """What a call with K frequencies on a ``shape = (d_out, d_in)`` weight runs, and why: the backend,
+    how it builds ``dW`` and reads ``dL/dcoeffs`` from ``G``, and (given ``tokens``, the rows of a
+    layer's input) how ``lfma_linear``'s backward gets ``dL/dcoeffs``, with the reason every
+    alternative was refused. ``device``/``dtype`` are those of the call's tensors (``x`` for a layer,
+    the coefficients for ``delta_weight``); a CUDA device may be named on a machine without one.
+    ``rows``/``cols`` (or just ``k``) give the frequencies; with them, the C++ kernels' choice is
+    reported exactly. ``weight_grad``: the frozen weight needs a gradient too. ``print()`` the result."""
+    shape = check_shape(shape)
+    if rows is not None or cols is not None:
+        if rows is None or cols is None or rows.dim() != 1 or rows.shape != cols.shape:
+            raise ValueError("rows and cols must be given together, as 1-D tensors of one length K")
+        if k is not None and k != rows.shape[0]:
+            raise ValueError(f"k = {k} but rows and cols hold {rows.shape[0]} frequencies")
+        k = rows.shape[0]
+    if k is None:
+        raise ValueError("pass k, or rows and cols")
+    check_k(k, shape)
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+        raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
+    return dispatch.explain(shape, k, device=device, dtype=dtype, tokens=tokens, backend_name=backend,
+                            weight_grad=weight_grad, rows=rows, cols=cols)

@@ -128,6 +128,13 @@ class LFMALinear(nn.Module):
         w.r.t. ``coeffs``."""
         return adapter.delta_weight(self.base, self._adapters()[0], self.backend)
 
+    def plan(self, x: Optional[torch.Tensor] = None):
+        """What a forward with input ``x`` (and, in training, its backward) runs and why: the backend,
+        how ``dW`` and ``dL/dcoeffs`` are computed, the reason each alternative was refused
+        (:func:`lfma_kernels.explain`); ``print()`` it. Without ``x``: for the weight's device and dtype."""
+        return adapter.plan(x, self.base, self._adapters(), self.backend, training=self.training, merged=self._merged,
+                            cache=self._cache_allowed)
+
     def clear_cache(self) -> None:
         """Drop the eval cache of ``W + dW``. Needed only after writing to ``coeffs``, ``rows``,
         ``cols`` or the weight through ``.data`` outside an optimizer step, which PyTorch hides

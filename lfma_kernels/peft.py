@@ -273,6 +273,13 @@ class LfmaLinear(nn.Module, LfmaLayer):
         cache = self._lfma_cache if self._lfma_cache_allowed else None
         return adapter.linear(x, base, adapters, self._backend(names), cache, self.training)
 
+    def plan(self, x: Optional[torch.Tensor] = None):
+        """What a forward with input ``x`` over the active adapters runs and why (see
+        :func:`lfma_kernels.explain`); without ``x``, for the base weight's device and dtype."""
+        names = self.active_adapters
+        return adapter.plan(x, self.base_layer, self._adapters(names), self._backend(names), training=self.training,
+                            merged=self.merged, cache=self._lfma_cache_allowed)
+
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """``W + sum(dW)`` of the named adapters as ``(d_out, d_in)``, no autograd (what merging writes)."""
         return adapter.folded_weight(self.get_base_layer(), self._adapters(adapter_names), self._backend(adapter_names))

@@ -3,7 +3,10 @@
 ``dW = alpha * Re(ifft2(F))`` with ``F`` a dense complex spectrum holding the K trained
 coefficients, then a second GEMM with ``dW``. The paper writes ``x @ dW``, which only
 type-checks for square layers; we use PyTorch's ``F.linear`` orientation (``x @ dW^T``, ``dW``
-shaped like the frozen weight). Runs in float64 when given float64 coefficients.
+shaped like the frozen weight). Runs in float64 when given float64 coefficients. The gradient
+oracle, :func:`coeff_grad`, is the paper's too: autograd through ``ifft2``.
+
+It imports nothing from the code it checks.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .ops.common import compute_dtype, fold_weight
+__all__ = ["delta_weight", "coeff_grad", "lfma_linear"]
 
-__all__ = ["delta_weight", "folded_weight", "lfma_linear"]
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def delta_weight(
@@ -25,7 +30,7 @@ def delta_weight(
     alpha: float,
 ) -> torch.Tensor:
     """``alpha * Re(ifft2(F))`` with ``F[rows[k], cols[k]] += coeffs[k, 0] + 1j * coeffs[k, 1]``."""
-    real_dtype = compute_dtype(coeffs.dtype)
+    real_dtype = _real_dtype(coeffs.dtype)
     c = torch.complex(coeffs[:, 0].to(real_dtype), coeffs[:, 1].to(real_dtype))
     spectrum = torch.zeros(tuple(shape), dtype=c.dtype, device=coeffs.device)
     # accumulate=True: repeated positions add up, as they would in the closed form.
@@ -33,16 +38,22 @@ def delta_weight(
     return torch.fft.ifft2(spectrum).real * alpha
 
 
-def folded_weight(
-    weight: torch.Tensor,
-    coeffs: torch.Tensor,
+def coeff_grad(
+    grad_dw: torch.Tensor,
     rows: torch.Tensor,
     cols: torch.Tensor,
     alpha: float,
 ) -> torch.Tensor:
-    """``W + dW`` in ``W``'s dtype, the add done in ``dW``'s precision (what ``merge`` writes)."""
-    with torch.no_grad():
-        return fold_weight(weight, delta_weight(coeffs, rows, cols, weight.shape, alpha))
+    """``dL/dcoeffs`` (``[K, 2]``: real, imag) for ``dL/d(dW) = grad_dw``, the paper's way: autograd
+    through :func:`delta_weight` (the dense spectrum and ``ifft2``). In float64 for float64
+    ``grad_dw``, float32 otherwise. ``dW`` is linear in the coefficients, so the gradient does not
+    depend on their values."""
+    dtype = _real_dtype(grad_dw.dtype)
+    with torch.enable_grad():
+        coeffs = torch.zeros(rows.shape[0], 2, dtype=dtype, device=grad_dw.device, requires_grad=True)
+        dw = delta_weight(coeffs, rows, cols, tuple(grad_dw.shape), alpha)
+        (grad,) = torch.autograd.grad(dw, coeffs, grad_dw.to(dtype))
+    return grad
 
 
 def lfma_linear(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lfma_kernels as lfma
-from lfma_kernels.ops import dispatch, extension
+from lfma_kernels.ops import dispatch, extension, planner
 from conftest import random_frequencies, rel_err
 
 _reason = dispatch.unavailable_reason("cpp")
@@ -22,7 +22,7 @@ if _reason is not None:  # no prebuilt extension and no toolchain to build one
 from lfma_kernels.ops import cpp_ops  # noqa: E402  (loads the extension)
 
 ops = torch.ops.lfma_ext
-ALGOS = ["separable", "hybrid", "fft2"]
+ALGOS = ["separable", "hybrid", "fft"]
 # The odd shapes of the foundation tests, K = 1, K odd, large K (past d_out*d_in/2, with repeats),
 # and every position of a small matrix once; 1-wide and 2-wide edges for the FFT paths.
 SHAPES_K = [((48, 80), 1), ((48, 80), 37), ((97, 64), 1), ((97, 64), 203), ((33, 33), 33), ((33, 33), 1089),
@@ -43,16 +43,15 @@ def frequencies(shape, k, gen, dtype=torch.float64, device="cpu"):
 
 
 def oracle_grad(g, rows, cols, alpha):
-    """s * (Re, Im) fft2(G)[u, v] in float64."""
-    s = alpha / (g.shape[0] * g.shape[1])
-    return torch.view_as_real(torch.fft.fft2(g.double())[rows.cpu(), cols.cpu()]) * s
+    """dL/dcoeffs for G = g the paper's way (autograd through ifft2), in float64."""
+    return lfma.reference.coeff_grad(g.double().cpu(), rows.cpu(), cols.cpu(), alpha)
 
 
 @pytest.fixture(params=ALGOS)
-def algo(request, monkeypatch):
-    """Force one CPU algorithm, in the raw ops (returned code) and in the cpp backend."""
-    monkeypatch.setattr(cpp_ops, "algo", request.param)
-    return cpp_ops.ALGOS[request.param]
+def algo(request):
+    """Force one CPU algorithm, in the raw ops (the returned code) and in the cpp backend."""
+    with planner.force(dw=request.param, grad=request.param):
+        yield cpp_ops.ALGO_CODES[request.param]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,18 +131,15 @@ def test_coeff_grad_batch_dtypes_layouts_and_empty(gen):
     torch.library.opcheck(ops.coeff_grad_batch.default, (x.float(), g.float(), rows, cols, 1.5))
 
 
-def test_cpp_backward_takes_the_batch_path(gen, monkeypatch):
-    """With the cost model asking for "fft", the cpp backend's backward runs its own kernel (not
-    torch_ops' version) and matches the dense path."""
-    from lfma_kernels.ops import torch_ops
-
+def test_cpp_backward_takes_the_batch_path(gen):
+    """With the planner asking for "fft", the cpp backend's backward runs its own kernel (not
+    torch_kernels' version) and matches the dense path."""
     coeffs, rows, cols = frequencies((24, 40), 11, gen, dtype=torch.float32)
     x, weight = torch.randn(3, 5, 40, generator=gen), torch.randn(24, 40, generator=gen)
     grads = {}
     for path in ("dense", "fft"):
-        monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape, _p=path, **_: _p)
         c = coeffs.clone().requires_grad_(True)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with planner.force(backward=path), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             lfma.lfma_linear(x, weight, None, c, rows, cols, 2.0, backend="cpp").square().sum().backward()
         names = {e.key for e in prof.key_averages()}
         assert ("lfma_ext::coeff_grad_batch" in names) == (path == "fft"), names
@@ -154,10 +150,8 @@ def test_cpp_backward_takes_the_batch_path(gen, monkeypatch):
 def test_batch_path_cost_model_picks():
     """The measured pair cost sends the paper's shapes through the batch kernel and very large K
     through G (benchmarks/bench_cpp.py --batch-grad)."""
-    from lfma_kernels.ops import torch_ops
-
     def pick(tokens, k, shape):
-        return torch_ops.coeff_grad_path(tokens, k, shape, pair_cost=cpp_ops.BATCH_FFT_PAIR_COST)
+        return planner.backward_path("cpp", "cpu", tokens, k, shape)
 
     assert pick(1024, 943, (768, 768)) == "fft" and pick(4096, 176, (768, 768)) == "fft"
     assert pick(1024, 29491, (768, 768)) == "dense"
@@ -241,7 +235,7 @@ def test_auto_algorithm_is_valid_and_agrees(gen):
 
 
 def test_auto_picks_cpp_on_cpu():
-    """dispatch: cpp measured at least as fast as torch everywhere on CPU (see dispatch.auto_backend)."""
+    """cpp measured at least as fast as torch everywhere on CPU (the planner's CPU table)."""
     cpu = torch.device("cpu")
     for k, shape in [(1, (8, 8)), (176, (768, 768)), (29491, (768, 768))]:
         assert dispatch.auto_backend(cpu, torch.float32, k, shape) == "cpp"
@@ -316,9 +310,10 @@ def test_torch_compile_fullgraph(gen):
     x = torch.randn(5, shape[1], generator=gen)
     weight = torch.randn(shape, generator=gen)
 
+    ops_ = cpp_ops.OPS
+
     def step(x, c):  # the backend's op itself (the public function checks index ranges on the host)
-        return cpp_ops.lfma_linear(x, weight, None, c, rows, cols, 3.0) + cpp_ops.delta_weight(c, rows, cols, shape,
-                                                                                                1.0).sum()
+        return ops_.lfma_linear(x, weight, None, c, rows, cols, 3.0) + ops_.delta_weight(c, rows, cols, shape, 1.0).sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     c1, c2 = coeffs.clone().requires_grad_(True), coeffs.clone().requires_grad_(True)
@@ -392,21 +387,21 @@ def test_binding_errors(call, message):
 # loading: how it was found, and what is said when it cannot be
 # ---------------------------------------------------------------------------------------------
 def test_extension_loaded_and_described():
-    how = extension.load("cpu")
+    how = extension.load("cpp")
     assert how.startswith("prebuilt ") or how == "built on first use"
     assert extension.source_dir() is not None
-    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+    with pytest.raises(ValueError, match="'cpp' or 'cuda'"):
         extension.unavailable_reason("rocm")
 
 
 def test_jit_fallback_reasons(monkeypatch):
     monkeypatch.setenv("LFMA_NO_JIT", "1")
-    assert "LFMA_NO_JIT=1" in extension._jit_missing("cpu")
+    assert "LFMA_NO_JIT=1" in extension._jit_missing("cpp")
     monkeypatch.delenv("LFMA_NO_JIT")
     monkeypatch.setenv("CXX", "no-such-compiler-lfma")
-    assert "no C++ compiler was found" in extension._jit_missing("cpu")
+    assert "no C++ compiler was found" in extension._jit_missing("cpp")
     monkeypatch.setattr(extension, "source_dir", lambda: None)
-    assert "sources (csrc/) are not shipped" in extension._jit_missing("cpu")
+    assert "sources (csrc/) are not shipped" in extension._jit_missing("cpp")
 
 
 def test_stale_prebuilt_library_is_not_loaded(tmp_path, monkeypatch):

@@ -3,21 +3,19 @@ import pytest
 import torch
 
 import lfma_kernels as lfma
-from lfma_kernels.ops import torch_ops
+from lfma_kernels.ops import planner, torch_kernels
 from conftest import FAST_BACKENDS, TRITON_INTERPRETED, linear_against_oracle, random_frequencies, rel_err
 
 SHAPES_K = [((48, 80), 1), ((48, 80), 37), ((97, 64), 1), ((97, 64), 203), ((33, 33), 33), ((16, 24), 384)]
 
 
 @pytest.fixture(params=["separable", "fft"])
-def dw_path(request, monkeypatch):
-    """Run a test once through each way the torch backend can build dW (and read dL/dcoeffs from G);
-    for the triton backend, "separable" is its fused kernel and "fft" the torch backend's FFT path."""
-    monkeypatch.setattr(torch_ops, "use_separable", lambda k, shape, inverse=True: request.param == "separable")
-    if "triton" in FAST_BACKENDS:
-        from lfma_kernels.ops import triton_ops
-        monkeypatch.setattr(triton_ops, "use_kernel", lambda k, shape, inverse=True: request.param == "separable")
-    return request.param
+def dw_path(request):
+    """Run a test once through each way a backend can build dW and read dL/dcoeffs from G: the
+    separable product (torch: a GEMM, triton: its fused kernel, cpp: its separable algorithm) or an
+    FFT (cpp: its 2-D FFT; triton: the torch backend's)."""
+    with planner.force(dw=request.param, grad=request.param):
+        yield request.param
 
 
 def fast_gradcheck(backend):
@@ -29,10 +27,10 @@ def fast_gradcheck(backend):
 
 
 @pytest.fixture(params=["dense", "gemm", "fft"])
-def grad_path(request, monkeypatch):
+def grad_path(request):
     """Run a test once through each way lfma_linear's backward can get dL/dcoeffs."""
-    monkeypatch.setattr(torch_ops, "coeff_grad_path", lambda tokens, k, shape, **_: request.param)
-    return request.param
+    with planner.force(backward=request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS + ["auto"])
@@ -194,8 +192,8 @@ def test_grad_path_fixture_reaches_the_backward(grad_path, gen, monkeypatch):
     """The path fixtures must really steer the backward (else the path tests prove nothing)."""
     seen = []
     for name in ("coeff_grad_batch_gemm", "coeff_grad_batch_fft"):
-        original = getattr(torch_ops, name)
-        monkeypatch.setattr(torch_ops, name, lambda *a, _o=original, _n=name: seen.append(_n) or _o(*a))
+        original = getattr(torch_kernels, name)
+        monkeypatch.setattr(torch_kernels, name, lambda *a, _o=original, _n=name: seen.append(_n) or _o(*a))
     coeffs, rows, cols = random_frequencies((12, 10), 3, generator=gen)
     coeffs.requires_grad_(True)
     lfma.lfma_linear(torch.randn(4, 10), torch.randn(12, 10), None, coeffs, rows, cols, 1.0,

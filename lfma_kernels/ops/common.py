@@ -1,11 +1,11 @@
-"""Small pieces every backend shares: accumulation dtype, the ``alpha / (d_out*d_in)`` scale, the fold."""
+"""Small pieces every backend shares: accumulation dtype, the ``alpha / (d_out*d_in)`` scale, ``W + dW``."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 
-__all__ = ["compute_dtype", "scale", "fold_weight"]
+__all__ = ["compute_dtype", "scale", "add_delta"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -18,7 +18,7 @@ def scale(shape: Sequence[int], alpha: float) -> float:
     return float(alpha) / (shape[0] * shape[1])
 
 
-def fold_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``W + dW`` in ``W``'s dtype, the add done in ``dW``'s (float32 or wider) precision."""
     if weight.dtype == delta.dtype:
         return weight + delta

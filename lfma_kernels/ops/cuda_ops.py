@@ -9,10 +9,11 @@ from __future__ import annotations
 from . import extension
 from .library import register_backend
 
-__all__ = ["delta_weight", "folded_weight", "lfma_linear"]
+__all__ = ["KERNELS", "OPS"]
 
 extension.load("cuda")
 
-from .cpp_ops import KERNELS  # noqa: E402  (after the CUDA part is known to load)
+from . import cpp_ops  # noqa: E402  (after the CUDA part is known to load)
 
-delta_weight, folded_weight, lfma_linear = register_backend("cuda", KERNELS)
+KERNELS = cpp_ops.LFMA_EXT_KERNELS
+OPS = register_backend("cuda", KERNELS)

@@ -1,26 +1,54 @@
-"""Backend registry: which implementations exist here, why the others do not, and what ``auto`` picks.
+"""Backend registry: which implementations exist here, why the others do not, and the one a call runs.
 
-A backend is a module exposing the three functions of :class:`.library.BackendOps`:
-``delta_weight(coeffs, rows, cols, shape, alpha)`` (``dW`` in float32, or float64 for float64
-coefficients, differentiable w.r.t. ``coeffs``), ``folded_weight(weight, coeffs, rows, cols,
-alpha)`` and ``lfma_linear(x, weight, bias, coeffs, rows, cols, alpha)``. Availability is probed
-lazily and once; modules that need an optional dependency are imported only when asked for.
-Probe results and modules are kept in plain dicts, so once a backend has been used (or
-:func:`prepare`d) ``resolve`` is a few dict lookups that ``torch.compile`` traces without a break.
+Each backend is a :class:`Backend` record: its name, where its code lives, an availability probe
+that says why it cannot run here and how to fix that, the devices it runs on, and, once loaded, its
+kernels (:class:`.library.Kernels`) and registered ops (:class:`.library.BackendOps`:
+``delta_weight``, ``folded_weight``, ``lfma_linear``). Probes run lazily and once; a module that
+needs an optional dependency is imported only when asked for. What ``auto`` picks is the planner's
+decision (:func:`.planner.choose_backend`), given this registry's facts. Probe results and loaded
+records are kept in plain dicts, so once a backend has been used (or :func:`prepare`d)
+:func:`resolve` is a few dict lookups that ``torch.compile`` traces without a break.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-from types import ModuleType
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "resolve", "auto_backend", "prepare"]
+from . import planner
+from .library import BackendOps, Kernels, fold_with
+
+__all__ = ["Backend", "BACKENDS", "REGISTRY", "available_backends", "unavailable_reason", "why_not", "backend",
+           "resolve", "auto_backend", "prepare", "explain"]
 
 BACKENDS: Tuple[str, ...] = ("reference", "torch", "triton", "cpp", "cuda")
+
+# The Triton interpreter runs kernels on CPU tensors; it must be chosen before triton is imported.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class Backend:
+    """One implementation of the LFMA ops. ``kernels`` and the registered ops (``delta_weight``,
+    ``folded_weight``, ``lfma_linear``: :class:`.library.BackendOps`) are set when it is loaded
+    (:func:`backend`); the reference has no kernels (it is the paper's formulation, the oracle)."""
+    name: str
+    module: str                                  # where its code lives
+    probe: Callable[[], Optional[str]]           # None when it can run in this process, else why not + how to fix
+    devices: Callable[[], Optional[Tuple[str, ...]]]  # device types it runs on (None: any device torch supports)
+    summary: str
+    kernels: Optional[Kernels] = None
+    delta_weight: Optional[Callable[..., torch.Tensor]] = None   # (coeffs, rows, cols, shape, alpha), differentiable
+    folded_weight: Optional[Callable[..., torch.Tensor]] = None  # (weight, coeffs, rows, cols, alpha), no autograd
+    lfma_linear: Optional[Callable[..., torch.Tensor]] = None    # (x, weight, bias, coeffs, rows, cols, alpha)
+
+    def runs_on(self, device: torch.device) -> bool:
+        devices = self.devices()
+        return devices is None or device.type in devices
 
 
 def _always() -> Optional[str]:
@@ -52,38 +80,37 @@ def _triton_probe() -> Optional[str]:
     return None
 
 
-_MODULES: Dict[str, str] = {
-    "reference": "lfma_kernels.reference",
-    "torch": "lfma_kernels.ops.torch_ops",
-    "triton": "lfma_kernels.ops.triton_ops",
-    "cpp": "lfma_kernels.ops.cpp_ops",
-    "cuda": "lfma_kernels.ops.cuda_ops",
-}
-_PROBES: Dict[str, Callable[[], Optional[str]]] = {
-    "reference": _always,
-    "torch": _always,
-    "triton": _triton_probe,
-    "cpp": _extension_probe("cpu"),
-    "cuda": _extension_probe("cuda"),
-}
-# Devices each backend can run on; None means any device torch supports.
-_DEVICES: Dict[str, Optional[Tuple[str, ...]]] = {
-    "reference": None, "torch": None, "triton": ("cuda",), "cpp": ("cpu",), "cuda": ("cuda",),
-}
+def _on(*devices: str) -> Callable[[], Optional[Tuple[str, ...]]]:
+    return lambda: devices
 
 
-# The Triton interpreter runs kernels on CPU tensors; it must be chosen before triton is imported.
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_devices() -> Optional[Tuple[str, ...]]:
+    # Under the interpreter the kernels take CPU tensors (the interpreter runs them anywhere).
+    return None if _TRITON_INTERPRET else ("cuda",)
+
+
+REGISTRY: Dict[str, Backend] = {b.name: b for b in (
+    Backend("reference", "lfma_kernels.reference", _always, lambda: None,
+            "the paper's formulation (dense spectrum, torch.fft.ifft2, second GEMM): the oracle"),
+    Backend("torch", "lfma_kernels.ops.torch_ops", _always, lambda: None,
+            "pure PyTorch: separable product or irfft2, folded into W, batch coefficient gradients"),
+    Backend("triton", "lfma_kernels.ops.triton_ops", _triton_probe, _triton_devices,
+            "fused Triton kernels (GPU, or CPU under TRITON_INTERPRET=1)"),
+    Backend("cpp", "lfma_kernels.ops.cpp_ops", _extension_probe("cpp"), _on("cpu"),
+            "compiled C++ CPU kernels (csrc/)"),
+    Backend("cuda", "lfma_kernels.ops.cuda_ops", _extension_probe("cuda"), _on("cuda"),
+            "compiled CUDA kernels (csrc/lfma_cuda.cu)"),
+)}
 _reasons: Dict[str, Optional[str]] = {}
-_modules: Dict[str, ModuleType] = {}
+_loaded: Dict[str, Backend] = {}
 
 
 def unavailable_reason(name: str) -> Optional[str]:
     """``None`` when backend ``name`` can be used here, otherwise why not and how to get it."""
     if name not in _reasons:
-        if name not in BACKENDS:
+        if name not in REGISTRY:
             return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
-        _reasons[name] = _PROBES[name]()
+        _reasons[name] = REGISTRY[name].probe()
     return _reasons[name]
 
 
@@ -92,10 +119,26 @@ def available_backends() -> List[str]:
     return [name for name in BACKENDS if unavailable_reason(name) is None]
 
 
-def _module(name: str) -> ModuleType:
-    if name not in _modules:
-        _modules[name] = importlib.import_module(_MODULES[name])
-    return _modules[name]
+def why_not(name: str, device: torch.device) -> Optional[str]:
+    """``None`` when backend ``name`` can run a call on ``device`` tensors here, otherwise why not."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return f"not available: {reason}"
+    record = REGISTRY[name]
+    if not record.runs_on(device):
+        return f"does not run on {device.type} tensors (it runs on {', '.join(record.devices())})"
+    return None
+
+
+def _load(name: str) -> Backend:
+    record = REGISTRY[name]
+    module = importlib.import_module(record.module)
+    if name == "reference":  # the oracle is plain functions: no kernels, and a fold built on its dW
+        ops = BackendOps(module.delta_weight, fold_with(module.delta_weight), module.lfma_linear)
+    else:
+        record.kernels, ops = module.KERNELS, module.OPS
+    record.delta_weight, record.folded_weight, record.lfma_linear = ops
+    return record
 
 
 def _require(name: str) -> None:
@@ -104,59 +147,58 @@ def _require(name: str) -> None:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")
 
 
-def prepare(backend: str) -> None:
-    """Probe (and import) what ``backend`` may resolve to, ahead of the first call.
+def backend(name: str) -> Backend:
+    """The loaded record of backend ``name``; ``RuntimeError`` saying why if it cannot run here."""
+    if name not in _loaded:
+        _require(name)
+        _loaded[name] = _load(name)
+    return _loaded[name]
+
+
+def prepare(name: str) -> None:
+    """Probe (and load) what ``name`` may resolve to, ahead of the first call.
 
     An explicit backend that cannot run in this process raises ``RuntimeError`` now, saying why:
     availability (an import, a compiled extension, a GPU) does not change within a process.
     Whether it runs on the tensors' device is checked per call, since tensors move."""
-    if backend != "auto":
-        _require(backend)
-    for name in (BACKENDS if backend == "auto" else (backend,)):
-        if unavailable_reason(name) is None:
-            _module(name)
-
-
-def _runs_on(name: str, device: torch.device) -> bool:
-    devices = _DEVICES[name]
-    if name == "triton" and _TRITON_INTERPRET:
-        return True
-    return devices is None or device.type in devices
-
-
-# CPU: the cpp kernels (dW, W + dW, dL/dcoeffs) were as fast as or faster than the torch backend's
-# at every shape and K measured with benchmarks/bench_cpp.py --crossover (2-core AMD EPYC, torch 2.13,
-# float32, 2026-11-26; 64x64 to 4096x4096 and 768x3072 / 3072x768, K = 1 to 29491): torch/cpp from
-# 1.0 (4096x4096 with K <= 64, where both run the same MKL GEMM) through 1.5-3 at the paper's shapes
-# to 3-10 on small layers (the torch backend's per-call Python overhead). No crossover, so cpp
-# whenever it loads; `benchmarks/bench_cpp.py` checks the layer training step with auto against
-# each backend alone.
-# CUDA: triton, then cuda, then torch. The cuda kernels only evaluate the separable product
-# (2K*M*N work, no FFT path), so auto takes them only where the torch backend would run that
-# product as well (torch_ops.use_separable), not where it switches to scatter + irfft2 on cuFFT;
-# that crossover was measured on CPU, the GPU one is not yet.
-def _cuda_kernels_fit(k: int, shape: Sequence[int]) -> bool:
-    from . import torch_ops
-    return torch_ops.use_separable(k, shape)
+    if name != "auto":
+        _require(name)
+    for candidate in (BACKENDS if name == "auto" else (name,)):
+        if unavailable_reason(candidate) is None:
+            backend(candidate)
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int]) -> str:
-    """The fastest available backend for this device (see benchmarks/RESULTS.md)."""
-    preferred = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
-    for name in preferred:
-        if name == "cuda" and not _cuda_kernels_fit(k, shape):
-            continue
-        if unavailable_reason(name) is None and _runs_on(name, device):
-            return name
-    return "torch"
+    """The name ``backend="auto"`` resolves to for this call (:func:`.planner.choose_backend`)."""
+    return planner.choose_backend(device, dtype, k, shape, why_not)
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int]) -> ModuleType:
-    """The backend module for a call; ``RuntimeError`` naming the reason if it cannot run here."""
-    name = auto_backend(device, dtype, k, shape) if backend == "auto" else backend
+def resolve(name: str, device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int]) -> Backend:
+    """The backend record for a call; ``RuntimeError`` naming the reason if it cannot run here."""
+    if name == "auto":
+        name = planner.choose_backend(device, dtype, k, shape, why_not)
     _require(name)
-    if not _runs_on(name, device):
+    record = _loaded.get(name) or backend(name)
+    if not record.runs_on(device):
         raise RuntimeError(
-            f"backend {name!r} does not run on {device.type} tensors (it runs on {', '.join(_DEVICES[name])}); "
+            f"backend {name!r} does not run on {device.type} tensors (it runs on {', '.join(record.devices())}); "
             f"move the tensors or use backend='auto'")
-    return _module(name)
+    return record
+
+
+def explain(shape: Sequence[int], k: int, *, device="cpu", dtype: torch.dtype = torch.float32,
+            tokens: Optional[int] = None, backend_name: str = "auto", weight_grad: bool = False,
+            rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> planner.Plan:
+    """:func:`.planner.plan` with this registry's facts: availability, devices, and the chosen
+    backend's own report where its kernels choose (cpp)."""
+    device = torch.device(device)
+    if backend_name != "auto" and backend_name not in REGISTRY:
+        _require(backend_name)  # unknown name: RuntimeError listing the choices
+    chosen = backend_name if backend_name != "auto" else planner.choose_backend(device, dtype, k, shape, why_not)
+    report = None
+    if unavailable_reason(chosen) is None:
+        kernels = backend(chosen).kernels
+        report = None if kernels is None else kernels.algorithm_report
+    return planner.plan(device, dtype, k, shape, why_not=why_not, backends=BACKENDS, tokens=tokens,
+                        backend=backend_name, weight_grad=weight_grad, rows=rows, cols=cols,
+                        algorithm_report=report)

@@ -2,7 +2,7 @@
 
 Two shared libraries register the ``torch.ops.lfma_ext`` operators:
 
-* ``lfma_kernels._C`` (csrc/bindings.cpp, csrc/cpu_kernels.cpp): the op schemas and the CPU kernels;
+* ``lfma_kernels._C`` (csrc/bindings.cpp, csrc/cpu_kernels.cpp, csrc/cpu_plan.cpp): the op schemas and the CPU kernels;
 * ``lfma_kernels._C_cuda`` (csrc/cuda_bindings.cpp, csrc/lfma_cuda.cu): CUDA kernels for the same ops.
 
 Each is taken from the package when ``setup.py`` built it (``pip install --no-build-isolation -e .``),
@@ -26,10 +26,10 @@ import torch
 __all__ = ["unavailable_reason", "load", "source_dir", "CPU_SOURCES", "CUDA_SOURCES", "cxx_flags", "nvcc_flags",
            "link_flags"]
 
-CPU_SOURCES = ("bindings.cpp", "cpu_kernels.cpp")
+CPU_SOURCES = ("bindings.cpp", "cpu_kernels.cpp", "cpu_plan.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "lfma_cuda.cu")
-_MODULE = {"cpu": "lfma_kernels._C", "cuda": "lfma_kernels._C_cuda"}
-_JIT_NAME = {"cpu": "lfma_kernels_C", "cuda": "lfma_kernels_C_cuda"}
+_MODULE = {"cpp": "lfma_kernels._C", "cuda": "lfma_kernels._C_cuda"}
+_JIT_NAME = {"cpp": "lfma_kernels_C", "cuda": "lfma_kernels_C_cuda"}
 _REBUILD = ("to prebuild it, install lfma_kernels after torch with `pip install --no-build-isolation` "
             "(in a source checkout: `make venv`)")
 
@@ -108,7 +108,7 @@ def _jit_build(part: str) -> str:
     from torch.utils import cpp_extension
 
     src = source_dir()
-    names = CPU_SOURCES if part == "cpu" else CUDA_SOURCES
+    names = CPU_SOURCES if part == "cpp" else CUDA_SOURCES
     try:  # where torch caches it (a private helper; only used to decide whether to announce a build)
         build_dir = cpp_extension._get_build_directory(_JIT_NAME[part], verbose=False)
     except Exception:
@@ -159,7 +159,7 @@ def _load(part: str) -> Optional[str]:
         except OSError as exc:  # built against another torch, or its runtime libraries are missing
             prebuilt_error = f"the prebuilt {_MODULE[part]} ({path}) failed to load: {exc}"
     missing = _jit_missing(part)
-    what = "the C++ extension" if part == "cpu" else "the CUDA kernels of the C++ extension"
+    what = "the C++ extension" if part == "cpp" else "the CUDA kernels of the C++ extension"
     if missing is not None:
         head = prebuilt_error or f"{what} ({_MODULE[part]}) was not built with this installation"
         return f"{head}, and {missing}; {_REBUILD}"
@@ -183,14 +183,14 @@ def _cuda_runtime_missing() -> Optional[str]:
 
 
 def unavailable_reason(part: str) -> Optional[str]:
-    """``None`` when ``part`` ("cpu" or "cuda") is loaded (loading or building it now if needed),
+    """``None`` when ``part`` ("cpp" or "cuda", named like the backends they serve) is loaded (loading or building it now if needed),
     otherwise what is missing and how to get it. The answer is cached for the process."""
     if part not in _MODULE:
-        raise ValueError(f"part must be 'cpu' or 'cuda', got {part!r}")
+        raise ValueError(f"part must be 'cpp' or 'cuda', got {part!r}")
     with _lock:
         if part == "cuda" and "cuda" not in _reasons:
             # The CUDA library registers kernels for the ops the CPU library defines: that first.
-            _reasons["cuda"] = _cuda_runtime_missing() or _cached_load("cpu") or _load("cuda")
+            _reasons["cuda"] = _cuda_runtime_missing() or _cached_load("cpp") or _load("cuda")
         return _cached_load(part)
 
 

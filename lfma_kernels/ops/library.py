@@ -9,7 +9,10 @@ implementations, they trace under ``torch.compile`` without graph breaks and pas
 one GEMM forward and one for ``dL/dx``. The op also returns ``W + dW`` so its backward can reuse it
 (rebuilding it cost ~2-4% of a CPU training step at ViT-B shapes); the wrapper hands out only the
 output. The backward takes ``dL/dcoeffs`` from the cheapest of: the dense weight gradient ``G = g^T x`` and the backend's ``coeff_grad(G)``, or
-one of the batch paths that never form ``G`` (DESIGN section 1; ``torch_ops.coeff_grad_path``).
+one of the batch paths that never form ``G`` (DESIGN section 1), as :func:`.planner.backward_path` says.
+
+The fake implementations check their inputs with ``torch._check`` (shapes, K, dtypes), so a bad call
+under ``torch.compile`` fails at trace time, naming the op and the argument.
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .common import compute_dtype
+from . import planner, torch_kernels
+from .common import add_delta, compute_dtype
 
-__all__ = ["Kernels", "BackendOps", "register_backend"]
+__all__ = ["Kernels", "BackendOps", "register_backend", "fold_with", "check_frequencies", "check_positions",
+           "check_matrix"]
 
 
 class Kernels(NamedTuple):
@@ -30,15 +35,17 @@ class Kernels(NamedTuple):
     folded_weight: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
     # dL/dcoeffs [K, 2] from G = dL/d(dW) (float32 or float64), in G's dtype.
     coeff_grad: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-    # Optional: the backend's own "gemm" batch path, with torch_ops.coeff_grad_batch_gemm's
-    # signature (x2d, g2d, rows, cols, shape, alpha, dtype). It runs inside the traced backward,
-    # so it must be traceable (a custom op with a fake implementation). None: torch_ops' version.
-    coeff_grad_batch: Optional[Callable[..., torch.Tensor]] = None
-    # Optional: the backend's own "fft" batch path (same signature; torch_ops.coeff_grad_batch_fft's
-    # contract) and what its gather-and-reduce costs per (token, frequency) pair in the cost model's
-    # units (torch_ops.coeff_grad_path). None: torch_ops' version and constant.
+    # Optional: the backend's own "gemm" batch path of a layer's backward, with
+    # torch_kernels.coeff_grad_batch_gemm's signature (x2d, g2d, rows, cols, shape, alpha, dtype). It runs
+    # inside the traced backward, so it must be traceable (a custom op with a fake implementation).
+    # None: torch_kernels' version.
+    coeff_grad_batch_gemm: Optional[Callable[..., torch.Tensor]] = None
+    # Optional: the backend's own "fft" batch path (same signature, torch_kernels.coeff_grad_batch_fft's
+    # contract). None: torch_kernels' version. What it costs is in the planner's tables.
     coeff_grad_batch_fft: Optional[Callable[..., torch.Tensor]] = None
-    batch_fft_pair_cost: Optional[float] = None
+    # Optional, for kernels that choose their algorithm themselves (cpp): what they would choose, with
+    # their estimates, for planner.plan (planner.AlgorithmReport).
+    algorithm_report: Optional[planner.AlgorithmReport] = None
 
 
 class BackendOps(NamedTuple):
@@ -58,11 +65,44 @@ def _fold(kernels: Kernels, weight: torch.Tensor, coeffs, rows, cols, alpha) -> 
     return kernels.folded_weight(weight, coeffs, rows, cols, alpha)
 
 
-def register_backend(name: str, kernels: Kernels) -> BackendOps:
-    # Imported here (torch_ops imports this module to register itself) and looked up at call
-    # time, so the path chosen is always the cost model's current one.
-    from . import torch_ops
+def fold_with(delta_weight: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A ``folded_weight(weight, coeffs, rows, cols, alpha)`` from a ``delta_weight``: ``W + dW`` in
+    ``W``'s dtype, no autograd."""
+    def folded_weight(weight, coeffs, rows, cols, alpha) -> torch.Tensor:
+        with torch.no_grad():
+            return add_delta(weight, delta_weight(coeffs, rows, cols, tuple(weight.shape), alpha))
+    return folded_weight
 
+
+# ---------------------------------------------------------------------------------------------
+# input checks of the fake implementations (torch._check: a bad call fails at trace time)
+# ---------------------------------------------------------------------------------------------
+def check_positions(op: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    for name, idx in (("rows", rows), ("cols", cols)):
+        torch._check(idx.dim() == 1 and idx.dtype == torch.int64,
+                     lambda: f"{op}: {name} must be a 1-D int64 tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+    torch._check(rows.shape[0] == cols.shape[0],
+                 lambda: f"{op}: rows and cols must have the same length K, got {rows.shape[0]} and {cols.shape[0]}")
+
+
+def check_frequencies(op: str, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    torch._check(coeffs.dim() == 2 and coeffs.shape[1] == 2,
+                 lambda: f"{op}: coeffs must have shape [K, 2] (real, imag), got {tuple(coeffs.shape)}")
+    torch._check(coeffs.dtype.is_floating_point and not coeffs.dtype.is_complex,
+                 lambda: f"{op}: coeffs must be a real floating-point tensor, got {coeffs.dtype}")
+    check_positions(op, rows, cols)
+    torch._check(coeffs.shape[0] == rows.shape[0],
+                 lambda: f"{op}: rows, cols and coeffs must have the same length K, got {rows.shape[0]} and "
+                         f"{coeffs.shape[0]}")
+
+
+def check_matrix(op: str, name: str, t: torch.Tensor) -> None:
+    """A weight, ``G`` or a ``[tokens, features]`` activation: 2-D, real floating point."""
+    torch._check(t.dim() == 2, lambda: f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    torch._check(t.dtype.is_floating_point, lambda: f"{op}: {name} must be floating point, got {t.dtype}")
+
+
+def register_backend(name: str, kernels: Kernels) -> BackendOps:
     prefix = f"lfma::{name}_"
 
     @torch.library.custom_op(prefix + "delta_weight", mutates_args=())
@@ -72,6 +112,9 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     @delta_weight_op.register_fake
     def _(coeffs, rows, cols, d_out, d_in, alpha):
+        check_frequencies(prefix + "delta_weight", coeffs, rows, cols)
+        torch._check(d_out >= 1 and d_in >= 1, lambda: f"{prefix}delta_weight: d_out and d_in must be positive, "
+                                                       f"got {d_out} x {d_in}")
         return coeffs.new_empty((d_out, d_in), dtype=compute_dtype(coeffs.dtype))
 
     @torch.library.custom_op(prefix + "folded_weight", mutates_args=())
@@ -81,6 +124,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     @folded_weight_op.register_fake
     def _(weight, coeffs, rows, cols, alpha):
+        check_matrix(prefix + "folded_weight", "weight", weight)
+        check_frequencies(prefix + "folded_weight", coeffs, rows, cols)
         return torch.empty_like(weight)
 
     @torch.library.custom_op(prefix + "coeff_grad", mutates_args=())
@@ -89,6 +134,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     @coeff_grad_op.register_fake
     def _(grad_dw, rows, cols, alpha):
+        check_matrix(prefix + "coeff_grad", "grad_dw", grad_dw)
+        check_positions(prefix + "coeff_grad", rows, cols)
         return grad_dw.new_empty((rows.shape[0], 2))
 
     def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype) -> torch.Tensor:
@@ -113,6 +160,13 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     @linear_op.register_fake
     def _(x, weight, bias, coeffs, rows, cols, alpha):
+        check_matrix(prefix + "linear", "weight", weight)
+        check_frequencies(prefix + "linear", coeffs, rows, cols)
+        torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+                     lambda: f"{prefix}linear: x must end in d_in = {weight.shape[1]}, got shape {tuple(x.shape)}")
+        torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],),
+                     lambda: f"{prefix}linear: bias must have shape ({weight.shape[0]},), got "
+                             f"{None if bias is None else tuple(bias.shape)}")
         return x.new_empty((*x.shape[:-1], weight.shape[0])), torch.empty_like(weight)
 
     def linear_setup(ctx, inputs, output):
@@ -132,8 +186,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         grad_x = grad_w = grad_b = grad_c = None
         if need_x:
             grad_x = (g2d @ folded).reshape(x.shape)
-        path = "dense" if need_w else torch_ops.coeff_grad_path(x2d.shape[0], rows.shape[0], shape,
-                                                                 pair_cost=kernels.batch_fft_pair_cost)
+        path = planner.backward_path(name, g2d.device.type, x2d.shape[0], rows.shape[0], shape, weight_grad=need_w)
         g_dense = g2d.T @ x2d if need_w or (need_c and path == "dense") else None
         if need_w:
             grad_w = g_dense
@@ -142,9 +195,9 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
                 grad_c = coeff_grad_from(g_dense, rows, cols, ctx.alpha, coeffs.dtype)
             else:
                 if path == "gemm":
-                    batch = kernels.coeff_grad_batch or torch_ops.coeff_grad_batch_gemm
+                    batch = kernels.coeff_grad_batch_gemm or torch_kernels.coeff_grad_batch_gemm
                 else:
-                    batch = kernels.coeff_grad_batch_fft or torch_ops.coeff_grad_batch_fft
+                    batch = kernels.coeff_grad_batch_fft or torch_kernels.coeff_grad_batch_fft
                 grad_c = batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(coeffs.dtype)).to(coeffs.dtype)
         if need_b and ctx.has_bias:
             grad_b = g2d.sum(0)

@@ -25,8 +25,8 @@ Three kernels, all built on the same in-register phase tiles (DESIGN section 1):
     one launch plus the partial sum, where the torch backend's version launches a few dozen
     small kernels (phase tables, two GEMMs, elementwise products, reductions).
 
-For large K the scatter + ``irfft2`` (cuFFT) path of the torch backend wins; :func:`use_kernel`
-is the cost model that picks (its GPU constants are estimates, see below). Float32 ``tl.dot``
+For large K the scatter + ``irfft2`` (cuFFT) path of the torch backend wins; the planner picks
+(:func:`.planner.dw_algorithm`; its GPU table holds estimates until measured). Float32 ``tl.dot``
 runs in IEEE precision by default; :func:`set_dot_precision` opts into TF32 (``"tf32"``, ~1e-3
 relative) or TF32x3 (``"tf32x3"``, close to float32 accuracy on tensor cores). Triton has no float64
 ``tl.dot`` on NVIDIA GPUs (triton-lang/triton#5483), so float64 inputs take the same kernels
@@ -41,7 +41,6 @@ float32 -> bf16 stores truncate instead of rounding to nearest.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import struct
 from typing import Dict, Sequence, Tuple
@@ -50,16 +49,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch_ops
-from .common import compute_dtype, fold_weight, scale
-from .library import Kernels, register_backend
+from . import planner, torch_kernels
+from .common import add_delta, compute_dtype, scale
+from .library import Kernels, check_matrix, check_positions, register_backend
 
 __all__ = [
-    "delta_weight",
-    "folded_weight",
-    "lfma_linear",
-    "coeff_grad_batch",
-    "use_kernel",
+    "KERNELS",
+    "OPS",
+    "coeff_grad_batch_gemm",
     "set_dot_precision",
     "get_dot_precision",
     "INTERPRETED",
@@ -94,36 +91,6 @@ def set_dot_precision(value: str) -> None:
 
 def get_dot_precision() -> str:
     return _dot_precision
-
-
-# ---------------------------------------------------------------------------------------------
-# cost model: fused kernel vs the torch backend's scatter + cuFFT path
-# ---------------------------------------------------------------------------------------------
-# ESTIMATES, NOT MEASUREMENTS. No GPU was available when this backend was written, so these
-# constants are back-of-envelope figures for an H100/H200-class GPU; replace them with the
-# crossover measured by `python benchmarks/bench_gpu.py --crossover` on the GPU (it prints the
-# measured crossover K per shape and the constants that reproduce it).
-#   kernel:  2*K*d_out*d_in multiply-adds in float32 IEEE tl.dot (CUDA-core FMA): assumed to run
-#            at ~20 T multiply-adds/s (about 60% of the 33.5 TMAC/s FP32 peak).
-#   FFT:     a fixed ~25 us for the scatter's half-dozen launches plus irfft2 (~20 us for rfft2
-#            and the gather of the gradient path), and ~0.33 ps per point per log2(points) for
-#            cuFFT itself (memory bound: ~135 us for a 4096x4096 irfft2).
-# With these the kernel builds dW below K = 487 at 768x768, 304 at 1024x1024, 175 at 768x3072
-# and 3072x768, and 94 at 4096x4096 (gradient: 402, 256, 154, 91). The paper's headline
-# sparsities (K = 176 at 768x768, 314 at 1024x1024) sit on either side of the 1024 estimate:
-# the measured constants decide.
-_KERNEL_MAC_PER_S = 20e12
-_FFT_FIXED_S = 25e-6
-_FFT_GRAD_FIXED_S = 20e-6
-_FFT_S_PER_POINT_LOG2 = 0.33e-12
-
-
-def use_kernel(k: int, shape: Sequence[int], *, inverse: bool = True) -> bool:
-    """Fused kernel (``True``) or the FFT path, for ``dW`` (``inverse``) or the gradient from ``G``."""
-    n = shape[0] * shape[1]
-    kernel_s = 2.0 * k * n / _KERNEL_MAC_PER_S
-    fft_s = (_FFT_FIXED_S if inverse else _FFT_GRAD_FIXED_S) + _FFT_S_PER_POINT_LOG2 * n * math.log2(max(n, 2))
-    return kernel_s < fft_s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,14 +363,14 @@ _tables: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _table(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[d, 2]`` = (cos, sin)(2 pi j / d), correctly rounded to ``dtype`` (torch_ops.phase_tables
+    """``[d, 2]`` = (cos, sin)(2 pi j / d), correctly rounded to ``dtype`` (torch_kernels.phase_tables
     at the unit frequency); cached per size, dtype and device (a few KiB each).
 
     Built on first use: under CUDA-graph capture, run one eager step first (the usual warmup)."""
     key = (d, dtype, device)
     table = _tables.get(key)
     if table is None:
-        cos, sin = torch_ops.phase_tables(torch.ones(1, dtype=torch.int64, device=device), d, dtype)
+        cos, sin = torch_kernels.phase_tables(torch.ones(1, dtype=torch.int64, device=device), d, dtype)
         table = _tables[key] = torch.cat([cos, sin], dim=1).contiguous()
     return table
 
@@ -516,25 +483,25 @@ def _launch_coeff_grad_batch(x2d: torch.Tensor, g2d: torch.Tensor, rows: torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# the backend's kernels: fused kernel or the torch backend's FFT path, as the cost model says
+# the backend's kernels: fused kernel or the torch backend's FFT path, as the planner says
 # ---------------------------------------------------------------------------------------------
 def _delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
-    if use_kernel(rows.shape[0], shape):
+    if planner.dw_algorithm("triton", coeffs.device.type, rows.shape[0], shape) == "separable":
         return _launch_delta_weight(coeffs, rows, cols, shape, alpha)
-    return torch_ops.delta_weight_fft(coeffs, rows, cols, shape, alpha)
+    return torch_kernels.delta_weight_fft(coeffs, rows, cols, shape, alpha)
 
 
 def _folded_weight(weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
     shape = tuple(weight.shape)
-    if use_kernel(rows.shape[0], shape):
+    if planner.dw_algorithm("triton", weight.device.type, rows.shape[0], shape) == "separable":
         return _launch_delta_weight(coeffs, rows, cols, shape, alpha, weight=weight)
-    return fold_weight(weight, torch_ops.delta_weight_fft(coeffs, rows, cols, shape, alpha))
+    return add_delta(weight, torch_kernels.delta_weight_fft(coeffs, rows, cols, shape, alpha))
 
 
 def _coeff_grad(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
-    if use_kernel(rows.shape[0], grad_dw.shape, inverse=False):
+    if planner.grad_algorithm("triton", grad_dw.device.type, rows.shape[0], grad_dw.shape) == "separable":
         return _launch_coeff_grad(grad_dw, rows, cols, alpha)
-    return torch_ops.coeff_grad_fft(grad_dw, rows, cols, alpha)
+    return torch_kernels.coeff_grad_fft(grad_dw, rows, cols, alpha)
 
 
 # The batch path runs inside lfma_linear's registered backward, which torch.compile traces with
@@ -547,15 +514,23 @@ def _coeff_grad_batch_op(x2d: torch.Tensor, g2d: torch.Tensor, rows: torch.Tenso
 
 @_coeff_grad_batch_op.register_fake
 def _(x2d, g2d, rows, cols, d_out, d_in, alpha, dtype):
+    op = "lfma::triton_coeff_grad_batch"
+    check_matrix(op, "x2d", x2d)
+    check_matrix(op, "g2d", g2d)
+    check_positions(op, rows, cols)
+    torch._check(x2d.shape[0] == g2d.shape[0] and x2d.shape[1] == d_in and g2d.shape[1] == d_out,
+                 lambda: f"{op}: x2d must be [tokens, d_in = {d_in}] and g2d [tokens, d_out = {d_out}], got "
+                         f"{tuple(x2d.shape)} and {tuple(g2d.shape)}")
     return x2d.new_empty((rows.shape[0], 2), dtype=dtype)
 
 
-def coeff_grad_batch(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
+def coeff_grad_batch_gemm(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
     """``dL/dcoeffs`` of a layer from its input ``x [T, d_in]`` and output gradient ``g [T, d_out]``
-    without forming ``G = g^T x`` (torch_ops.coeff_grad_batch_gemm's contract, fused)."""
+    without forming ``G = g^T x``: the "gemm" batch path (``P = g A``, ``Q = x B``;
+    torch_kernels.coeff_grad_batch_gemm's contract), fused into one kernel."""
     return _coeff_grad_batch_op(x2d, g2d, rows, cols, int(shape[0]), int(shape[1]), float(alpha), dtype)
 
 
-delta_weight, folded_weight, lfma_linear = register_backend(
-    "triton", Kernels(delta_weight=_delta_weight, folded_weight=_folded_weight, coeff_grad=_coeff_grad,
-                      coeff_grad_batch=coeff_grad_batch))
+KERNELS = Kernels(delta_weight=_delta_weight, folded_weight=_folded_weight, coeff_grad=_coeff_grad,
+                  coeff_grad_batch_gemm=coeff_grad_batch_gemm)
+OPS = register_backend("triton", KERNELS)

@@ -1,0 +1,42 @@
+// How the CPU kernels run a call: the algorithm their cost model picks (or the one asked for), and
+// for the hybrid its terms. The cost model and its constants are in cpu_plan.cpp; the Python planner
+// (lfma_kernels/ops/planner.py) reports its choice through lfma_ext::choose_algo / algo_costs /
+// count_terms and forces one through algo=.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "lfma_ext.h"
+
+namespace lfma_ext {
+namespace cpu {
+
+// The hybrid's direct terms. Frequency k becomes the term c e^{2 pi i m step / M} in column col <= N/2
+// of the row-FFT half spectrum; a frequency past N/2 enters as the conjugate of its mirror
+// (-u, N - v), so every k touches exactly one column. Frequencies with the same (col, step) share
+// one term: top-K selection on a real matrix picks both members of each conjugate pair, and the
+// two land on the same term, so this halves the direct work of the paper's selections.
+struct Terms {
+  std::vector<int32_t> step, col;   // per unique term, sorted by (col, step)
+  std::vector<int32_t> term;        // per frequency: its term
+  std::vector<uint8_t> mirror;      // per frequency: entered as the conjugate of its mirror
+};
+
+Terms make_terms(const int64_t* rows, const int64_t* cols, int64_t k, int64_t m, int64_t n);
+
+// How a call runs: the algorithm; for the separable product whether it runs as fused loops (small K)
+// or a GEMM; for the hybrid its terms (built once, also for the choice).
+struct Plan {
+  int64_t algo;
+  bool fused_loops;
+  Terms terms;
+};
+
+// As asked (algo >= 0), or the cost model's pick for these K frequencies, counting the hybrid's
+// distinct terms (merged conjugate pairs count once). `inverse`: building dW; otherwise dL/dcoeffs from G.
+Plan make_plan(int64_t algo, const int64_t* rows, const int64_t* cols, int64_t k, int64_t m, int64_t n, bool inverse);
+
+}  // namespace cpu
+}  // namespace lfma_ext
