@@ -35,19 +35,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import math
 import sys
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-import bench_layer as B  # noqa: E402  (also puts the source tree on sys.path if needed)
+from common import ALPHA, delta_weight_fn, lfma, make_inputs, make_problem, parse_shapes, train_step_fn  # first
 
 import torch  # noqa: E402
 
-lfma = B.lfma
 from lfma_kernels.ops import dispatch  # noqa: E402
 from report import fmt_ms, machine_info, markdown_table, write_section  # noqa: E402
 from timing import interleaved_ms  # noqa: E402
@@ -86,9 +82,9 @@ def _extension_how() -> str:
 def _accuracy(p, backend: str) -> float:
     """||dW - oracle|| / ||oracle|| for the problem's float32 coefficients, oracle in float64 on CPU."""
     with torch.no_grad():
-        out = lfma.delta_weight(p.coeffs, p.rows, p.cols, p.shape, B.ALPHA, backend=backend).double().cpu()
+        out = lfma.delta_weight(p.coeffs, p.rows, p.cols, p.shape, ALPHA, backend=backend).double().cpu()
         ref = lfma.reference.delta_weight(p.coeffs.detach().double().cpu(), p.rows.cpu(), p.cols.cpu(), p.shape,
-                                          B.ALPHA)
+                                          ALPHA)
     return float((out - ref).norm() / ref.norm())
 
 
@@ -104,9 +100,9 @@ def acceptance(args: argparse.Namespace) -> None:
     others = [b for b in backends if b != "reference"]
     dw_rows, train_rows, noisy = [], [], []
     for shape, k in ACCEPTANCE:
-        p = B.make_problem(shape, k, device=device)
+        p = make_problem(shape, k, device=device)
         print(f"{shape[0]}x{shape[1]} K={k}", file=sys.stderr, flush=True)
-        ms = interleaved_ms({b: B.delta_weight_fn(p, b, backward=False) for b in backends},
+        ms = interleaved_ms({b: delta_weight_fn(p, b, backward=False) for b in backends},
                             rounds=args.rounds, min_time_s=args.min_time, noisy=noisy, sync=sync,
                             label=f"delta_weight {shape[0]}x{shape[1]} K={k}")
         auto = dispatch.auto_backend(p.device, p.coeffs.dtype, k, shape)
@@ -116,9 +112,9 @@ def acceptance(args: argparse.Namespace) -> None:
         dw_rows.append([f"{shape[0]}x{shape[1]}", str(k)] + [fmt(ms.get(b)) for b in backends] + ratios + errors
                        + [auto])
 
-        x, g = B.make_inputs(p, args.tokens, requires_grad=True)
+        x, g = make_inputs(p, args.tokens, requires_grad=True)
         layers = others + ["auto"]
-        ms = interleaved_ms({b: B.train_step_fn(p, b, x, g) for b in layers},
+        ms = interleaved_ms({b: train_step_fn(p, b, x, g) for b in layers},
                             rounds=args.rounds, min_time_s=args.min_time, noisy=noisy, sync=sync,
                             label=f"training step {shape[0]}x{shape[1]} K={k}")
         best = min(others, key=ms.get)
@@ -150,7 +146,7 @@ def crossover(args: argparse.Namespace) -> None:
 
     ops = torch.ops.lfma_ext
     codes = cpp_ops.ALGO_CODES
-    shapes = B.parse_shapes(args.shapes)
+    shapes = parse_shapes(args.shapes)
     ks = [int(k) for k in args.ks.split(",")]
     rows_dw, rows_g, noisy = [], [], []
     for shape in shapes:
@@ -208,7 +204,7 @@ def batch_grad(args: argparse.Namespace) -> None:
     gemm_ms = interleaved_ms({"gemm": lambda: a @ b}, rounds=args.rounds)["gemm"]
     mac_ps = gemm_ms * 1e9 / (1024 * 768 * 768)
     out, noisy = [], []
-    for shape in B.parse_shapes(args.shapes):
+    for shape in parse_shapes(args.shapes):
         d_out, d_in = shape
         for tokens in [int(t) for t in args.token_counts.split(",")]:
             x = torch.randn(tokens, d_in, generator=gen)

@@ -11,8 +11,8 @@ Three tables (shapes 768x768, 1024x1024, 768x3072, 3072x768, 4096x4096; ratios 0
   eval forward   LFMALinear.eval() under no_grad (cached W + dW), 4096 tokens
 
 then the acceptance checks of the Triton issue (PASS/FAIL per figure), and the table printed last.
-The problems and timed functions are benchmarks/bench_layer.py's; "paper" is lfma_kernels.reference
-(dense complex spectrum, ifft2, second GEMM, autograd through ifft2). "auto" resolves to triton
+The problems and timed functions are benchmarks/common.py's (bench_layer.py's too); "paper" is
+lfma_kernels.reference (dense complex spectrum, ifft2, second GEMM, autograd through ifft2). "auto" resolves to triton
 on CUDA; triton itself runs its fused kernel or the FFT path per K, as the planner says
 (lfma_kernels/ops/planner.py, the CUDA table).
 
@@ -33,18 +33,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+from common import (FULL_RATIOS, PAPER, QUICK_SHAPES, Problem, backend_runs, cases, delta_weight_fn,
+                    eval_forward_fn, frozen_eval_forward_fn, frozen_train_step_fn, lfma, make_inputs, make_problem, paper_eval_forward_fn, parse_ratios,
+                    parse_shapes, train_step_fn, training_floor)  # first: puts lfma_kernels on the path
 
-import bench_layer as B  # noqa: E402  (also puts the source tree on the path if not installed)
 import torch  # noqa: E402
 
 from costfit import crossover_k, describe, fit_nlogn, write_json  # noqa: E402
@@ -52,13 +50,10 @@ from lfma_kernels.ops import dispatch, planner, torch_kernels  # noqa: E402
 from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section  # noqa: E402
 
 FULL_SHAPES = "768x768,1024x1024,768x3072,3072x768,4096x4096"
-FULL_RATIOS = "0.0001,0.0003,0.0016,0.05"
-QUICK_SHAPES = "768x768,1024x1024"
 TRAIN_TOKENS = "4096,16384"
 EVAL_TOKENS = 4096
 DTYPES = "bfloat16,float32"
 SECTION = "gpu triton"
-PAPER = B.PAPER
 COLUMNS = [PAPER, "torch", "triton"]          # measured LFMA columns ("auto" = whichever it picks)
 
 # Acceptance figures of the Triton issue.
@@ -121,52 +116,52 @@ class Results:
     eval: List[dict] = field(default_factory=list)
 
 
-def _columns(p: B.Problem) -> List[str]:
-    return [c for c in COLUMNS if B.backend_runs(p, c)]
+def _columns(p: Problem) -> List[str]:
+    return [c for c in COLUMNS if backend_runs(p, c)]
 
 
-def _auto(p: B.Problem, dtype: torch.dtype) -> str:
+def _auto(p: Problem, dtype: torch.dtype) -> str:
     return dispatch.auto_backend(p.device, dtype, p.k, p.shape)
 
 
-def _path(p: B.Problem) -> str:
+def _path(p: Problem) -> str:
     return "kernel" if planner.dw_algorithm("triton", p.device.type, p.k, p.shape) == "separable" else "fft"
 
 
-def run_delta_weight(p: B.Problem, bench: Bench, res: Results) -> None:
+def run_delta_weight(p: Problem, bench: Bench, res: Results) -> None:
     tag = f"{p.shape[0]}x{p.shape[1]} K={p.k}"
     for backward in (False, True):
         row = {"shape": p.shape, "ratio": p.ratio, "k": p.k, "kind": "fwd+bwd" if backward else "fwd",
                "auto": _auto(p, p.coeffs.dtype), "path": _path(p), "ms": {}}
         for name in _columns(p):
             row["ms"][name] = bench(f"{tag} delta_weight {row['kind']} {name}",
-                                    lambda: B.delta_weight_fn(p, name, backward=backward))
+                                    lambda: delta_weight_fn(p, name, backward=backward))
         res.delta_weight.append(row)
 
 
-def run_layer(p: B.Problem, tokens_list: Sequence[int], bench: Bench, res: Results) -> None:
+def run_layer(p: Problem, tokens_list: Sequence[int], bench: Bench, res: Results) -> None:
     dtype_name = str(p.dtype).replace("torch.", "")
     tag = f"{p.shape[0]}x{p.shape[1]} K={p.k} {dtype_name}"
     for tokens in tokens_list:
-        x, g = B.make_inputs(p, tokens, requires_grad=True)
+        x, g = make_inputs(p, tokens, requires_grad=True)
         row = {"shape": p.shape, "ratio": p.ratio, "k": p.k, "tokens": tokens, "dtype": dtype_name,
-               "auto": _auto(p, p.dtype), "floor": B.training_floor(p.shape, p.k), "ms": {},
+               "auto": _auto(p, p.dtype), "floor": training_floor(p.shape, p.k), "ms": {},
                "grad": planner.backward_path("triton", p.device.type, tokens, p.k, p.shape)}
         for name in _columns(p):
-            row["ms"][name] = bench(f"{tag} train {tokens} {name}", lambda: B.train_step_fn(p, name, x, g))
+            row["ms"][name] = bench(f"{tag} train {tokens} {name}", lambda: train_step_fn(p, name, x, g))
         if "triton" in row["ms"]:
             row["ms"]["triton+graph"] = bench(f"{tag} train {tokens} triton+graph",
-                                              lambda: B.train_step_fn(p, "triton", x, g), graph=True)
-        row["ms"]["frozen"] = bench(f"{tag} train {tokens} frozen", lambda: B.frozen_train_step_fn(p, x, g))
+                                              lambda: train_step_fn(p, "triton", x, g), graph=True)
+        row["ms"]["frozen"] = bench(f"{tag} train {tokens} frozen", lambda: frozen_train_step_fn(p, x, g))
         res.train.append(row)
-    x, _ = B.make_inputs(p, EVAL_TOKENS, requires_grad=False)
+    x, _ = make_inputs(p, EVAL_TOKENS, requires_grad=False)
     row = {"shape": p.shape, "ratio": p.ratio, "k": p.k, "tokens": EVAL_TOKENS, "dtype": dtype_name,
            "auto": _auto(p, p.dtype), "floor": 1.0, "ms": {}}
-    row["ms"][PAPER] = bench(f"{tag} eval paper", lambda: B.paper_eval_forward_fn(p, x))
+    row["ms"][PAPER] = bench(f"{tag} eval paper", lambda: paper_eval_forward_fn(p, x))
     for name in _columns(p):
         if name != PAPER:
-            row["ms"][name] = bench(f"{tag} eval {name}", lambda: B.eval_forward_fn(p, name, x))
-    row["ms"]["frozen"] = bench(f"{tag} eval frozen", lambda: B.frozen_eval_forward_fn(p, x))
+            row["ms"][name] = bench(f"{tag} eval {name}", lambda: eval_forward_fn(p, name, x))
+    row["ms"]["frozen"] = bench(f"{tag} eval frozen", lambda: frozen_eval_forward_fn(p, x))
     res.eval.append(row)
 
 
@@ -311,25 +306,22 @@ def run_tables(args: argparse.Namespace) -> int:
     bench = Bench(args.warmup_ms, args.rep_ms)
     res = Results()
     start = time.perf_counter()
-    cases = [(s, r) for s in args.shapes for r in args.ratios]
     done = True
-    for i, (shape, ratio) in enumerate(cases, 1):
-        if time.perf_counter() - start > args.budget_s:
-            left = ", ".join(f"{s[0]}x{s[1]}@{r:g}" for s, r in cases[i - 1:])
-            print(f"time budget of {args.budget_s:.0f} s spent; not measured: {left} "
-                  f"(run them with --shapes/--ratios)", file=sys.stderr)
-            bench.errors.append(f"not measured (time budget): {left}")
-            done = False
-            break
-        try:
-            k = B.lfma.num_frequencies(shape, ratio)
-        except ValueError as exc:
-            print(f"[{i}/{len(cases)}] {shape} ratio {ratio}: skipped ({exc})", file=sys.stderr)
-            continue
-        print(f"[{i}/{len(cases)}] {shape[0]}x{shape[1]} ratio {ratio} K={k} "
-              f"({time.perf_counter() - start:.0f} s elapsed)", file=sys.stderr, flush=True)
+
+    def over_budget(left) -> bool:
+        nonlocal done
+        if time.perf_counter() - start <= args.budget_s:
+            return False
+        names = ", ".join(f"{s[0]}x{s[1]}@{r:g}" for s, r in left)
+        print(f"time budget of {args.budget_s:.0f} s spent; not measured: {names} "
+              f"(run them with --shapes/--ratios)", file=sys.stderr)
+        bench.errors.append(f"not measured (time budget): {names}")
+        done = False
+        return True
+
+    for shape, ratio, k in cases(args.shapes, args.ratios, stop=over_budget):
         for j, dtype_name in enumerate(args.dtypes):
-            p = B.make_problem(shape, k, ratio=ratio, device=args.device, dtype=getattr(torch, dtype_name))
+            p = make_problem(shape, k, ratio=ratio, device=args.device, dtype=getattr(torch, dtype_name))
             if j == 0:
                 run_delta_weight(p, bench, res)
             run_layer(p, args.tokens, bench, res)
@@ -489,8 +481,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES} only")
     parser.add_argument("--crossover", action="store_true", help="cost-model crossover mode (see above)")
-    parser.add_argument("--shapes", type=B.parse_shapes, default=None, help=f"default {FULL_SHAPES}")
-    parser.add_argument("--ratios", type=B.parse_ratios, default=None, help=f"default {FULL_RATIOS}")
+    parser.add_argument("--shapes", type=parse_shapes, default=None, help=f"default {FULL_SHAPES}")
+    parser.add_argument("--ratios", type=parse_ratios, default=None, help=f"default {FULL_RATIOS}")
     parser.add_argument("--tokens", default=TRAIN_TOKENS, help=f"training-step tokens (default {TRAIN_TOKENS})")
     parser.add_argument("--dtypes", default=DTYPES, help=f"activation/weight dtypes (default {DTYPES})")
     parser.add_argument("--precision", choices=("ieee", "tf32x3", "tf32"), default=None,
@@ -506,8 +498,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="--crossover: also write the constants, crossovers and times as JSON here")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.shapes = args.shapes or B.parse_shapes(QUICK_SHAPES if args.quick else FULL_SHAPES)
-    args.ratios = args.ratios or B.parse_ratios(FULL_RATIOS)
+    args.shapes = args.shapes or parse_shapes(QUICK_SHAPES if args.quick else FULL_SHAPES)
+    args.ratios = args.ratios or parse_ratios(FULL_RATIOS)
     try:
         args.tokens = [int(t) for t in args.tokens.split(",")]
     except ValueError:

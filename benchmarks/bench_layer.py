@@ -20,181 +20,27 @@ and the other backends are LFMALinear(nn.Linear(d_in, d_out), k=K, backend=...),
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
-import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)  # timing.py, the one timing helper
-try:
-    import lfma_kernels as lfma
-except ImportError:  # not installed: use the source tree this script lives in
-    sys.path.insert(0, _ROOT)
-    import lfma_kernels as lfma
+from common import (FULL_RATIOS, PAPER, QUICK_SHAPES, Problem, Shape, backend_runs, cases, delta_weight_fn,
+                    eval_forward_fn, frozen_eval_forward_fn, frozen_train_step_fn, lfma, make_inputs, make_problem, paper_eval_forward_fn, parse_ratios,
+                    parse_shapes, train_step_fn, training_floor)  # first: puts lfma_kernels on the path
 
-import torch
-import torch.nn as nn
+import torch  # noqa: E402
 
-from lfma_kernels.ops import dispatch
-from lfma_kernels.selection import init_matrix
-from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section
-from timing import interleaved_ms
+from lfma_kernels.ops import dispatch  # noqa: E402
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section  # noqa: E402
+from timing import interleaved_ms  # noqa: E402
 
 FULL_SHAPES = "768x768,1024x1024,768x3072,4096x4096"
-FULL_RATIOS = "0.0001,0.0003,0.0016,0.05"
-QUICK_SHAPES = "768x768,1024x1024"
 QUICK_RATIOS = "0.0003,0.0016"
-ALPHA = 12.0
-PAPER = "reference"
 # From this many weight entries on, a shape counts as large: fewer repeats (still >= 5), one warmup.
 LARGE_NUMEL = 1 << 23
 MIN_REPEATS = 5
-
-Shape = Tuple[int, int]
-
-
-# ---------------------------------------------------------------------------------------------
-# problems and the functions that are timed
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Problem:
-    """A frozen nn.Linear and K coefficients at the K strongest frequencies of the default init."""
-    shape: Shape                 # (d_out, d_in)
-    ratio: Optional[float]
-    k: int
-    linear: nn.Linear            # frozen, on device, in dtype
-    coeffs: torch.Tensor         # [K, 2] float32 leaf, requires grad
-    rows: torch.Tensor
-    cols: torch.Tensor
-    device: torch.device
-    dtype: torch.dtype
-    seed: int = 0
-
-
-def make_problem(shape: Shape, k: int, *, ratio: Optional[float] = None, device="cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> Problem:
-    d_out, d_in = shape
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    linear = nn.Linear(d_in, d_out).to(device=device, dtype=dtype).requires_grad_(False)
-    # The same selection LFMALinear(init="random", seed=seed) makes, so every column sees the
-    # same frequencies.
-    freqs = lfma.select_frequencies(init_matrix("random", linear.weight, seed=seed), k)
-    coeffs = torch.view_as_real(freqs.values).float().to(device).clone().requires_grad_(True)
-    return Problem(tuple(shape), ratio, k, linear, coeffs, freqs.rows.to(device), freqs.cols.to(device),
-                   device, dtype, seed)
-
-
-def backend_runs(p: Problem, backend: str) -> bool:
-    """Whether ``backend`` can run this problem here (available, and on this device)."""
-    try:
-        dispatch.resolve(backend, p.device, p.dtype, p.k, p.shape)
-    except RuntimeError:
-        return False
-    return True
-
-
-def build_layer(p: Problem, backend: str) -> nn.Module:
-    """``lfma.LFMALinear`` around the problem's frozen nn.Linear: what users run."""
-    return lfma.LFMALinear(p.linear, k=p.k, alpha=ALPHA, seed=p.seed, backend=backend)
-
-
-def make_inputs(p: Problem, tokens: int, *, requires_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``x [tokens, d_in]`` and a fixed upstream gradient ``g [tokens, d_out]``."""
-    gen = torch.Generator().manual_seed(p.seed + 1)
-    x = torch.randn(tokens, p.shape[1], generator=gen).to(p.device, p.dtype).requires_grad_(requires_grad)
-    g = torch.randn(tokens, p.shape[0], generator=gen).to(p.device, p.dtype)
-    return x, g
-
-
-def delta_weight_fn(p: Problem, backend: str, *, backward: bool) -> Callable[[], None]:
-    """``lfma.delta_weight(..., backend=backend)``: forward under no_grad, or forward + backward
-    with a fixed random ``dL/d(dW)``."""
-    coeffs, rows, cols, shape = p.coeffs, p.rows, p.cols, p.shape
-    if not backward:
-        def forward() -> None:
-            with torch.no_grad():
-                lfma.delta_weight(coeffs, rows, cols, shape, ALPHA, backend=backend)
-        return forward
-    gen = torch.Generator().manual_seed(p.seed + 2)
-    grad = torch.randn(shape, generator=gen).to(p.device)
-
-    def forward_backward() -> None:
-        coeffs.grad = None
-        lfma.delta_weight(coeffs, rows, cols, shape, ALPHA, backend=backend).backward(grad)
-    return forward_backward
-
-
-def train_step_fn(p: Problem, backend: str, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
-    """One training step of the layer: grads set to None (as ``zero_grad()`` does), forward,
-    ``backward(g)`` into ``x.grad`` and ``coeffs.grad``."""
-    layer = build_layer(p, backend).train()
-    coeffs = layer.coeffs
-
-    def step() -> None:
-        x.grad = None
-        coeffs.grad = None
-        layer(x).backward(g)
-    return step
-
-
-def own_copy(linear: nn.Linear) -> nn.Linear:
-    """The frozen layer's own weight: timed round-robin, a column that shared ``p.linear.weight``
-    with the paper's column (which reads it just before, in some rounds) would find it in cache,
-    while an LFMA layer in eval reads its own cached ``W + dW`` (a 13% bias at 768x768, 64 tokens)."""
-    return copy.deepcopy(linear)
-
-
-def frozen_train_step_fn(p: Problem, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
-    """The frozen nn.Linear's training step: forward and ``dL/dx`` only."""
-    linear = own_copy(p.linear)
-
-    def step() -> None:
-        x.grad = None
-        linear(x).backward(g)
-    return step
-
-
-def eval_forward_fn(p: Problem, backend: str, x: torch.Tensor) -> Callable[[], None]:
-    """The layer in eval mode under no_grad: one GEMM with the cached ``W + dW`` (built on the
-    first call, i.e. during warmup)."""
-    layer = build_layer(p, backend).eval()
-
-    def forward() -> None:
-        with torch.no_grad():
-            layer(x)
-    return forward
-
-
-def paper_eval_forward_fn(p: Problem, x: torch.Tensor) -> Callable[[], None]:
-    """The paper's layer in eval: dense spectrum, ifft2 and a second GEMM on every forward."""
-    w, b, coeffs, rows, cols = p.linear.weight, p.linear.bias, p.coeffs, p.rows, p.cols
-
-    def forward() -> None:
-        with torch.no_grad():
-            lfma.reference.lfma_linear(x, w, b, coeffs, rows, cols, ALPHA)
-    return forward
-
-
-def frozen_eval_forward_fn(p: Problem, x: torch.Tensor) -> Callable[[], None]:
-    linear = own_copy(p.linear)
-
-    def forward() -> None:
-        with torch.no_grad():
-            linear(x)
-    return forward
-
-
-def training_floor(shape: Shape, k: int) -> float:
-    """DESIGN section 2: ``1 + min(d_out*d_in, 2K(d_out+d_in)) / (2*d_out*d_in)``."""
-    d_out, d_in = shape
-    return 1.0 + min(d_out * d_in, 2 * k * (d_out + d_in)) / (2 * d_out * d_in)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,16 +137,8 @@ def run(args: argparse.Namespace) -> Results:
     errors: List[str] = []
     noisy: List[str] = []
     results = Results(backends, [], [], [], errors, noisy)
-    cases = [(shape, ratio) for shape in args.shapes for ratio in args.ratios]
     start = time.perf_counter()
-    for i, (shape, ratio) in enumerate(cases, 1):
-        try:
-            k = lfma.num_frequencies(shape, ratio)
-        except ValueError as exc:
-            print(f"[{i}/{len(cases)}] {shape[0]}x{shape[1]} ratio {ratio}: skipped ({exc})", file=sys.stderr)
-            continue
-        print(f"[{i}/{len(cases)}] {shape[0]}x{shape[1]} ratio {ratio} K={k}  "
-              f"({time.perf_counter() - start:.0f} s elapsed)", file=sys.stderr, flush=True)
+    for shape, ratio, k in cases(args.shapes, args.ratios):
         p = make_problem(shape, k, ratio=ratio, device=args.device, dtype=dtype)
         dw_rows, train, ev = run_case(p, backends, args, timer_for(shape, args, errors, noisy))
         results.delta_weight.extend(dw_rows)
@@ -397,29 +235,6 @@ def render(args: argparse.Namespace, res: Results) -> Tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
-def parse_shapes(text: str) -> List[Shape]:
-    shapes = []
-    for spec in text.split(","):
-        try:
-            d_out, d_in = (int(s) for s in spec.lower().strip().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"shapes are d_outxd_in, comma separated (768x3072), got {spec!r}")
-        if d_out < 1 or d_in < 1:
-            raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {spec!r}")
-        shapes.append((d_out, d_in))
-    return shapes
-
-
-def parse_ratios(text: str) -> List[float]:
-    try:
-        ratios = [float(r) for r in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratios are comma-separated numbers in (0, 1], got {text!r}")
-    if any(not 0 < r <= 1 for r in ratios):
-        raise argparse.ArgumentTypeError(f"ratios must lie in (0, 1], got {text!r}")
-    return ratios
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_layer as B  # noqa: E402  (sets up the import path of lfma_kernels as well)
+import common  # noqa: E402  (sets up the import path of lfma_kernels as well)
 
 pytest.importorskip("pytest_benchmark")
 
@@ -29,13 +29,13 @@ EVAL_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def problem():
-    k = B.lfma.num_frequencies(SHAPE, RATIO)
+    k = common.lfma.num_frequencies(SHAPE, RATIO)
     assert k == 176
-    return B.make_problem(SHAPE, k, ratio=RATIO)
+    return common.make_problem(SHAPE, k, ratio=RATIO)
 
 
 def _need(problem, backend):
-    if backend != "auto" and not B.backend_runs(problem, backend):
+    if backend != "auto" and not common.backend_runs(problem, backend):
         pytest.skip(f"backend {backend!r} is not available here")
 
 
@@ -43,26 +43,26 @@ def _need(problem, backend):
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
 def test_delta_weight_forward(benchmark, problem, backend):
     _need(problem, backend)
-    benchmark(B.delta_weight_fn(problem, backend, backward=False))
+    benchmark(common.delta_weight_fn(problem, backend, backward=False))
 
 
 @pytest.mark.benchmark(group="delta_weight 768x768 K=176 forward+backward")
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
 def test_delta_weight_forward_backward(benchmark, problem, backend):
     _need(problem, backend)
-    benchmark(B.delta_weight_fn(problem, backend, backward=True))
+    benchmark(common.delta_weight_fn(problem, backend, backward=True))
     assert problem.coeffs.grad is not None
 
 
 @pytest.mark.benchmark(group="layer training step 768x768 K=176, 4096 tokens")
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpp", "frozen"])
 def test_layer_train_step(benchmark, problem, backend):
-    x, g = B.make_inputs(problem, TOKENS, requires_grad=True)
+    x, g = common.make_inputs(problem, TOKENS, requires_grad=True)
     if backend == "frozen":
-        step = B.frozen_train_step_fn(problem, x, g)
+        step = common.frozen_train_step_fn(problem, x, g)
     else:
         _need(problem, backend)
-        step = B.train_step_fn(problem, backend, x, g)
+        step = common.train_step_fn(problem, backend, x, g)
     benchmark(step)
     assert x.grad is not None
 
@@ -70,11 +70,11 @@ def test_layer_train_step(benchmark, problem, backend):
 @pytest.mark.benchmark(group="layer eval forward 768x768 K=176, 64 tokens")
 @pytest.mark.parametrize("variant", ["paper", "cached", "frozen"])
 def test_layer_eval_forward(benchmark, problem, variant):
-    x, _ = B.make_inputs(problem, EVAL_TOKENS, requires_grad=False)
+    x, _ = common.make_inputs(problem, EVAL_TOKENS, requires_grad=False)
     if variant == "paper":
-        forward = B.paper_eval_forward_fn(problem, x)   # ifft2 + second GEMM on every call
+        forward = common.paper_eval_forward_fn(problem, x)   # ifft2 + second GEMM on every call
     elif variant == "cached":
-        forward = B.eval_forward_fn(problem, "auto", x)  # LFMALinear.eval(): cached W + dW
+        forward = common.eval_forward_fn(problem, "auto", x)  # LFMALinear.eval(): cached W + dW
     else:
-        forward = B.frozen_eval_forward_fn(problem, x)
+        forward = common.frozen_eval_forward_fn(problem, x)
     benchmark(forward)

@@ -52,6 +52,25 @@ def linear_against_oracle(backend, x, weight, bias, coeffs, rows, cols, grad, al
     return list(zip(("output", "grad x", "grad coeffs"), got, want))
 
 
+def compiled_matches_eager(model, x, *, out_tol, grad_tol, loss=lambda out: out.pow(2).sum(), **compile_kwargs):
+    """``torch.compile(model, fullgraph=True, **compile_kwargs)`` against eager: the training output
+    and every LFMA layer's coefficient gradient, then the eval output (the cached ``W + dW``)."""
+    layers = [m for m in model.modules() if isinstance(m, lfma.LFMALinear)]
+    compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
+    expected = model(x)
+    loss(expected).backward()
+    grads = [m.coeffs.grad.clone() for m in layers]
+    model.zero_grad()
+    out = compiled(x)
+    loss(out).backward()
+    assert rel_err(out, expected) <= out_tol
+    for layer, grad in zip(layers, grads):
+        assert rel_err(layer.coeffs.grad, grad) <= grad_tol
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= out_tol
+
+
 def random_frequencies(shape, k, *, generator=None, dtype=torch.float32, device="cpu"):
     """K random positions (repeats allowed, as the contract allows) and coefficients."""
     rows = torch.randint(0, shape[0], (k,), generator=generator).to(device)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import lfma_kernels as lfma
 from lfma_kernels.ops import dispatch, planner, torch_kernels
-from conftest import TRITON_INTERPRETED, linear_against_oracle, random_frequencies, rel_err
+from conftest import TRITON_INTERPRETED, compiled_matches_eager, linear_against_oracle, random_frequencies, rel_err
 
 TRITON_AVAILABLE = dispatch.unavailable_reason("triton") is None
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE,
@@ -468,20 +468,8 @@ def test_cuda_torch_compile_inductor_matches_eager():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 384), nn.GELU(), nn.Linear(384, 128)).to(DEVICE)
     lfma.apply_lfma(model, lfma.LFMAConfig(["0", "2"], k=40, backend="triton"))
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(4, 64, 256, device=DEVICE)
-    expected = model(x)
-    expected.pow(2).mean().backward()
-    grads = [m.coeffs.grad.clone() for m in (model[0], model[2])]
-    model.zero_grad()
-    out = compiled(x)
-    out.pow(2).mean().backward()
-    assert rel_err(out, expected) <= 1e-5
-    for layer, grad in zip((model[0], model[2]), grads):
-        assert rel_err(layer.coeffs.grad, grad) <= 1e-4
-    model.eval()
-    with torch.no_grad():
-        assert rel_err(compiled(x), model(x)) <= 1e-5
+    compiled_matches_eager(model, torch.randn(4, 64, 256, device=DEVICE), out_tol=1e-5, grad_tol=1e-4,
+                           loss=lambda out: out.pow(2).mean())
 
 
 @cuda_only

@@ -41,7 +41,7 @@ def variants(everything: bool):
                      stride_wn="i32", stride_ck="i32", stride_cj="i32")
         consts = dict(HAS_W=has_w, WIDE=wide, USE_DOT=acc != "fp64", PRECISION=prec, BM=bm, BN=bn, BK=bk)
         out.append((f"delta_weight acc={acc} out={out_t} W={has_w} wide={wide} {prec} {bm}x{bn}x{bk}",
-                    "_delta_weight_kernel", types, consts, nw, 2))
+                    "delta_weight_kernel", types, consts, nw, 2))
     grad = [("fp32", False, "ieee", (64, 64, 32, 4)), ("fp64", False, "ieee", (16, 16, 16, 4))]
     if everything:
         grad += [("fp32", True, "ieee", (128, 128, 32, 8)), ("fp32", False, "tf32", (32, 64, 16, 4))]
@@ -50,7 +50,7 @@ def variants(everything: bool):
                      table_n_ptr=f"*{acc}", d_out="i32", d_in="i32", K="i32", scale_hi="fp32", scale_lo="fp32",
                      stride_gm="i32", stride_gn="i32", stride_pr="i32", stride_pk="i32")
         consts = dict(REGION=128, WIDE=wide, USE_DOT=acc != "fp64", PRECISION=prec, BM=bm, BN=bn, BK=bk)
-        out.append((f"coeff_grad acc={acc} wide={wide} {prec} {bm}x{bn}x{bk}", "_coeff_grad_kernel", types, consts, nw, 2))
+        out.append((f"coeff_grad acc={acc} wide={wide} {prec} {bm}x{bn}x{bk}", "coeff_grad_kernel", types, consts, nw, 2))
     batch = [("fp32", "bf16", True, False, (128, 64, 32, 8)), ("fp32", "fp32", False, False, (64, 32, 16, 4)),
              ("fp64", "fp64", False, False, (16, 16, 16, 4))]
     if everything:
@@ -63,7 +63,7 @@ def variants(everything: bool):
         consts = dict(REGION=128, WIDE=wide, USE_DOT=acc != "fp64", PRECISION="ieee", LOWP_G=lowp, LOWP_X=lowp,
                       BT=bt, BD=bd, BK=bk)
         out.append((f"coeff_grad_batch acc={acc} x={x_t} lowp={lowp} wide={wide} {bt}x{bd}x{bk}",
-                    "_coeff_grad_batch_kernel", types, consts, nw, 3))
+                    "coeff_grad_batch_kernel", types, consts, nw, 3))
     return out
 
 
@@ -80,12 +80,12 @@ def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lfma_kernels.ops import triton_ops
+    from lfma_kernels.ops import triton_kernels
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for label, name, types, consts, warps, stages in variants(args.all):
-        fn = getattr(triton_ops, name)
+        fn = getattr(triton_kernels, name)
         start = time.perf_counter()
         try:
             triton.compile(ASTSource(fn, _signature(fn, types, consts), consts), target=target,
