@@ -10,9 +10,10 @@ reference lines. Learning rates were picked per method and budget on the validat
 (``--sweep``; the table is in ``LEARNING_RATES``), accuracy is reported on the test split only,
 mean +- std over ``SEEDS``.
 
-    lfma-demo            # or: python -m lfma_kernels.demo, or: make demo (the whole grid)
+    lfma-demo            # or: python -m lfma_kernels.demo, or: make demo (the lean grid, ~4 min)
+    lfma-demo --full     # every method at every budget (~9 min on 2 cores)
     lfma-demo --quick    # one seed, few epochs, two budgets: the smoke run of the tests
-    lfma-demo --sweep    # the learning-rate sweep on the validation split
+    lfma-demo --sweep    # the learning-rate sweep on the validation split (with --full: every point)
 
 Runs go to ``--jobs`` worker processes (one thread each: the model is small enough that a run
 is bound by per-call overhead, so two processes on two cores finish the grid twice as fast as two
@@ -37,15 +38,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ._format import markdown_table
 from .baselines import FourierFTLinear, LoRALinear
+from .layers import LFMALinear
 from .model import LFMAConfig, _set_submodule, apply_lfma, lfma_layers
-from .ops import dispatch
 
 # The model: small enough to train in seconds on 2 CPU cores, shaped like a real ViT.
 HIDDEN, LAYERS, HEADS, MLP = 64, 4, 4, 128
 # Budgets: real trained scalars per adapted projection (d_in = d_out = 64), 16x from end to end:
 # LoRA r * (d_in + d_out) = 128 r (r = 1 .. 16); FourierFT n real coefficients; LFMA 2K (K complex).
 BUDGETS = (128, 256, 512, 1024, 2048)
+# `make demo`'s default grid fits in 5 minutes on the 2-core CPU machine (about 4); --full runs every
+# method at every budget (96 runs, about 9 minutes there).
+LEAN_METHODS = ("head only", "LoRA", "FourierFT", "LFMA", "full fine-tuning")
+LEAN_BUDGETS = (128, 256, 512, 1024)
 QUICK_BUDGETS = (128, 512)
 ALPHA = {"lfma": 120.0, "fourierft": 150.0}
 PRETRAIN_EPOCHS, ADAPT_EPOCHS, QUICK_EPOCHS = 30, 30, 4
@@ -177,9 +183,9 @@ def _target_names(model: nn.Module) -> List[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in suffixes]
 
 
-def _auto_backend(k: int) -> str:
-    """What ``auto`` runs for one adapted projection of this model on CPU."""
-    return dispatch.auto_backend(torch.device("cpu"), torch.float32, k, (HIDDEN, HIDDEN))
+def _backend_of(model: nn.Module) -> str:
+    """What the model's first adapted projection runs: its plan (for the weight's device and dtype)."""
+    return next(m for m in model.modules() if isinstance(m, (LFMALinear, FourierFTLinear))).plan().backend
 
 
 def setup_head_only(model: nn.Module, budget: int, seed: int) -> str:
@@ -214,14 +220,14 @@ def setup_fourierft(model: nn.Module, budget: int, seed: int) -> str:
     for name in _target_names(model):
         _set_submodule(model, name, FourierFTLinear(model.get_submodule(name), budget, alpha=ALPHA["fourierft"],
                                                     seed=777 + seed))
-    return _auto_backend(budget)
+    return _backend_of(model)
 
 
 def setup_lfma(**options) -> Callable[[nn.Module, int, int], str]:
     def setup(model: nn.Module, budget: int, seed: int) -> str:
         apply_lfma(model, LFMAConfig(attention_targets(model), k=budget // 2, alpha=ALPHA["lfma"], seed=seed,
                                      modules_to_save=[HEAD], **options))
-        return _auto_backend(budget // 2)
+        return _backend_of(model)
     return setup
 
 
@@ -390,10 +396,7 @@ def format_table(records: List[dict]) -> str:
                      f"{r['coefficients']:,}" if r["coefficients"] is not None else "-",
                      f"{100 * r['accuracy_mean']:.1f} +- {100 * r['accuracy_std']:.1f}", f"{r['step_ms']:.2f}",
                      f"{r['learning_rate']:.0e}", r["backend"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows[0], rows[1:])
 
 
 def plot(records: List[dict], path: str) -> None:
@@ -435,11 +438,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                  "head-only and full fine-tuning of a small ViT on scikit-learn's "
                                                  "digits.")
     parser.add_argument("--quick", action="store_true", help="one seed, few epochs, two budgets (the smoke run)")
+    parser.add_argument("--full", action="store_true", help="every method at every budget (default: the lean grid, "
+                                                           f"{', '.join(LEAN_METHODS)} at {LEAN_BUDGETS})")
     parser.add_argument("--sweep", action="store_true", help="learning-rate sweep on the validation split")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
-    parser.add_argument("--budgets", default=None,
-                        help="comma-separated real scalars per projection (default: " + ",".join(map(str, BUDGETS))
-                             + f"; --quick: {','.join(map(str, QUICK_BUDGETS))})")
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: the grid's)")
+    parser.add_argument("--budgets", default=None, help="comma-separated real scalars per projection (default: the "
+                                                        "grid's)")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 4),
                         help="worker processes (default: the CPU count, at most 4)")
     parser.add_argument("--output-dir", default="results", help="where demo.json and demo.png go")
@@ -452,12 +456,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import transformers  # noqa: F401
     except ImportError as e:
         parser.error(f"the demo needs the 'demo' extra ({e.name} is missing): pip install -e '.[demo]'")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+               else list(METHODS) if args.full or args.quick else list(LEAN_METHODS))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     budgets = (tuple(int(b) for b in args.budgets.split(",")) if args.budgets
-               else QUICK_BUDGETS if args.quick else BUDGETS)
+               else QUICK_BUDGETS if args.quick else BUDGETS if args.full else LEAN_BUDGETS)
     odd = [b for b in budgets if b not in BUDGETS]
     if odd:
         parser.error(f"budgets {odd} are not in the study's grid {BUDGETS} (learning rates were swept for those)")
@@ -476,12 +481,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     seeds = SEEDS[:1] if args.quick else SEEDS
     points = [(m, b) for m in methods for b in METHODS[m].budgets if b in budgets or b == 0]
-    tasks = [(m, b, LEARNING_RATES[m][b], epochs, seed) for m, b in points for seed in seeds]
+    # Seed-major order: every method's runs spread over the whole grid, so a drift in the
+    # machine's load shifts the step times of all methods alike.
+    tasks = [(m, b, LEARNING_RATES[m][b], epochs, seed) for seed in seeds for m, b in points]
     print(f"{len(tasks)} runs ({len(points)} points x {len(seeds)} seeds) on {args.jobs} worker(s)", flush=True)
-    results = iter(run_grid(tasks, backbone, data, jobs=args.jobs, quiet=args.quiet))
+    by_task = dict(zip(tasks, run_grid(tasks, backbone, data, jobs=args.jobs, quiet=args.quiet)))
     records = []
     for method, budget in points:
-        runs = [next(results) for _ in seeds]
+        runs = [by_task[(method, budget, LEARNING_RATES[method][budget], epochs, seed)] for seed in seeds]
         tests = [r.test for r in runs]
         records.append({
             "method": method,
