@@ -107,9 +107,8 @@ def adapt(model: nn.Module, variant: str, ratio: float) -> Tuple[nn.Module, str]
         backend = "reference" if variant == "LFMA paper" else "auto"
         lfma.apply_lfma(model, lfma.LFMAConfig(targets, top_k_ratio=ratio, alpha=LFMA_ALPHA, backend=backend,
                                                modules_to_save=["classifier"]))
-        k = next(iter(lfma.model.lfma_layers(model).values())).k
-        picked = lfma.ops.dispatch.auto_backend(next(model.parameters()).device, torch.float32, k, (768, 768))
-        return model, f"K={k}" + (f", {picked}" if backend == "auto" else "")
+        layer = next(iter(lfma.model.lfma_layers(model).values()))
+        return model, f"K={layer.k}" + (f", {layer.plan().backend}" if backend == "auto" else "")
     from peft import FourierFTConfig, LoraConfig, get_peft_model
     if variant == "LoRA r=8":
         config = LoraConfig(r=LORA_R, lora_alpha=LORA_R, target_modules=targets, modules_to_save=["classifier"])

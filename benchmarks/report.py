@@ -13,9 +13,11 @@ import os
 import platform
 import re
 import subprocess
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+
+from lfma_kernels._format import markdown_table  # noqa: F401  (the scripts import it from here)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TITLE = "# lfma_kernels benchmark results"
@@ -40,16 +42,6 @@ def fmt_ratio(num: Optional[float], den: Optional[float]) -> str:
     if num is None or den is None or den <= 0:
         return "-"
     return f"{num / den:.2f}x"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
-    """A pipe table, padded so it also reads well in a terminal."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|"
-    return "\n".join([line(headers), sep] + [line(r) for r in rows])
 
 
 def _git_revision() -> str:

@@ -11,6 +11,7 @@ pinned to zero.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -56,6 +57,15 @@ class FourierFTLinear(nn.Module):
         weight = self.base.weight
         impl = dispatch.resolve(self.backend, x.device, x.dtype, coeffs.shape[0], tuple(weight.shape))
         return impl.lfma_linear(x, weight, self.base.bias, coeffs, self.rows, self.cols, self.alpha)
+
+    def plan(self, x: Optional[torch.Tensor] = None):
+        """What a forward with input ``x`` runs and why (see :func:`lfma_kernels.explain`); without
+        ``x``, for the weight's device and dtype."""
+        weight = self.base.weight
+        like = weight if x is None else x
+        tokens = None if x is None else x.numel() // weight.shape[1]
+        return dispatch.explain(tuple(weight.shape), self.rows.shape[0], device=like.device, dtype=like.dtype,
+                                tokens=tokens, backend_name=self.backend, rows=self.rows, cols=self.cols)
 
     def extra_repr(self) -> str:
         return f"n={self.spectrum.shape[0]}, alpha={self.alpha}, backend={self.backend!r}"

@@ -146,6 +146,22 @@ def test_explain_reports_what_the_cpp_kernels_choose(gen):
         assert lfma.explain((768, 768), 176, backend="cpp").dw == "fft"
 
 
+def test_readme_explain_block_is_current():
+    """The README's lfma.explain output (lines with "..." elided) is what lfma.explain prints now."""
+    if "cpp" not in lfma.available_backends():
+        pytest.skip("the README's plans are the cpp backend's")
+    text = (PACKAGE.parent / "README.md").read_text()
+    block = text.split("<!-- readme-explain")[1].split("```text\n")[1].split("```")[0]
+    chunks = block.split(">>> ")[1:]
+    assert len(chunks) == 2
+    for chunk in chunks:
+        command, *expected = chunk.rstrip("\n").split("\n")
+        assert command.startswith("print(lfma.explain(") and command.endswith("))")
+        got = str(eval(command[len("print("):-1], {"lfma": lfma, "torch": torch})).split("\n")
+        for line in expected:
+            assert "..." in line or line in got, line
+
+
 def test_explain_checks_its_input():
     with pytest.raises(ValueError, match="shape"):
         lfma.explain((0, 4), 1)

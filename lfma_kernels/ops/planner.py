@@ -47,20 +47,24 @@ ALGORITHMS_OF: Mapping[str, Tuple[str, ...]] = {
     "cpp": ("separable", "hybrid", "fft"),
     "cuda": ("separable",),
 }
-_DESCRIPTIONS: Mapping[Tuple[str, str], str] = {
-    ("torch", "separable"): "rank-2K GEMM with exact-phase cos/sin tables",
-    ("torch", "fft"): "scatter into a half spectrum + one irfft2 (rfft2 + gather for the gradient)",
-    ("triton", "separable"): "fused Triton kernel (phase tiles, tl.dot)",
-    ("triton", "fft"): "the torch backend's scatter + irfft2 (rfft2 + gather for the gradient)",
-    ("cpp", "separable"): "rank-2K product (MKL GEMM; fused loops for K <= 2 / 4)",
-    ("cpp", "hybrid"): "rows direct from the K frequencies, then a batch of row real FFTs",
-    ("cpp", "fft"): "scatter into a half spectrum + one 2-D real FFT",
-    ("cuda", "separable"): "tiled CUDA kernel (per-chunk cos/sin tables in shared memory)",
+# What each (backend, algorithm) runs: (for dW, for dL/dcoeffs from G).
+_DESCRIPTIONS: Mapping[Tuple[str, str], Tuple[str, str]] = {
+    ("torch", "separable"): ("rank-2K GEMM of exact-phase cos/sin tables", "G times the phase tables (a GEMM)"),
+    ("torch", "fft"): ("scatter into a half spectrum, one irfft2", "one rfft2 of G, a gather"),
+    ("triton", "separable"): ("fused Triton kernel (phase tiles, tl.dot)", "fused partial DFT of G (tl.dot)"),
+    ("triton", "fft"): ("the torch backend's scatter + irfft2 (cuFFT)", "the torch backend's rfft2 of G + gather"),
+    ("cpp", "separable"): ("rank-2K product (MKL GEMM; fused loops for K <= 2)", "G times the phase tables (GEMM; "
+                                                                                 "fused loops for K <= 4)"),
+    ("cpp", "hybrid"): ("rows direct from the K frequencies, then row real FFTs", "row real FFTs of G, then one "
+                                                                                  "sum per term"),
+    ("cpp", "fft"): ("scatter into a half spectrum, one 2-D real FFT", "one 2-D real FFT of G, a gather"),
+    ("cuda", "separable"): ("tiled CUDA kernel (cos/sin tables in shared memory)", "CUDA reduction of G against the "
+                                                                                   "phases"),
 }
 _PATH_DESCRIPTIONS: Mapping[str, str] = {
-    "dense": "G = g^T x (tokens*d_out*d_in), then the backend's dL/dcoeffs from G",
-    "gemm": "P = g A, Q = x B through the phase tables (tokens*2K*(d_out+d_in)), G never formed",
-    "fft": "one real FFT of every token row of g and x, then K products per token, G never formed",
+    "dense": "G = g^T x, then dL/dcoeffs from G",
+    "gemm": "P = g A, Q = x B through the phase tables; no G",
+    "fft": "a real FFT of each token row of g and x, K products per token; no G",
 }
 
 
@@ -408,16 +412,9 @@ def _listing(costs: Mapping[str, float]) -> str:
     return ", ".join(f"{name} {_ms(s)}" for name, s in costs.items())
 
 
-def _refusals(what: str, chosen: str, costs: Mapping[str, float], forced_by: Optional[str]) -> List[Refusal]:
-    out = []
-    for name, s in costs.items():
-        if name == chosen:
-            continue
-        if forced_by is not None:
-            out.append(Refusal(what, name, f"planner.force({forced_by}={chosen!r}) is in effect"))
-        else:
-            out.append(Refusal(what, name, f"est. {_ms(s)} against {_ms(costs[chosen])} for {chosen}"))
-    return out
+def _refusals(what: str, chosen: str, costs: Mapping[str, float]) -> List[Refusal]:
+    return [Refusal(what, name, f"est. {_ms(s)} against {_ms(costs[chosen])} for {chosen}")
+            for name, s in costs.items() if name != chosen]
 
 
 def plan(device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int], *,
@@ -439,71 +436,66 @@ def plan(device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int],
     if backend == "auto":
         chosen = choose_backend(device, dtype, k, shape, why_not)
         order = t.order(dtype)
-        why = f"auto on {device.type} {str(dtype).replace('torch.', '')}: the first of {', '.join(order)} that runs here"
+        dtype_name = str(dtype).replace("torch.", "")
+        why = f"auto on {device.type} {dtype_name}: the first of {', '.join(order)} that runs here"
         for name in backends:
             if name == chosen:
                 continue
-            reason = why_not(name, device)
             if name == "reference":
                 reason = "auto never picks the oracle (the paper's dense formulation)"
-            elif reason is None and name not in order:
-                reason = (f"not in auto's order for {device.type} {str(dtype).replace('torch.', '')} "
-                          f"({', '.join(order)}; cost table {t.device})")
-            elif reason is None and name == "cuda" and not _cuda_kernels_fit(t, k, shape):
-                reason = ("its kernels only evaluate the separable product, and the torch backend's cost model "
-                          f"prefers an FFT here ({_listing(_costs('torch', t, k, shape, gradient=False))})")
-            elif reason is None:
-                reason = f"ranked after {chosen} on {device.type}"
+            elif name not in order:
+                reason = f"not in auto's order for {device.type} {dtype_name} ({', '.join(order)}; cost table {t.device})"
+                if device.type == "cuda" and dtype == torch.float64 and name in t.backends:
+                    reason += ": float64 runs on the torch backend's cuBLAS / cuFFT, not on CUDA-core fallbacks"
+                fact = why_not(name, device)
+                reason += f" (and {fact})" if fact else ""
+            elif name == "cuda" and not _cuda_kernels_fit(t, k, shape):
+                reason = ("its kernels only evaluate the separable product, and the torch backend would switch to "
+                          f"an FFT here ({_listing(_costs('torch', t, k, shape, gradient=False))})")
+            else:
+                reason = why_not(name, device) or f"ranked after {chosen} on {device.type}"
             refused.append(Refusal("backend", name, reason))
     else:
         chosen = backend
         why = "asked for by name"
         reason = why_not(chosen, device)
         if reason is not None:
-            notes.append(f"backend {chosen!r} cannot run this call here: {reason}")
+            notes.append(f"backend {chosen!r} cannot run this call here ({reason})")
 
     reasons: Dict[str, str] = {}
     estimates: Dict[str, Dict[str, float]] = {}
-    if chosen == "reference":
-        dw = "ifft2"
-        grad = "autograd"
-        reasons["dW"] = "the paper's dense complex spectrum and torch.fft.ifft2 (the oracle)"
-        reasons["gradient"] = "autograd through ifft2"
-    elif chosen in ("torch", "triton"):
-        picks = {}
-        for what, label, gradient in (("dw", "dW", False), ("grad", "gradient", True)):
-            costs = _costs(chosen, t, k, shape, gradient=gradient)
-            forced_by = what if _FORCED[what] is not None else None
-            pick = _checked(chosen, what, _FORCED[what]) if forced_by else _cheapest(costs)
-            picks[what] = pick
+    picks = {}
+    for what, label in (("dw", "dW"), ("grad", "gradient")):
+        side = 0 if what == "dw" else 1
+        forced_name = _FORCED[what]
+        if chosen == "reference":
+            pick = "ifft2" if what == "dw" else "autograd"
+            reasons[label] = ("the paper's dense complex spectrum and torch.fft.ifft2 (the oracle)" if what == "dw"
+                              else "autograd through ifft2")
+        elif forced_name is not None:
+            pick = _checked(chosen, what, forced_name)
+            reasons[label] = f"{_DESCRIPTIONS[(chosen, pick)][side]}; forced ({what}={pick!r})"
+            refused += [Refusal(label, a, f"planner.force({what}={pick!r}) is in effect")
+                        for a in ALGORITHMS_OF[chosen] if a != pick]
+        elif chosen in ("torch", "triton"):
+            costs = _costs(chosen, t, k, shape, gradient=what == "grad")
+            pick = _cheapest(costs)
             estimates[label] = costs
-            reasons[label] = (f"{_DESCRIPTIONS[(chosen, pick)]}; "
-                              + (f"forced ({what}={pick!r})" if forced_by else f"est. {_listing(costs)}"))
-            refused += _refusals(label, pick, costs, forced_by)
-        dw, grad = picks["dw"], picks["grad"]
-    else:  # cpp, cuda: the kernels choose (cpp) or have one algorithm (cuda)
-        picks = {}
-        for what, label in (("dw", "dW"), ("grad", "gradient")):
-            forced_name = _FORCED[what]
-            if forced_name is not None:
-                pick = _checked(chosen, what, forced_name)
-                reasons[label] = f"{_DESCRIPTIONS[(chosen, pick)]}; forced ({what}={pick!r})"
-                refused += [Refusal(label, a, f"planner.force({what}={pick!r}) is in effect")
-                            for a in ALGORITHMS_OF[chosen] if a != pick]
-            elif len(ALGORITHMS_OF[chosen]) == 1:
-                pick = ALGORITHMS_OF[chosen][0]
-                reasons[label] = f"{_DESCRIPTIONS[(chosen, pick)]} (its only algorithm)"
-            elif algorithm_report is not None:
-                pick, costs, basis = algorithm_report(k, shape, what, rows, cols)
-                estimates[label] = costs
-                reasons[label] = (f"{_DESCRIPTIONS[(chosen, pick)]}; the kernels' cost model "
-                                  f"(csrc/cpu_plan.cpp, {basis}): est. {_listing(costs)}")
-                refused += _refusals(label, pick, costs, None)
-            else:
-                pick = "native"
-                reasons[label] = "chosen inside the C++ kernels (csrc/cpu_plan.cpp); the extension is not loaded"
-            picks[what] = pick
-        dw, grad = picks["dw"], picks["grad"]
+            reasons[label] = f"{_DESCRIPTIONS[(chosen, pick)][side]} (cost table {t.device})"
+            refused += _refusals(label, pick, costs)
+        elif len(ALGORITHMS_OF[chosen]) == 1:  # cuda
+            pick = ALGORITHMS_OF[chosen][0]
+            reasons[label] = f"{_DESCRIPTIONS[(chosen, pick)][side]} (its only algorithm)"
+        elif algorithm_report is not None:  # cpp: the kernels' own cost model
+            pick, costs, basis = algorithm_report(k, shape, what, rows, cols)
+            estimates[label] = costs
+            reasons[label] = f"{_DESCRIPTIONS[(chosen, pick)][side]} (the C++ kernels' cost model, {basis})"
+            refused += _refusals(label, pick, costs)
+        else:
+            pick = "native"
+            reasons[label] = "chosen inside the C++ kernels (csrc/cpu_plan.cpp); the extension is not loaded"
+        picks[what] = pick
+    dw, grad = picks["dw"], picks["grad"]
 
     backward = None
     if tokens is not None:
@@ -517,11 +509,13 @@ def plan(device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int],
             if weight_grad:
                 reasons["backward"] = f"{_PATH_DESCRIPTIONS['dense']}; dL/dW is needed too, and that is G"
                 refused += [Refusal("backward", p, "dL/dW needs G anyway") for p in BACKWARD_PATHS if p != "dense"]
+            elif _FORCED["backward"] is not None:
+                reasons["backward"] = f"{_PATH_DESCRIPTIONS[backward]}; forced (backward={backward!r})"
+                refused += [Refusal("backward", p, f"planner.force(backward={backward!r}) is in effect")
+                            for p in BACKWARD_PATHS if p != backward]
             else:
-                forced_by = "backward" if _FORCED["backward"] is not None else None
-                reasons["backward"] = (f"{_PATH_DESCRIPTIONS[backward]}; "
-                                       + ("forced" if forced_by else f"est. {_listing(costs)}"))
-                refused += _refusals("backward", backward, costs, forced_by)
+                reasons["backward"] = f"{_PATH_DESCRIPTIONS[backward]} (cost table {t.device})"
+                refused += _refusals("backward", backward, costs)
     return Plan(shape=shape, k=int(k), device=device.type, dtype=dtype, tokens=tokens, backend=chosen,
                 backend_reason=why, dw=dw, grad=grad, backward=backward, reasons=reasons, estimates=estimates,
                 refused=tuple(refused), table=f"{t.device} ({t.status})", notes=tuple(notes))
