@@ -49,21 +49,6 @@ class BuildPyWithSources(build_py):
                 shutil.copy2(os.path.join(CSRC, name), os.path.join(target, name))
 
 
-def _cuda_home(cpp_extension):
-    """The CUDA toolkit with bin/nvcc: CUDA_HOME/CUDA_PATH, torch's guess (CUDA builds of torch
-    only), or the toolkit behind the nvcc on PATH (following links and /usr/local/cuda)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
-    nvcc = shutil.which("nvcc")
-    if nvcc is not None:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    for home in candidates:
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
-                os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    return None
-
-
 def _extensions():
     if os.environ.get("LFMA_SKIP_EXTENSION") == "1":
         _log("LFMA_SKIP_EXTENSION=1: pure-Python install (backend='cpp' compiles on first use)")
@@ -76,8 +61,8 @@ def _extensions():
              "use `pip install --no-build-isolation .` to compile it (or it compiles on first use).")
         return [], {}
 
-    # The sources and flags the on-the-fly build uses too (lfma_kernels/ops/extension.py, loaded by
-    # path: the package itself is not importable before it is installed).
+    # The sources, flags and toolkit lookup the on-the-fly build uses too (lfma_kernels/ops/extension.py,
+    # loaded by path: the package itself is not importable before it is installed).
     spec = importlib.util.spec_from_file_location(
         "_lfma_extension_flags", os.path.join(ROOT, "lfma_kernels", "ops", "extension.py"))
     flags = importlib.util.module_from_spec(spec)
@@ -87,9 +72,7 @@ def _extensions():
     cuda_sources = [os.path.join("csrc", f) for f in flags.CUDA_SOURCES]
 
     # A virtual environment's ninja sits beside its python, not necessarily on PATH.
-    bindir = os.path.dirname(sys.executable)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    flags.with_interpreter_bin_on_path()
 
     ext_modules = [cpp_extension.CppExtension(
         "lfma_kernels._C", cpu_sources, include_dirs=[CSRC],
@@ -97,14 +80,12 @@ def _extensions():
 
     force = os.environ.get("LFMA_FORCE_CUDA") == "1"
     torch_cuda = torch.version.cuda is not None
-    cuda_home = _cuda_home(cpp_extension)
+    cuda_home = flags.cuda_home()
     nvcc = cuda_home is not None
     if force and not nvcc:
         raise RuntimeError("LFMA_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
-    if nvcc and cpp_extension.CUDA_HOME is None:
-        # torch only looks for the toolkit when it was built with CUDA (and then not behind every
-        # wrapper); BuildExtension compiles .cu files with $CUDA_HOME/bin/nvcc: use the one found here.
-        cpp_extension.CUDA_HOME = cuda_home
+    if nvcc:  # BuildExtension compiles .cu files with $CUDA_HOME/bin/nvcc: the one found here
+        flags.use_cuda_home(cuda_home)
     if torch_cuda and nvcc:
         _log(f"building the CUDA kernels (torch {torch.__version__}, CUDA_HOME={cpp_extension.CUDA_HOME})")
         ext_modules.append(cpp_extension.CUDAExtension(

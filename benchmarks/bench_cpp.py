@@ -38,7 +38,7 @@ import io
 import math
 import sys
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from common import ALPHA, delta_weight_fn, lfma, make_inputs, make_problem, parse_shapes, train_step_fn  # first
 
@@ -163,21 +163,21 @@ def crossover(args: argparse.Namespace) -> None:
             # The separable product costs 2K*M*N: skip it where it would take seconds.
             algos = [a for a in ALGOS if a != "separable" or 2 * k * d_out * d_in <= args.max_sep_macs]
 
-            def row(label: str, inverse: bool, fns: dict) -> List[str]:
+            def row(label: str, what: str, fns: dict) -> List[str]:
                 """Time every algorithm and the torch kernel; the table row, with the cost model's pick."""
                 ms = interleaved_ms(fns, rounds=args.rounds, noisy=noisy, label=f"{label} {d_out}x{d_in} K={k}")
                 best = min(algos, key=ms.get)
-                model = ALGOS[_model_pick(k, shape, inverse)]
+                model = cpp_ops.algorithm_report(k, shape, what)[0]
                 return ([f"{d_out}x{d_in}", str(k)] + [fmt(ms.get(a)) for a in ALGOS]
                         + [fmt(ms["torch"]), best, model, f"{ms[model] / ms[best]:.2f}" if model in ms else "-",
                            f"{ms['torch'] / ms[model]:.2f}" if model in ms else "-"])
 
             fns = {a: (lambda a=a: ops.delta_weight(c, rows, cols, d_out, d_in, 1.0, codes[a])) for a in algos}
             fns["torch"] = lambda: torch_ops.KERNELS.delta_weight(c, rows, cols, shape, 1.0)
-            rows_dw.append(row("dW", True, fns))
+            rows_dw.append(row("dW", "dw", fns))
             fns = {a: (lambda a=a: ops.coeff_grad(grad, rows, cols, 1.0, codes[a])) for a in algos}
             fns["torch"] = lambda: torch_ops.KERNELS.coeff_grad(grad, rows, cols, 1.0)
-            rows_g.append(row("grad", False, fns))
+            rows_g.append(row("grad", "grad", fns))
     cols = ["shape", "K"] + list(ALGOS) + ["torch", "best", "model", "model/best", "torch/model"]
     print(header(args) + "\n")
     print("## dW (lfma_ext.delta_weight per algorithm; torch = the torch backend's kernel): median ms\n")
@@ -236,11 +236,6 @@ def batch_grad(args: argparse.Namespace) -> None:
     print(markdown_table(["shape", "tokens", "K", "dense", "gemm", "fft", "row ffts", "pair", "best", "model",
                           "model/best"], out, [False] + [True] * 7 + [False, False, True]))
     _print_noisy(noisy)
-
-
-def _model_pick(k: int, shape: Tuple[int, int], inverse: bool) -> int:
-    """The algorithm algo=-1 resolves to: the kernels' cost model (csrc/cpu_kernels.cpp choose_algo)."""
-    return int(torch.ops.lfma_ext.choose_algo(k, shape[0], shape[1], inverse))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import torch
 
 __all__ = ["unavailable_reason", "load", "source_dir", "CPU_SOURCES", "CUDA_SOURCES", "cxx_flags", "nvcc_flags",
-           "link_flags"]
+           "link_flags", "cuda_home", "use_cuda_home", "with_interpreter_bin_on_path"]
 
 CPU_SOURCES = ("bindings.cpp", "cpu_kernels.cpp", "cpu_plan.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "lfma_cuda.cu")
@@ -76,7 +76,34 @@ def _prebuilt(part: str) -> Optional[str]:
     return spec.origin if spec is not None and spec.origin and os.path.isfile(spec.origin) else None
 
 
-def _with_interpreter_bin_on_path() -> None:
+def cuda_home() -> Optional[str]:
+    """The CUDA toolkit with bin/nvcc: CUDA_HOME/CUDA_PATH, torch's guess (CUDA builds of torch
+    only), or the toolkit behind the nvcc on PATH (following links and /usr/local/cuda). Shared with
+    setup.py."""
+    from torch.utils import cpp_extension
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+                os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def use_cuda_home(home: str) -> None:
+    """Make torch's builders compile .cu files with ``home``'s nvcc: torch looks for the toolkit only
+    when it was built with CUDA (and then not behind every wrapper)."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        cpp_extension.CUDA_HOME = home
+
+
+def with_interpreter_bin_on_path() -> None:
     # A virtual environment's ninja (pip install ninja) lives beside its python, which need not
     # be on PATH when the interpreter is called by its full path (.venv/bin/python).
     bindir = os.path.dirname(sys.executable)
@@ -93,14 +120,17 @@ def _jit_missing(part: str) -> Optional[str]:
         return "LFMA_NO_JIT=1 disables building it on first use"
     if source_dir() is None:
         return "its C++ sources (csrc/) are not shipped with this installation"
-    _with_interpreter_bin_on_path()
+    with_interpreter_bin_on_path()
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler was found to build it on first use (looked for {cxx!r}; install g++ or set CXX)"
     if not cpp_extension.is_ninja_available():
         return "ninja, which torch needs to build it on first use, was not found (pip install ninja)"
-    if part == "cuda" and cpp_extension.CUDA_HOME is None:
-        return "nvcc was not found to build the CUDA kernels on first use (install the CUDA toolkit or set CUDA_HOME)"
+    if part == "cuda":
+        home = cuda_home()
+        if home is None:
+            return "nvcc was not found to build the CUDA kernels on first use (install the CUDA toolkit or set CUDA_HOME)"
+        use_cuda_home(home)
     return None
 
 
