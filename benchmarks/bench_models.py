@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Model-level comparison: LFMA against the peers people use, on real transformers models.
 
-``transformers``' ViT-B/16 and RoBERTa-base are built from their configs with random weights (no
-download). Adapters go on the query and value projections; side by side in one run:
+``transformers``' ViT-B/16, RoBERTa-base and GPT-2 (sequence classification) are built from their
+configs with random weights (no download). Adapters go on the query and value projections (GPT-2:
+its fused ``c_attn``, a transformers ``Conv1D``); side by side in one run:
 
   frozen                 backbone frozen, classifier head trained: no backward through the backbone
   frozen, full backward  the same, but dL/dx flows back through every layer (the embeddings' output
@@ -11,8 +12,9 @@ download). Adapters go on the query and value projections; side by side in one r
   FourierFT n=1000       ``peft`` FourierFT (dense spectrum + ifft2 on every forward)
   LFMA paper             ``LFMAConfig(backend="reference")``: the paper's formulation in training
   LFMA auto              ``LFMAConfig(backend="auto")``: this package
+  LFMA via PEFT          the same adapter through ``lfma_kernels.peft`` (``get_peft_model``)
 
-at the paper's sparsities (ViT-B: top_k_ratio 0.0003; RoBERTa-base: 0.0016). Both LFMA rows
+at the paper's sparsities (ViT-B: top_k_ratio 0.0003; RoBERTa-base: 0.0016; GPT-2: 0.0003). The LFMA rows
 evaluate through the layer's eval cache (``W + dW`` kept between forwards); the paper's layer
 recomputes ``ifft2`` on every forward (bench_layer.py's "paper" column measures that).
 
@@ -56,9 +58,23 @@ from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_sectio
 from timing import interleaved_ms
 
 FLOOR = "frozen, full backward"
-VARIANTS = ("frozen", FLOOR, "LoRA r=8", "FourierFT n=1000", "LFMA paper", "LFMA auto")
-RATIOS = {"ViT-B/16": 0.0003, "RoBERTa-base": 0.0016}
+VARIANTS = ("frozen", FLOOR, "LoRA r=8", "FourierFT n=1000", "LFMA paper", "LFMA auto", "LFMA via PEFT")
 LORA_R, FOURIERFT_N, FOURIERFT_SCALING, LFMA_ALPHA = 8, 1000, 150.0, 12.0
+
+
+class ModelSpec(NamedTuple):
+    ratio: float                                  # LFMA top_k_ratio (the paper's for ViT-B and RoBERTa-base)
+    head: str                                     # the fresh classifier, trained and saved with every adapter
+    targets: Callable[[nn.Module], List[str]]     # the adapted projections
+    embeddings: Callable[[nn.Module], nn.Module]  # whose output starts the full backward of the floor row
+
+
+MODELS: Dict[str, ModelSpec] = {
+    "ViT-B/16": ModelSpec(0.0003, "classifier", attention_targets, lambda m: m.base_model.embeddings),
+    "RoBERTa-base": ModelSpec(0.0016, "classifier", attention_targets, lambda m: m.base_model.embeddings),
+    # GPT-2's fused q/k/v projection is a transformers Conv1D, 768 -> 2304, weight stored (in, out).
+    "GPT-2": ModelSpec(0.0003, "score", lambda m: ["c_attn"], lambda m: m.transformer.drop),
+}
 
 
 def build(model_name: str, layers: int, batch: int, seq: int, device: str, dtype: torch.dtype
@@ -74,6 +90,13 @@ def build(model_name: str, layers: int, batch: int, seq: int, device: str, dtype
         model = ViTForImageClassification(config)
         inputs = {"pixel_values": torch.randn(batch, 3, 224, 224, generator=gen).to(device, dtype),
                   "labels": torch.randint(0, 10, (batch,), generator=gen).to(device)}
+    elif model_name == "GPT-2":
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+        config = GPT2Config(n_embd=768, n_layer=layers, n_head=12, n_positions=1024, num_labels=2, pad_token_id=50256,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2ForSequenceClassification(config)
+        inputs = {"input_ids": torch.randint(0, 50000, (batch, seq), generator=gen).to(device),
+                  "labels": torch.randint(0, 2, (batch,), generator=gen).to(device)}
     else:
         from transformers import RobertaConfig, RobertaForSequenceClassification
         config = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
@@ -91,31 +114,45 @@ def _require_grad(module: nn.Module, inputs: object, output: torch.Tensor) -> to
     return output.requires_grad_() if torch.is_grad_enabled() else output
 
 
-def adapt(model: nn.Module, variant: str, ratio: float) -> Tuple[nn.Module, str]:
-    """Apply ``variant`` to the query/value projections; returns the model and a note."""
-    targets = attention_targets(model)
+def adapt(model: nn.Module, variant: str, spec: ModelSpec) -> Tuple[nn.Module, str]:
+    """Apply ``variant`` to the model's projections (``spec.targets``); returns the model and a note."""
+    targets = spec.targets(model)
     if variant in ("frozen", FLOOR):
         model.requires_grad_(False)
-        model.classifier.requires_grad_(True)
+        model.get_submodule(spec.head).requires_grad_(True)
         if variant == "frozen":
             return model, "head only"
         # An adapter on layer 0's query needs dL/dx of every layer above it; head-only training
         # skips all of that backward, so it is no floor for adapters. This row pays it and nothing else.
-        model.base_model.embeddings.register_forward_hook(_require_grad)
+        spec.embeddings(model).register_forward_hook(_require_grad)
         return model, "head only, dL/dx through every layer"
-    if variant.startswith("LFMA"):
+    if variant in ("LFMA paper", "LFMA auto"):
         backend = "reference" if variant == "LFMA paper" else "auto"
-        lfma.apply_lfma(model, lfma.LFMAConfig(targets, top_k_ratio=ratio, alpha=LFMA_ALPHA, backend=backend,
-                                               modules_to_save=["classifier"]))
+        lfma.apply_lfma(model, lfma.LFMAConfig(targets, top_k_ratio=spec.ratio, alpha=LFMA_ALPHA, backend=backend,
+                                               modules_to_save=[spec.head]))
         layer = next(iter(lfma.model.lfma_layers(model).values()))
         return model, f"K={layer.k}" + (f", {layer.plan().backend}" if backend == "auto" else "")
+    import warnings
+
     from peft import FourierFTConfig, LoraConfig, get_peft_model
-    if variant == "LoRA r=8":
-        config = LoraConfig(r=LORA_R, lora_alpha=LORA_R, target_modules=targets, modules_to_save=["classifier"])
+    conv1d = spec.head == "score"  # GPT-2: PEFT sets fan_in_fan_out for its Conv1D layers (with a warning)
+    if variant == "LFMA via PEFT":
+        from lfma_kernels.peft import LfmaConfig, LfmaLinear
+        config = LfmaConfig(target_modules=targets, top_k_ratio=spec.ratio, alpha=LFMA_ALPHA,
+                            modules_to_save=[spec.head], fan_in_fan_out=conv1d)
+    elif variant == "LoRA r=8":
+        config = LoraConfig(r=LORA_R, lora_alpha=LORA_R, target_modules=targets, modules_to_save=[spec.head],
+                            fan_in_fan_out=conv1d)
     else:
         config = FourierFTConfig(n_frequency=FOURIERFT_N, scaling=FOURIERFT_SCALING, target_modules=targets,
-                                 modules_to_save=["classifier"])
-    return get_peft_model(model, config), "peft"
+                                 modules_to_save=[spec.head], fan_in_fan_out=conv1d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(model, config)
+    if variant != "LFMA via PEFT":
+        return model, "peft"
+    layer = next(m for m in model.modules() if isinstance(m, LfmaLinear))
+    return model, f"K={layer.lfma_coeffs['default'].shape[0]}, {layer.plan().backend}, peft"
 
 
 class Prepared(NamedTuple):
@@ -129,7 +166,7 @@ class Prepared(NamedTuple):
 
 def prepare(model_name: str, variant: str, args: argparse.Namespace) -> Prepared:
     model, inputs = build(model_name, args.layers, args.batch, args.seq, args.device, getattr(torch, args.dtype))
-    model, note = adapt(model, variant, RATIOS[model_name])
+    model, note = adapt(model, variant, MODELS[model_name])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     eval_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -187,9 +224,11 @@ def _memory_in_fresh_process(model_name: str, variant: str, args: argparse.Names
 
 
 def _missing_peer(variant: str) -> Optional[str]:
-    if variant in ("LoRA r=8", "FourierFT n=1000"):
+    if variant in ("LoRA r=8", "FourierFT n=1000", "LFMA via PEFT"):
         if importlib.util.find_spec("peft") is None:
             return "peft not installed (pip install -e '.[bench]')"
+    if variant == "LFMA via PEFT" and importlib.util.find_spec("aenum") is None:
+        return "aenum not installed (pip install -e '.[peft]')"
     return None
 
 
@@ -241,19 +280,21 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, List[dict]], List[str]]:
 def table(rows: List[dict]) -> str:
     by = {r["variant"]: r for r in rows}
     lora, frozen, floor = by.get("LoRA r=8", {}), by.get("frozen", {}), by.get(FLOOR, {})
+    fourierft, native = by.get("FourierFT n=1000", {}), by.get("LFMA auto", {})
     headers = ["variant", "trainable", "train step ms", "step / floor", "eval ms", "peak MB", "step / LoRA",
-               "eval / LoRA", "memory / LoRA", "eval / frozen", "note"]
+               "step / FourierFT", "step / LFMA auto", "eval / LoRA", "memory / LoRA", "eval / frozen", "note"]
     out = []
     for r in rows:
         if "step_ms" not in r:
-            out.append([r["variant"], "-", "missing", "-", "missing", "missing", "-", "-", "-", "-", r["note"]])
+            out.append([r["variant"], "-", "missing"] + ["-"] * 9 + [r["note"]])
             continue
         out.append([r["variant"], f"{r['trainable']:,}", fmt_ms(r["step_ms"]),
                     fmt_ratio(r["step_ms"], floor.get("step_ms")), fmt_ms(r["eval_ms"]), f"{r['peak_mb']:.0f}",
-                    fmt_ratio(r["step_ms"], lora.get("step_ms")),
+                    fmt_ratio(r["step_ms"], lora.get("step_ms")), fmt_ratio(r["step_ms"], fourierft.get("step_ms")),
+                    fmt_ratio(r["step_ms"], native.get("step_ms")),
                     fmt_ratio(r["eval_ms"], lora.get("eval_ms")), fmt_ratio(r["peak_mb"], lora.get("peak_mb")),
                     fmt_ratio(r["eval_ms"], frozen.get("eval_ms")), r["note"]])
-    return markdown_table(headers, out, [False] + [True] * 9 + [False])
+    return markdown_table(headers, out, [False] + [True] * 11 + [False])
 
 
 def bar_charts(results: Dict[str, List[dict]], path: str) -> None:
@@ -269,7 +310,8 @@ def bar_charts(results: Dict[str, List[dict]], path: str) -> None:
         for col, (key, label) in enumerate(metrics):
             ax = axes[row][col]
             ax.barh([r["variant"] for r in measured], [r[key] for r in measured],
-                    color=["tab:orange" if r["variant"] == "LFMA auto" else "tab:gray" for r in measured])
+                    color=["tab:orange" if r["variant"] in ("LFMA auto", "LFMA via PEFT") else "tab:gray"
+                           for r in measured])
             ax.set_title(f"{model_name}: {label}", fontsize=9)
             ax.invert_yaxis()
             ax.tick_params(labelsize=8)
@@ -282,10 +324,12 @@ def render(args: argparse.Namespace, results: Dict[str, List[dict]], noisy: Sequ
     lines = [f"## Model level: {args.device}, {args.dtype} (benchmarks/bench_models.py)", ""]
     lines += [f"- {k}: {v}" for k, v in machine_info(args.device, args.dtype)]
     lines += [f"- command: `python benchmarks/bench_models.py {' '.join(args.argv)}`",
-              f"- models: random weights from the configs, **{args.layers} encoder layer(s)**, batch {args.batch}"
-              f" (ViT: 224x224 images, 197 tokens each; RoBERTa: {args.seq} tokens each); adapters on query + value;"
-              f" LFMA top_k_ratio {RATIOS['ViT-B/16']} (ViT-B) and {RATIOS['RoBERTa-base']} (RoBERTa-base), alpha "
-              f"{LFMA_ALPHA}; LoRA r={LORA_R}; FourierFT n={FOURIERFT_N}, scaling {FOURIERFT_SCALING}",
+              f"- models: random weights from the configs, **{args.layers} layer(s)**, batch {args.batch}"
+              f" (ViT: 224x224 images, 197 tokens each; RoBERTa and GPT-2: {args.seq} tokens each); adapters on "
+              "query + value (ViT, RoBERTa) or GPT-2's fused c_attn (a transformers Conv1D, 768 -> 2304); LFMA "
+              + ", ".join(f"top_k_ratio {MODELS[m].ratio} ({m})" for m in args.models) +
+              f", alpha {LFMA_ALPHA}; LoRA r={LORA_R}; FourierFT n={FOURIERFT_N}, scaling {FOURIERFT_SCALING}; "
+              "\"LFMA via PEFT\" is LFMA auto's adapter through lfma_kernels.peft (get_peft_model)",
               f"- all variants in one process, timed round-robin: medians of {args.repeats} rounds (one call of each "
               "variant per round, random order); training step = AdamW zero_grad + forward + loss + backward + step; "
               "eval = no_grad forward (both LFMA rows through the layer's eval cache)",
@@ -307,21 +351,21 @@ def render(args: argparse.Namespace, results: Dict[str, List[dict]], noisy: Sequ
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="ViT-B/16,RoBERTa-base")
+    parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--layers", type=int, default=2, help="encoder layers (12 is the full model)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256, help="RoBERTa tokens per sequence")
+    parser.add_argument("--seq", type=int, default=256, help="RoBERTa / GPT-2 tokens per sequence")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds")
     parser.add_argument("--output", help="write a section of this Markdown results file")
     parser.add_argument("--charts", help="write PNG bar charts here")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in RATIOS]
+    unknown = [m for m in args.models if m not in MODELS]
     if unknown:
-        parser.error(f"unknown models {unknown}; choose from {list(RATIOS)}")
+        parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
     return args

@@ -64,31 +64,57 @@ def test_bench_models_table_ratios_and_missing_peers():
              "peak_mb": 12.0}]
     lines = bench_models.table(rows).splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[3] == "step / floor" and header[6] == "step / LoRA" and header[9] == "eval / frozen"
+    column = {name: i for i, name in enumerate(header)}
+
+    def cells(variant):
+        return [c.strip() for c in next(line for line in lines if line.startswith(f"| {variant}")).strip("|").split("|")]
+
     lora = next(line for line in lines if line.startswith("| LoRA r=8"))
     assert "missing" in lora and "peft not installed" in lora
-    lfma = [c.strip() for c in next(line for line in lines if line.startswith("| LFMA auto")).strip("|").split("|")]
-    assert lfma[3] == "1.05x"                    # step / floor = 84 / 80
-    assert lfma[6] == "-" and lfma[9] == "1.05x"  # no LoRA to divide by; eval / frozen = 42 / 40
-    floor = [c.strip() for c in next(line for line in lines if line.startswith("| frozen, full")).strip("|").split("|")]
-    assert floor[3] == "1.00x"
+    lfma = cells("LFMA auto")
+    assert lfma[column["step / floor"]] == "1.05x"  # 84 / 80
+    assert lfma[column["step / LoRA"]] == "-"       # no LoRA to divide by
+    assert lfma[column["eval / frozen"]] == "1.05x"  # 42 / 40
+    assert lfma[column["step / LFMA auto"]] == "1.00x"
+    assert cells("frozen, full")[column["step / floor"]] == "1.00x"
 
 
+@pytest.mark.parametrize("model_name", ["ViT-B/16", "GPT-2"])
 @pytest.mark.parametrize("variant, backbone_backward", [("frozen", False), ("frozen, full backward", True)])
-def test_bench_models_floor_runs_the_backbone_backward(variant, backbone_backward):
+def test_bench_models_floor_runs_the_backbone_backward(model_name, variant, backbone_backward):
     """The floor row trains the head alone, yet its backward reaches the embeddings' output (through
     every layer); plain "frozen" stops at the head."""
     pytest.importorskip("transformers")
     import bench_models
 
-    model, inputs = bench_models.build("ViT-B/16", 1, 1, 8, "cpu", torch.float32)
-    model, _ = bench_models.adapt(model, variant, 0.0003)
+    spec = bench_models.MODELS[model_name]
+    model, inputs = bench_models.build(model_name, 1, 1, 8, "cpu", torch.float32)
+    model, _ = bench_models.adapt(model, variant, spec)
     seen = []
-    model.base_model.embeddings.register_forward_hook(lambda module, args, out: seen.append(out))
+    spec.embeddings(model).register_forward_hook(lambda module, args, out: seen.append(out))
     model(**inputs).loss.backward()
     assert (seen[0].grad is not None) == backbone_backward
     trained = [name for name, p in model.named_parameters() if p.grad is not None]
-    assert trained and all(name.startswith("classifier") for name in trained)
+    assert trained and all(name.startswith(spec.head) for name in trained)
     with torch.no_grad():  # eval forwards are the plain frozen model's
         model(**inputs)
     assert not seen[1].requires_grad
+
+
+@pytest.mark.parametrize("model_name", ["ViT-B/16", "GPT-2"])
+def test_bench_models_lfma_rows_train_the_same_adapter(model_name):
+    """"LFMA auto" (native) and "LFMA via PEFT" adapt the same layers with the same K and give the
+    same outputs, so the two rows time the same work."""
+    pytest.importorskip("peft")
+    import bench_models
+
+    spec = bench_models.MODELS[model_name]
+    outputs, notes = [], []
+    for variant in ("LFMA auto", "LFMA via PEFT"):
+        model, inputs = bench_models.build(model_name, 1, 2, 8, "cpu", torch.float32)
+        model, note = bench_models.adapt(model, variant, spec)
+        notes.append(note.split(",")[0])
+        with torch.no_grad():
+            outputs.append(model(**{k: v for k, v in inputs.items() if k != "labels"}).logits)
+    assert notes[0] == notes[1] and notes[0].startswith("K=")
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
