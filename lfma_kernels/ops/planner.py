@@ -158,11 +158,14 @@ CPU = CostTable(
 #   triton_fft_fixed_s      = triton_backend.triton.triton_fft_fixed_s      (bench_gpu.py --crossover)
 #   triton_fft_grad_fixed_s = triton_backend.triton.triton_fft_grad_fixed_s
 #   triton_fft_s            = triton_backend.triton.triton_fft_s
-#   irfft2_s                = torch_backend.torch.irfft2_macs * gemm_mac_s   (crossover.py --device cuda)
+#   irfft2_s                = torch_backend.torch.irfft2_macs * (this table's gemm_mac_s)
+#                                                                    (crossover.py --device cuda)
 #   fft_size_exponent       = torch_backend.torch.fft_size_exponent
 #   rfft2_speedup           = torch_backend.torch.rfft2_speedup
 # and check the backward against triton_backend.coeff_grad_paths (measured dense / gemm / fft times and
-# what backward_path picked). Then set `status` to the GPU and date, and cite the RESULTS_GPU.md sections.
+# what backward_path picked); where it picked wrong, refit batch_gemm_mac_s, row_fft_s and batch_pair_s
+# (seconds, like gemm_mac_s) to those times. Then set `status` to the GPU and date, and cite the
+# RESULTS_GPU.md sections; tests/test_planner.py's CUDA expectations may need the new crossovers.
 # The triton entries are back-of-envelope figures for an H100/H200-class GPU. The torch-backend and
 # backward entries are the CPU table's multiples (so the torch backend on CUDA and every backward still
 # choose exactly as on the CPU), scaled by the fused kernel's assumed multiply-add time.
