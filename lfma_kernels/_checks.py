@@ -6,7 +6,8 @@ construction, never inside a training step.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import operator
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -17,10 +18,33 @@ def check_shape(shape: Sequence[int]) -> Tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+def positive_int(value: object, what: str) -> int:
+    """An int >= 1, numpy and 0-d integer tensors included (``operator.index``), never a bool."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be a positive int, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return number
+
+
+def check_budget(k: Optional[int], top_k_ratio: Optional[float]) -> Tuple[Optional[int], Optional[float]]:
+    """Exactly one of ``k`` (a positive int) and ``top_k_ratio`` (in (0, 1])."""
+    if (k is None) == (top_k_ratio is None):
+        raise ValueError("pass exactly one of k and top_k_ratio")
+    if k is not None:
+        return positive_int(k, "k"), None
+    if isinstance(top_k_ratio, bool) or not isinstance(top_k_ratio, (int, float)) or not 0 < top_k_ratio <= 1:
+        raise ValueError(f"top_k_ratio must be in (0, 1], got {top_k_ratio!r}")
+    return None, float(top_k_ratio)
+
+
 def check_k(k: int, shape: Sequence[int]) -> int:
     d_out, d_in = check_shape(shape)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"k must be an int, got {k!r}")
+    k = positive_int(k, "k")
     if not 1 <= k <= d_out * d_in:
         raise ValueError(f"k must be in [1, d_out*d_in = {d_out * d_in}] for shape {(d_out, d_in)}, got {k}")
     return k

@@ -18,14 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_k
+from ._checks import check_budget, check_frequencies, check_k
 from .eval_cache import FoldedWeightCache, optimizer_steps
 from .ops import dispatch
 from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
 
 __all__ = [
-    "Adapter", "is_conv1d", "check_base", "base_shape", "logical_weight", "linear", "delta_weight",
-    "folded_weight", "plan", "merge", "unmerge", "choose_frequencies", "check_init_scale", "tensor", "check_unsharded", "cache_allowed",
+    "Adapter", "is_conv1d", "is_adaptable", "check_base", "check_target", "base_shape", "logical_weight", "linear", "delta_weight",
+    "folded_weight", "plan", "merge", "unmerge", "choose_frequencies", "check_init_scale", "tensor", "check_unsharded", "check_loaded_positions", "cache_allowed",
 ]
 
 
@@ -52,10 +52,30 @@ def is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def check_base(base: nn.Module, what: str) -> None:
-    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+    """What a layer class (``what``) can wrap: an unsharded ``nn.Linear`` or ``Conv1D``."""
+    if not is_adaptable(base):
         raise TypeError(f"{what} wraps an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
     check_unsharded(base, what)
+
+
+def check_target(module: nn.Module, name: str, parent: Optional[nn.Module]) -> None:
+    """What the model tooling and the PEFT method adapt (``name`` in the model, under ``parent``): an
+    ``nn.Linear`` or ``Conv1D`` that its parent calls, with an unsharded weight."""
+    if not is_adaptable(module):
+        raise TypeError(f"target {name!r} is a {type(module).__name__}; LFMA adapts nn.Linear and transformers "
+                        "Conv1D layers only")
+    if isinstance(parent, nn.MultiheadAttention):
+        # MultiheadAttention reads out_proj.weight and .bias directly instead of calling the module:
+        # a wrapped out_proj would be bypassed (PEFT's layers even hand it the base weight, silently).
+        raise TypeError(f"target {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                        "directly instead of calling it, so an adapter there would never run; LFMA adapts "
+                        "layers that are called")
+    check_unsharded(module, f"target {name!r}")
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -74,6 +94,18 @@ def check_unsharded(base: nn.Module, what: str) -> None:
         raise ValueError(f"{what}: the base layer's weight is a DTensor, already sharded (fully_shard or tensor "
                          "parallelism); apply LFMA (apply_lfma / load_lfma / get_peft_model) to the unsharded "
                          "model first, then shard it")
+
+
+def check_loaded_positions(state_dict: dict, prefix: str, keys: Tuple[str, str, str], shape: Tuple[int, int]) -> None:
+    """Positions arriving through ``load_state_dict`` (``keys``: coefficients, rows, cols under
+    ``prefix``) are range-checked before anything is loaded: once per load (a host sync on GPU),
+    never per step. A partial load that leaves any of them out is not checked here."""
+    names = [prefix + key for key in keys]
+    if all(name in state_dict for name in names):
+        try:
+            check_frequencies(*(state_dict[name] for name in names), shape)
+        except ValueError as e:
+            raise ValueError(f"loading {prefix.rstrip('.') or 'the layer'}: {e}") from None
 
 
 def cache_allowed(module: nn.Module) -> bool:
@@ -220,8 +252,7 @@ def choose_frequencies(
     is scale-free): ``init="weight", init_scale=0.01`` is the official code's ``D = 0.01 W``
     start, ``init_scale=0`` starts at ``dW = 0`` on the chosen support."""
     shape = base_shape(base)
-    if (k is None) == (top_k_ratio is None):
-        raise ValueError("pass exactly one of k and top_k_ratio")
+    k, top_k_ratio = check_budget(k, top_k_ratio)
     k = check_k(k, shape) if k is not None else num_frequencies(shape, top_k_ratio)
     check_init_scale(init_scale)
     chosen = select_frequencies(init_matrix(init, logical_weight(base), std=init_std, seed=seed), k,

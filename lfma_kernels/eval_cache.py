@@ -74,3 +74,8 @@ class FoldedWeightCache:
 
     def clear(self) -> None:
         self._entry = None
+
+    def __reduce__(self):
+        # Pickled (torch.save of a module) or deep-copied empty: the copy rebuilds on its first eval
+        # forward instead of carrying a weight-sized tensor keyed on another object's addresses.
+        return (FoldedWeightCache, ())

@@ -164,6 +164,11 @@ class LFMALinear(nn.Module):
         return adapter.folded_weight(self.base, self._adapters(), self.backend)
 
     # ------------------------------------------------------------------ nn.Module hooks
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        adapter.check_loaded_positions(state_dict, prefix, ("coeffs", "rows", "cols"),
+                                       (self.out_features, self.in_features))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def train(self, mode: bool = True) -> "LFMALinear":
         self._cache.clear()
         self._cache_allowed = adapter.cache_allowed(self)

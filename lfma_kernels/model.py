@@ -11,8 +11,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._checks import check_frequencies
-from .adapter import base_shape, check_init_scale, check_unsharded, is_conv1d
+from ._checks import check_budget, check_frequencies
+from .adapter import base_shape, check_init_scale, check_target, is_adaptable
 from .layers import LFMALinear, check_backend_name
 from .selection import Frequencies, num_frequencies
 
@@ -55,12 +55,10 @@ class LFMAConfig:
                  top_k_ratio: Optional[float] = None, alpha: float = 12.0, init: str = "random",
                  init_std: float = 1e-3, seed: int = 0, hermitian: bool = False, backend: str = "auto",
                  modules_to_save: Sequence[str] = (), init_scale: float = 1.0) -> None:
-        if (k is None) == (top_k_ratio is None):
-            raise ValueError("LFMAConfig: pass exactly one of k and top_k_ratio")
-        if top_k_ratio is not None and not 0 < top_k_ratio <= 1:
-            raise ValueError(f"LFMAConfig: top_k_ratio must be in (0, 1], got {top_k_ratio}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"LFMAConfig: k must be a positive int, got {k!r}")
+        try:
+            k, top_k_ratio = check_budget(k, top_k_ratio)
+        except ValueError as e:
+            raise ValueError(f"LFMAConfig: {e}") from None
         if not isinstance(init, str):
             raise ValueError("LFMAConfig: init must be 'random' or 'weight' (a tensor init is per layer: "
                              "build LFMALinear directly)")
@@ -132,30 +130,15 @@ def _check_not_adapted(model: nn.Module, action: str) -> None:
                          "from a fresh model) first")
 
 
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
 def _target_names(model: nn.Module, config: LFMAConfig) -> List[str]:
     """Names of the modules ``config`` adapts; raises before anything is changed."""
     names = [n for n, _ in model.named_modules() if n and _matches(n, config.target_modules)]
     if not names:
-        linear = [n for n, m in model.named_modules() if _adaptable(m)]
+        linear = [n for n, m in model.named_modules() if is_adaptable(m)]
         raise ValueError(f"target_modules={config.target_modules!r} matched no module; the model's nn.Linear "
                          f"and Conv1D layers are: {_listing(linear)}")
     for n in names:
-        module = model.get_submodule(n)
-        if not _adaptable(module):
-            raise TypeError(f"target {n!r} is a {type(module).__name__}, LFMA adapts nn.Linear and transformers "
-                            "Conv1D layers only")
-        check_unsharded(module, f"target {n!r}")
-        parent = model.get_submodule(n.rpartition(".")[0])
-        if isinstance(parent, nn.MultiheadAttention):
-            # MultiheadAttention reads out_proj.weight and .bias directly instead of calling the
-            # module, so a wrapped out_proj would be bypassed (or missing its weight).
-            raise TypeError(f"target {n!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
-                            "directly instead of calling it, so an adapter there would never run; LFMA "
-                            "adapts layers that are called")
+        check_target(model.get_submodule(n), n, model.get_submodule(n.rpartition(".")[0]))
     return names
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import adapter
+from ._checks import check_budget, positive_int
 from .eval_cache import FoldedWeightCache
 from .layers import check_backend_name
 from .ops import dispatch
@@ -135,14 +136,12 @@ class LfmaConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if (self.k is None) == (self.top_k_ratio is None):
-            raise ValueError("LfmaConfig: pass exactly one of k and top_k_ratio")
-        if self.k is not None:
-            _check_k_value(self.k, "k")
-        if self.top_k_ratio is not None and not 0 < self.top_k_ratio <= 1:
-            raise ValueError(f"LfmaConfig: top_k_ratio must be in (0, 1], got {self.top_k_ratio}")
-        for pattern, k in self.k_pattern.items():
-            _check_k_value(k, f"k_pattern[{pattern!r}]")
+        try:
+            self.k, self.top_k_ratio = check_budget(self.k, self.top_k_ratio)
+            self.k_pattern = {pattern: positive_int(k, f"k_pattern[{pattern!r}]")
+                              for pattern, k in self.k_pattern.items()}
+        except ValueError as e:
+            raise ValueError(f"LfmaConfig: {e}") from None
         if self.init not in ("random", "weight"):
             raise ValueError(f"LfmaConfig: init must be 'random' or 'weight', got {self.init!r}")
         if self.bias not in ("none", "all", "lfma_only"):
@@ -165,14 +164,23 @@ class LfmaConfig(PeftConfig):
             raise ValueError("LfmaConfig: layers_pattern needs layers_to_transform")
 
 
-def _check_k_value(k: Any, what: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"LfmaConfig: {what} must be a positive int, got {k!r}")
-
-
 def base_numel(base: nn.Module) -> int:
     d_out, d_in = adapter.base_shape(base)
     return d_out * d_in
+
+
+def _outside_tuner_layers(model: nn.Module):
+    """``(name, module)`` of every named module except the root and those inside a tuner layer (its
+    ``base_layer``), which PEFT never targets."""
+    inside = set()
+    for key, module in model.named_modules():
+        if key.rpartition(".")[0] in inside:
+            inside.add(key)
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside.add(key)
+        if key:
+            yield key, module
 
 
 def _pattern_key(patterns: Sequence[str], name: str) -> Optional[str]:
@@ -216,6 +224,7 @@ class LfmaLayer(BaseTunerLayer):
         self.lfma_cols[adapter_name] = frequencies.cols.to(torch.int64)
         self.lfma_alpha[adapter_name] = float(config.alpha)
         self.lfma_backend[adapter_name] = config.backend
+        self._lfma_cache.clear()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -305,6 +314,18 @@ class LfmaLinear(nn.Module, LfmaLayer):
         self.merged_adapters = []
         self._lfma_cache.clear()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Called before the children (lfma_coeffs, lfma_rows, lfma_cols) load their entries.
+        rows = prefix + "lfma_rows."
+        for name in [key[len(rows):] for key in state_dict if key.startswith(rows)]:
+            adapter.check_loaded_positions(state_dict, prefix, (f"lfma_coeffs.{name}", f"lfma_rows.{name}",
+                                                                f"lfma_cols.{name}"), (self.out_features, self.in_features))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._lfma_cache.clear()
+        super().delete_adapter(adapter_name)
+
     def train(self, mode: bool = True) -> "LfmaLinear":
         self._lfma_cache.clear()
         self._lfma_cache_allowed = adapter.cache_allowed(self)
@@ -332,33 +353,20 @@ class LfmaModel(BaseTuner):
         """Every target checked (type, K) before the first is replaced: bad input changes nothing."""
         if config.target_modules is None:  # the architecture's defaults, as inject_adapter resolves them
             config = self._prepare_adapter_config(config, self.get_model_config(model))
-        wrapped = set()  # modules inside a tuner layer (its base_layer): PEFT does not target them
-        for key, module in model.named_modules():
-            if key.rpartition(".")[0] in wrapped:
-                wrapped.add(key)
-                continue
-            if isinstance(module, BaseTunerLayer):
-                wrapped.add(key)
-            if key and self._check_target_module_exists(config, key):
+        for key, module in _outside_tuner_layers(model):
+            if self._check_target_module_exists(config, key):
                 base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-                self._check_target(base, key)
+                adapter.check_target(base, key, model.get_submodule(key.rpartition(".")[0]))
                 k = self._layer_k(config, key, base)
                 if k > base_numel(base):
                     raise ValueError(f"layer {key!r}: k={k} exceeds d_out*d_in = {base_numel(base)}")
-
-    @staticmethod
-    def _check_target(base: nn.Module, key: str) -> None:
-        if not (isinstance(base, nn.Linear) or adapter.is_conv1d(base)):
-            raise TypeError(f"target {key!r} is a {type(base).__name__}; LFMA adapts nn.Linear and "
-                            "transformers Conv1D layers only")
-        adapter.check_unsharded(base, f"target {key!r}")
 
     def _create_and_replace(self, lfma_config: LfmaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        self._check_target(base, current_key)
+        adapter.check_target(base, current_key, parent)
         self._check_fan_in_fan_out(lfma_config, base)
         k, seed = self._layer_k(lfma_config, current_key, base), lfma_config.seed + self._layer_index(
             lfma_config, adapter_name, current_key)
@@ -402,16 +410,22 @@ class LfmaModel(BaseTuner):
         layer ``i`` draws its random init with ``seed + i`` exactly as the native ``apply_lfma``."""
         order = self.__dict__.setdefault("_lfma_target_order", {})
         if adapter_name not in order:
-            names = [n for n, _ in self.model.named_modules() if n and self._check_target_module_exists(config, n)]
+            names = [n for n, _ in _outside_tuner_layers(self.model) if self._check_target_module_exists(config, n)]
             order[adapter_name] = {n: i for i, n in enumerate(names)}
         return order[adapter_name].get(key, 0)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        # A later adapter of this name may target other layers: its order is computed afresh.
+        self.__dict__.get("_lfma_target_order", {}).pop(adapter_name, None)
 
     def _safe_merge_check(self, adapter_names: Optional[List[str]]) -> None:
         """Every layer's merged weight checked before any is written, so that a non-finite
         adapter anywhere changes nothing (PEFT's own loop would merge the layers before it)."""
         for name, module in self.model.named_modules():
-            if isinstance(module, LfmaLinear) and not module.merged:
-                names = [n for n in (adapter_names or module.active_adapters) if n in module.lfma_coeffs]
+            if isinstance(module, LfmaLinear):
+                names = [n for n in (adapter_names or module.active_adapters)
+                         if n in module.lfma_coeffs and n not in module.merged_adapters]
                 if names and not torch.isfinite(module.merged_weight(names)).all():
                     raise ValueError(f"safe merge: layer {name!r} would get non-finite weights from LFMA adapter(s) "
                                      f"{names}; nothing was merged")

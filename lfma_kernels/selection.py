@@ -78,9 +78,11 @@ def init_matrix(
     shape = tuple(weight.shape)
     if isinstance(init, torch.Tensor):
         if tuple(init.shape) != shape:
-            raise ValueError(f"init tensor has shape {tuple(init.shape)}, the layer's weight has {shape}")
+            raise ValueError(f"init tensor has shape {tuple(init.shape)}, the layer's (d_out, d_in) weight has {shape}")
         return init.detach().float()
     if init == "random":
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < float("inf"):
+            raise ValueError(f"init_std must be a positive finite number, got {std!r}")
         generator = torch.Generator().manual_seed(int(seed))
         return torch.randn(shape, generator=generator, dtype=torch.float32) * std
     if init == "weight":

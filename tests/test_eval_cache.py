@@ -180,3 +180,27 @@ def test_no_cache_while_parameters_are_sharded(monkeypatch, count_folds):
     cached_output(layer)
     cached_output(layer)
     assert len(count_folds) == 1 and layer._cache._entry is not None
+
+
+def test_copies_and_pickles_carry_no_cache(tmp_path):
+    import copy
+    import pickle
+
+    layer = make_layer().eval()
+    cached_output(layer)
+    assert layer._cache._entry is not None
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone._cache._entry is None
+        assert rel_err(cached_output(clone), oracle(layer)) <= 1e-5
+    torch.save(layer, tmp_path / "layer.pt")
+    assert torch.load(tmp_path / "layer.pt", weights_only=False)._cache._entry is None
+
+
+def test_load_state_dict_refuses_positions_out_of_range():
+    layer = make_layer()
+    state = layer.state_dict()
+    state["rows"] = state["rows"] + 48
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 48\)"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())

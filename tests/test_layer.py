@@ -231,3 +231,11 @@ def test_torch_compile_without_graph_breaks(backend):
     model = nn.Sequential(nn.Linear(20, 24), nn.GELU(), nn.Linear(24, 12))
     lfma.apply_lfma(model, lfma.LFMAConfig(["0", "2"], k=7, backend=backend))
     compiled_matches_eager(model, torch.randn(3, 5, 20), out_tol=1e-6, grad_tol=1e-5, backend="aot_eager")
+
+
+def test_numpy_and_tensor_k_and_a_bad_init_std():
+    np = pytest.importorskip("numpy")
+    assert make_layer(k=np.int64(5)).k == 5 and make_layer(k=torch.tensor(6)).k == 6
+    for std in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="init_std"):
+            make_layer(init_std=std)

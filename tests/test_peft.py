@@ -524,3 +524,72 @@ def test_vit_default_targets_are_query_and_value():
     assert adapted in (["query", "query", "value", "value"], ["q_proj", "q_proj", "v_proj", "v_proj"])
     pixels = torch.randn(2, 1, 8, 8)
     assert model(pixel_values=pixels).logits.shape == (2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# found by a break-it review
+# ---------------------------------------------------------------------------------------------
+def test_multihead_attention_out_proj_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+    model = Block()
+    with pytest.raises(TypeError, match=r"'attn\.out_proj'.*MultiheadAttention"):
+        get_peft_model(model, LfmaConfig(target_modules=["fc", "out_proj"], k=3))
+    assert type(model.fc) is nn.Linear and type(model.attn.out_proj) is not LfmaLinear
+
+
+def test_loading_positions_out_of_range_is_refused(tmp_path):
+    """An adapter saved for a larger layer must not load into a smaller one (PEFT loads positions as
+    plain buffers): a ValueError naming the layer, before anything is loaded into it."""
+    class Wide(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.lin0 = nn.Linear(d, d)
+
+        def forward(self, x):
+            return self.lin0(x)
+
+    torch.manual_seed(0)
+    big = get_peft_model(Wide(32), LfmaConfig(target_modules=["lin0"], k=6))
+    big.save_pretrained(tmp_path)
+    small = get_peft_model(Wide(8), LfmaConfig(target_modules=["lin0"], k=6))
+    rows = small.base_model.model.lin0.lfma_rows["default"].clone()
+    state = {k: v for k, v in big.state_dict().items() if "lfma_" in k}
+    with pytest.raises(ValueError, match=r"loading base_model\.model\.lin0: rows must lie in \[0, 8\)"):
+        small.load_state_dict(state, strict=False)
+    assert torch.equal(small.base_model.model.lin0.lfma_rows["default"], rows)
+    with pytest.raises(ValueError, match="rows must lie in"):
+        PeftModel.from_pretrained(Wide(8), tmp_path)
+
+
+def test_safe_merge_with_an_adapter_already_merged_changes_nothing():
+    model = add_second(randomize(peft_model("mlp")))
+    model.merge_adapter(["default"])
+    with torch.no_grad():
+        model.base_model.model.lin1.lfma_coeffs["other"][0, 0] = float("inf")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    with pytest.raises(ValueError, match="lin1"):
+        model.merge_adapter(["other"], safe_merge=True)
+    for n, p in model.named_parameters():
+        if n in weights:
+            assert torch.equal(p, weights[n]), n
+    assert all(layer.merged_adapters == ["default"] for layer in lfma_layers(model).values())
+
+
+def test_a_re_added_adapter_selects_like_a_fresh_one():
+    model = add_second(peft_model("mlp"))
+    model.delete_adapter("other")
+    model.add_adapter("other", LfmaConfig(target_modules=["lin1"], k=5, seed=7))
+    fresh_model = get_peft_model(fresh("mlp"), LfmaConfig(target_modules=["lin1"], k=5, seed=7))
+    assert torch.equal(model.base_model.model.lin1.lfma_rows["other"],
+                       fresh_model.base_model.model.lin1.lfma_rows["default"])
+
+
+def test_numpy_k_is_accepted():
+    np = pytest.importorskip("numpy")
+    config = LfmaConfig(target_modules=["lin0"], k=np.int64(4), k_pattern={"lin1": np.int32(3)})
+    assert type(config.k) is int and config.k == 4 and type(config.k_pattern["lin1"]) is int

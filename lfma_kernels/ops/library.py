@@ -156,6 +156,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
     def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], coeffs: torch.Tensor,
                   rows: torch.Tensor, cols: torch.Tensor, alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
         folded = _fold(kernels, weight, coeffs, rows, cols, alpha)
+        if folded.dtype != x.dtype:  # autocast (see lfma_linear below): the GEMMs run in x's dtype
+            folded = folded.to(x.dtype)
         return F.linear(x, folded, bias), folded
 
     @linear_op.register_fake
@@ -167,7 +169,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],),
                      lambda: f"{prefix}linear: bias must have shape ({weight.shape[0]},), got "
                              f"{None if bias is None else tuple(bias.shape)}")
-        return x.new_empty((*x.shape[:-1], weight.shape[0])), torch.empty_like(weight)
+        return x.new_empty((*x.shape[:-1], weight.shape[0])), torch.empty_like(weight, dtype=x.dtype)
 
     def linear_setup(ctx, inputs, output):
         x, weight, bias, coeffs, rows, cols, alpha = inputs
@@ -212,6 +214,19 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         return folded_weight_op(weight, coeffs.detach(), rows, cols, float(alpha))
 
     def lfma_linear(x, weight, bias, coeffs, rows, cols, alpha) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # torch.autocast casts F.linear's operands to its dtype, but leaves a custom op's inputs
+            # alone while still casting the F.linear inside it: the output, x and W + dW would then
+            # disagree in the backward. Cast as autocast would (W + dW is folded in the weight's own
+            # precision first, then cast, as F.linear casts W) and run the op with autocast off.
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return linear_op(x.to(dtype), weight, None if bias is None else bias.to(dtype), coeffs, rows,
+                                 cols, float(alpha))[0]
+        if x.dtype != weight.dtype:
+            raise RuntimeError(f"{prefix}linear: x is {x.dtype} but the weight is {weight.dtype}; as for F.linear "
+                               "they must agree (or run under torch.autocast)")
         return linear_op(x, weight, bias, coeffs, rows, cols, float(alpha))[0]
 
     return BackendOps(delta_weight, folded_weight, lfma_linear)
