@@ -10,8 +10,8 @@ reference lines. Learning rates were picked per method and budget on the validat
 (``--sweep``; the table is in ``LEARNING_RATES``), accuracy is reported on the test split only,
 mean +- std over ``SEEDS``.
 
-    lfma-demo            # or: python -m lfma_kernels.demo, or: make demo (the lean grid, ~4 min)
-    lfma-demo --full     # every method at every budget (~9 min on 2 cores)
+    lfma-demo            # or: python -m lfma_kernels.demo, or: make demo (the lean grid, ~2.5 min)
+    lfma-demo --full     # every method at every budget (~5 min on 2 cores)
     lfma-demo --quick    # one seed, few epochs, two budgets: the smoke run of the tests
     lfma-demo --sweep    # the learning-rate sweep on the validation split (with --full: every point)
 
@@ -48,8 +48,8 @@ HIDDEN, LAYERS, HEADS, MLP = 64, 4, 4, 128
 # Budgets: real trained scalars per adapted projection (d_in = d_out = 64), 16x from end to end:
 # LoRA r * (d_in + d_out) = 128 r (r = 1 .. 16); FourierFT n real coefficients; LFMA 2K (K complex).
 BUDGETS = (128, 256, 512, 1024, 2048)
-# `make demo`'s default grid fits in 5 minutes on the 2-core CPU machine (about 4); --full runs every
-# method at every budget (96 runs, about 9 minutes there).
+# `make demo`'s default grid fits in 5 minutes on the 2-core CPU machine (42 runs, 148 s there on
+# 2026-11-30); --full runs every method at every budget (96 runs, 309 s).
 LEAN_METHODS = ("head only", "LoRA", "FourierFT", "LFMA", "full fine-tuning")
 LEAN_BUDGETS = (128, 256, 512, 1024)
 QUICK_BUDGETS = (128, 512)
