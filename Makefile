@@ -1,5 +1,6 @@
-# make demo   the main job: LFMA vs LoRA, FourierFT, head-only and full fine-tuning of a small ViT
-#             on scikit-learn's digits (table, results/demo.json, results/demo.png)
+# make demo   the main job: accuracy against trained parameters for LFMA, LoRA, FourierFT, head-only
+#             and full fine-tuning of a small ViT on scikit-learn's digits (table, results/demo.json,
+#             results/demo.png); `.venv/bin/lfma-demo --full` for every LFMA variant and budget
 # make test   unit tests (tests/, the demo's --quick smoke run included), in a local virtual
 #             environment created on first use
 # make bench  the CPU benchmarks (layer and model level), written to benchmarks/RESULTS.md
