@@ -105,3 +105,12 @@ def count_folds(monkeypatch):
 
     monkeypatch.setattr(module, "folded_weight", counting)
     return calls
+
+
+class AttentionBlock(nn.Module):
+    """An ``nn.MultiheadAttention`` (whose ``out_proj`` is read, never called) beside a plain layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import lfma_kernels as lfma
-from conftest import rel_err
+from conftest import AttentionBlock, rel_err
 
 
 class Attention(nn.Module):
@@ -243,13 +243,7 @@ def test_malformed_target_modules_is_a_value_error(targets):
 
 
 def test_multihead_attention_out_proj_is_refused():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.fc = nn.Linear(16, 16)
-
-    model = Block()
+    model = AttentionBlock()
     before = model_state(model)
     with pytest.raises(TypeError, match=r"'attn\.out_proj'.*MultiheadAttention"):
         lfma.apply_lfma(model, lfma.LFMAConfig(["out_proj", "fc"], k=3))

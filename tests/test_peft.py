@@ -17,7 +17,7 @@ import lfma_kernels.peft as lfma_peft  # noqa: E402
 from lfma_kernels.peft import LfmaConfig, LfmaLayer, LfmaLinear, LfmaModel  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import AttentionBlock, rel_err  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -530,13 +530,7 @@ def test_vit_default_targets_are_query_and_value():
 # found by a break-it review
 # ---------------------------------------------------------------------------------------------
 def test_multihead_attention_out_proj_is_refused():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.fc = nn.Linear(16, 16)
-
-    model = Block()
+    model = AttentionBlock()
     with pytest.raises(TypeError, match=r"'attn\.out_proj'.*MultiheadAttention"):
         get_peft_model(model, LfmaConfig(target_modules=["fc", "out_proj"], k=3))
     assert type(model.fc) is nn.Linear and type(model.attn.out_proj) is not LfmaLinear
