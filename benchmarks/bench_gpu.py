@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from common import (FULL_RATIOS, PAPER, QUICK_SHAPES, Problem, backend_runs, cases, delta_weight_fn,
-                    eval_forward_fn, frozen_eval_forward_fn, frozen_train_step_fn, lfma, make_inputs, make_problem, paper_eval_forward_fn, parse_ratios,
-                    parse_shapes, train_step_fn, training_floor)  # first: puts lfma_kernels on the path
+                    eval_forward_fn, frozen_eval_forward_fn, frozen_train_step_fn, make_inputs, make_problem,
+                    paper_eval_forward_fn, parse_ratios, parse_shapes, train_step_fn, training_floor)  # first: puts lfma_kernels on the path
 
 import torch  # noqa: E402
 

@@ -24,8 +24,9 @@ from .ops import dispatch
 from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
 
 __all__ = [
-    "Adapter", "is_conv1d", "is_adaptable", "check_base", "check_target", "base_shape", "logical_weight", "linear", "delta_weight",
-    "folded_weight", "plan", "merge", "unmerge", "choose_frequencies", "check_init_scale", "tensor", "check_unsharded", "check_loaded_positions", "cache_allowed",
+    "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "check_base", "check_target", "check_unsharded",
+    "check_loaded_positions", "check_init_scale", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
+    "delta_weight", "folded_weight", "plan", "merge", "unmerge", "choose_frequencies",
 ]
 
 
@@ -117,6 +118,23 @@ def cache_allowed(module: nn.Module) -> bool:
     return not any(_is_dtensor(p) for p in module.parameters())
 
 
+class EvalCacheHooks:
+    """The ``nn.Module`` hooks of a layer that owns an eval cache (``self._cache``), shared by
+    ``LFMALinear`` and the PEFT layer: a mode switch drops the cached ``W + dW`` and re-reads
+    whether a cache is allowed (:func:`cache_allowed`); a device or dtype move drops it."""
+
+    _cache: FoldedWeightCache
+
+    def train(self, mode: bool = True):
+        self._cache.clear()
+        self._cache.enabled = cache_allowed(self)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+
 def base_shape(base: nn.Module) -> Tuple[int, int]:
     """The logical ``(d_out, d_in)``."""
     if is_conv1d(base):
@@ -166,8 +184,8 @@ def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
     coefficients or the weight require grad under grad mode) or when a change to its sources
     could go unseen (inference tensors track no version). See :mod:`.eval_cache`."""
     w = tensor(base, "weight")
-    if cache is None or (torch.is_grad_enabled() and (w.requires_grad or any(a.coeffs.requires_grad
-                                                                             for a in adapters))):
+    if cache is None or not cache.enabled or (
+            torch.is_grad_enabled() and (w.requires_grad or any(a.coeffs.requires_grad for a in adapters))):
         return None
     try:
         key = [optimizer_steps(), w._version, w.data_ptr()]
@@ -182,7 +200,7 @@ def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
 def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backend: str,
            cache: Optional[FoldedWeightCache], training: bool) -> torch.Tensor:
     """``F.linear(x, W + sum(dW), b)``: one folded GEMM forward and one for ``dL/dx``; in eval, the
-    cached ``W + dW`` whenever no gradient flows through it (``cache=None``: never)."""
+    cached ``W + dW`` whenever no gradient flows through it (``cache=None`` or a disabled one: never)."""
     if not training:
         cached = _eval_weight(base, adapters, backend, cache)
         if cached is not None:
@@ -194,7 +212,7 @@ def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backen
 
 
 def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter], backend: str, *,
-         training: bool, merged: bool, cache: bool):
+         training: bool, merged: bool, cache: Optional[FoldedWeightCache]):
     """What :func:`linear` runs for input ``x`` (and, in training, its backward) and why: a
     :class:`~lfma_kernels.ops.planner.Plan`. Without ``x``, for the weight's device and dtype and no
     token count (so no backward path)."""
@@ -211,7 +229,7 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
         note = "merged: the forward is the base layer alone (dW is in its weight)"
     elif training:
         note = "training: W + dW folded on every forward, one GEMM forward and one for dL/dx"
-    elif cache:
+    elif cache is not None and cache.enabled:
         note = ("eval: one GEMM with a cached W + dW when nothing feeding it needs a gradient (built by "
                 "this backend when stale); otherwise the training path")
     else:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import adapter
 from ._checks import check_k
 from .layers import check_backend_name
 from .ops import dispatch
@@ -52,20 +53,18 @@ class FourierFTLinear(nn.Module):
         self.alpha = float(alpha)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _adapters(self) -> tuple:
         coeffs = torch.stack([self.spectrum, torch.zeros_like(self.spectrum)], dim=1)
-        weight = self.base.weight
-        impl = dispatch.resolve(self.backend, x.device, x.dtype, coeffs.shape[0], tuple(weight.shape))
-        return impl.lfma_linear(x, weight, self.base.bias, coeffs, self.rows, self.cols, self.alpha)
+        return (adapter.Adapter(coeffs, self.rows, self.cols, self.alpha),)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # No eval cache: the peer is timed and trained as PEFT's FourierFT, which has none.
+        return adapter.linear(x, self.base, self._adapters(), self.backend, None, training=True)
 
     def plan(self, x: Optional[torch.Tensor] = None):
         """What a forward with input ``x`` runs and why (see :func:`lfma_kernels.explain`); without
         ``x``, for the weight's device and dtype."""
-        weight = self.base.weight
-        like = weight if x is None else x
-        tokens = None if x is None else x.numel() // weight.shape[1]
-        return dispatch.explain(tuple(weight.shape), self.rows.shape[0], device=like.device, dtype=like.dtype,
-                                tokens=tokens, backend_name=self.backend, rows=self.rows, cols=self.cols)
+        return adapter.plan(x, self.base, self._adapters(), self.backend, training=True, merged=False, cache=None)
 
     def extra_repr(self) -> str:
         return f"n={self.spectrum.shape[0]}, alpha={self.alpha}, backend={self.backend!r}"

@@ -58,10 +58,11 @@ class FoldedWeightCache:
     thread never pairs one build's key with another build's tensor.
     """
 
-    __slots__ = ("_entry",)
+    __slots__ = ("_entry", "enabled")
 
     def __init__(self) -> None:
         self._entry: Optional[Tuple[tuple, torch.Tensor]] = None
+        self.enabled = True  # False: the owner may not keep a cache now (see adapter.cache_allowed)
 
     def get(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         entry = self._entry

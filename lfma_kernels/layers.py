@@ -2,7 +2,7 @@
 coefficients at fixed frequencies. The math, cache and merge live in :mod:`.adapter`."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,14 +21,14 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(dispatch.BACKENDS)}")
 
 
-def check_given_frequencies(frequencies: Frequencies, shape) -> None:
+def check_given_frequencies(frequencies: Frequencies, shape: Tuple[int, int]) -> None:
     values = frequencies.values
     if not values.is_complex() or values.dim() != 1:
         raise ValueError(f"frequencies.values must be a complex 1-D tensor, got {values.dtype} {tuple(values.shape)}")
     check_frequencies(torch.view_as_real(values), frequencies.rows, frequencies.cols, shape)
 
 
-class LFMALinear(nn.Module):
+class LFMALinear(adapter.EvalCacheHooks, nn.Module):
     """``y = x (W + dW)^T + b`` with ``dW = alpha * Re(ifft2(F))``, ``F`` nonzero at K frequencies.
 
     ``base`` is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's projections, weight stored
@@ -92,7 +92,6 @@ class LFMALinear(nn.Module):
         self.backend = backend
         self._merged = False
         self._cache = FoldedWeightCache()
-        self._cache_allowed = True
 
     # ------------------------------------------------------------------ properties
     @property
@@ -120,8 +119,7 @@ class LFMALinear(nn.Module):
         base = self._modules["base"]
         if self._merged:
             return base(x)
-        return adapter.linear(x, base, self._adapters(), self.backend, self._cache if self._cache_allowed else None,
-                              self.training)
+        return adapter.linear(x, base, self._adapters(), self.backend, self._cache, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         """``dW`` (float32, shaped ``(d_out, d_in)`` like the logical weight), differentiable
@@ -133,7 +131,7 @@ class LFMALinear(nn.Module):
         how ``dW`` and ``dL/dcoeffs`` are computed, the reason each alternative was refused
         (:func:`lfma_kernels.explain`); ``print()`` it. Without ``x``: for the weight's device and dtype."""
         return adapter.plan(x, self.base, self._adapters(), self.backend, training=self.training, merged=self._merged,
-                            cache=self._cache_allowed)
+                            cache=self._cache)
 
     def clear_cache(self) -> None:
         """Drop the eval cache of ``W + dW``. Needed only after writing to ``coeffs``, ``rows``,
@@ -168,15 +166,6 @@ class LFMALinear(nn.Module):
         adapter.check_loaded_positions(state_dict, prefix, ("coeffs", "rows", "cols"),
                                        (self.out_features, self.in_features))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def train(self, mode: bool = True) -> "LFMALinear":
-        self._cache.clear()
-        self._cache_allowed = adapter.cache_allowed(self)
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cache.clear()
-        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         n = self.out_features * self.in_features

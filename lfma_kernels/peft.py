@@ -205,8 +205,7 @@ class LfmaLayer(BaseTunerLayer):
         self.lfma_backend: Dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters: List[str] = []
-        self._lfma_cache = FoldedWeightCache()
-        self._lfma_cache_allowed = True
+        self._cache = FoldedWeightCache()
         self.kwargs = kwargs
         self.out_features, self.in_features = adapter.base_shape(base_layer)
 
@@ -224,7 +223,7 @@ class LfmaLayer(BaseTunerLayer):
         self.lfma_cols[adapter_name] = frequencies.cols.to(torch.int64)
         self.lfma_alpha[adapter_name] = float(config.alpha)
         self.lfma_backend[adapter_name] = config.backend
-        self._lfma_cache.clear()
+        self._cache.clear()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -256,7 +255,7 @@ class LfmaLayer(BaseTunerLayer):
         return adapter.logical_weight(base, delta)
 
 
-class LfmaLinear(nn.Module, LfmaLayer):
+class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
     """LFMA on an ``nn.Linear`` or a transformers ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LfmaConfig, k: int, seed: int,
@@ -279,15 +278,14 @@ class LfmaLinear(nn.Module, LfmaLayer):
         adapters = self._adapters(names)
         if not adapters:
             return base(x, *args, **kwargs)
-        cache = self._lfma_cache if self._lfma_cache_allowed else None
-        return adapter.linear(x, base, adapters, self._backend(names), cache, self.training)
+        return adapter.linear(x, base, adapters, self._backend(names), self._cache, self.training)
 
     def plan(self, x: Optional[torch.Tensor] = None):
         """What a forward with input ``x`` over the active adapters runs and why (see
         :func:`lfma_kernels.explain`); without ``x``, for the base weight's device and dtype."""
         names = self.active_adapters
         return adapter.plan(x, self.base_layer, self._adapters(names), self._backend(names), training=self.training,
-                            merged=self.merged, cache=self._lfma_cache_allowed)
+                            merged=self.merged, cache=self._cache)
 
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """``W + sum(dW)`` of the named adapters as ``(d_out, d_in)``, no autograd (what merging writes)."""
@@ -302,7 +300,7 @@ class LfmaLinear(nn.Module, LfmaLayer):
         adapter.merge(self.get_base_layer(), self._adapters(names), self._backend(names), safe=safe_merge,
                       what=f"merging LFMA adapter(s) {names}")
         self.merged_adapters.extend(names)
-        self._lfma_cache.clear()
+        self._cache.clear()
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again (exact up to rounding in the weight's dtype)."""
@@ -312,7 +310,7 @@ class LfmaLinear(nn.Module, LfmaLayer):
         names = list(self.merged_adapters)
         adapter.unmerge(self.get_base_layer(), self._adapters(names), self._backend(names))
         self.merged_adapters = []
-        self._lfma_cache.clear()
+        self._cache.clear()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Called before the children (lfma_coeffs, lfma_rows, lfma_cols) load their entries.
@@ -323,17 +321,8 @@ class LfmaLinear(nn.Module, LfmaLayer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._lfma_cache.clear()
+        self._cache.clear()
         super().delete_adapter(adapter_name)
-
-    def train(self, mode: bool = True) -> "LfmaLinear":
-        self._lfma_cache.clear()
-        self._lfma_cache_allowed = adapter.cache_allowed(self)
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._lfma_cache.clear()
-        return super()._apply(fn, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "lfma." + super().__repr__()

@@ -13,7 +13,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import lfma_kernels as lfma  # noqa: E402
-import lfma_kernels.peft as lfma_peft  # noqa: E402
 from lfma_kernels.peft import LfmaConfig, LfmaLayer, LfmaLinear, LfmaModel  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
