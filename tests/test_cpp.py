@@ -116,6 +116,19 @@ def test_coeff_grad_batch_selected_frequencies(shape, k, hermitian, gen):
     assert rel_err(ops.coeff_grad_batch(x.float(), g.float(), sel.rows, sel.cols, 1.3), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("tokens", [255, 256, 1029])
+def test_coeff_grad_batch_many_tokens(tokens, gen):
+    """Token blocks (256), runs summed in float32 (32), eight-token vector passes and a scalar tail,
+    and one chunk per thread: all must add up to the oracle's sum over every token."""
+    init = torch.randn(96, 80, generator=gen, dtype=torch.float64)
+    sel = lfma.select_frequencies(init, 150)
+    x = torch.randn(tokens, 80, generator=gen, dtype=torch.float64) + 0.5  # a mean: large u = v = 0 sums
+    g = torch.randn(tokens, 96, generator=gen, dtype=torch.float64)
+    ref = oracle_grad(g.T @ x, sel.rows, sel.cols, 0.7)
+    assert rel_err(ops.coeff_grad_batch(x, g, sel.rows, sel.cols, 0.7), ref) <= 1e-12
+    assert rel_err(ops.coeff_grad_batch(x.float(), g.float(), sel.rows, sel.cols, 0.7), ref) <= 1e-5
+
+
 def test_coeff_grad_batch_dtypes_layouts_and_empty(gen):
     _, rows, cols = frequencies((12, 10), 9, gen)
     x = torch.randn(10, 20, generator=gen, dtype=torch.float64).T  # non-contiguous [20, 10]
