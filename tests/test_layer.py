@@ -239,3 +239,31 @@ def test_numpy_and_tensor_k_and_a_bad_init_std():
     for std in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="init_std"):
             make_layer(init_std=std)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_eager_calls_skip_the_op_and_compiled_ones_trace_it(backend):
+    """Eager: the layer runs library.LinearFunction (the op's forward and backward without its
+    dispatch), with the op's outputs and gradients. Compiled: the graph holds the op itself."""
+    torch.manual_seed(0)
+    layer = make_layer(20, 24, k=7, backend=backend)
+    name = layer.plan().backend
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    g = torch.randn(3, 5, 24)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "LinearFunctionBackward"
+    grads = torch.autograd.grad(out, (x, layer.coeffs), g)
+    op = getattr(torch.ops.lfma, f"{name}_linear")
+    want = op(x, layer.base.weight, layer.base.bias, layer.coeffs, layer.rows, layer.cols, layer.alpha)[0]
+    assert torch.equal(out, want)
+    for got, ref in zip(grads, torch.autograd.grad(want, (x, layer.coeffs), g)):
+        assert torch.equal(got, ref)
+
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    torch.compile(layer, backend=record, fullgraph=True)(x)
+    assert op.default in targets or op in targets, targets

@@ -8,8 +8,11 @@ implementations, they trace under ``torch.compile`` without graph breaks and pas
 ``<name>_linear`` is ``F.linear(x, W + dW, bias)``: ``dW`` is folded into ``W`` so the layer costs
 one GEMM forward and one for ``dL/dx``. The op also returns ``W + dW`` so its backward can reuse it
 (rebuilding it cost ~2-4% of a CPU training step at ViT-B shapes); the wrapper hands out only the
-output. The backward takes ``dL/dcoeffs`` from the cheapest of: the dense weight gradient ``G = g^T x`` and the backend's ``coeff_grad(G)``, or
-one of the batch paths that never form ``G`` (DESIGN section 1), as :func:`.planner.backward_path` says.
+output. The backward takes ``dL/dcoeffs`` from the cheapest of: the dense weight gradient ``G = g^T x``
+and the backend's ``coeff_grad(G)``, or one of the batch paths that never form ``G`` (DESIGN section
+1), as :func:`.planner.backward_path` says. Eager calls run the same forward and backward through an
+``autograd.Function`` instead of the op, skipping the custom op's Python dispatch (see
+``LinearFunction``); under ``torch.compile`` the op runs.
 
 The fake implementations check their inputs with ``torch._check`` (shapes, K, dtypes), so a bad call
 under ``torch.compile`` fails at trace time, naming the op and the argument.
@@ -138,8 +141,10 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         check_positions(prefix + "coeff_grad", rows, cols)
         return grad_dw.new_empty((rows.shape[0], 2))
 
-    def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype) -> torch.Tensor:
-        return coeff_grad_op(grad_dw.to(compute_dtype(coeffs_dtype)), rows, cols, alpha).to(coeffs_dtype)
+    def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype, run=coeff_grad_op) -> torch.Tensor:
+        """``run``: the op (traceable: it has a fake implementation), or in an eager backward the
+        kernel itself, without the op's dispatch."""
+        return run(grad_dw.to(compute_dtype(coeffs_dtype)), rows, cols, alpha).to(coeffs_dtype)
 
     def delta_weight_setup(ctx, inputs, output):
         coeffs, rows, cols, _, _, alpha = inputs
@@ -152,13 +157,16 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     delta_weight_op.register_autograd(delta_weight_backward, setup_context=delta_weight_setup)
 
-    @torch.library.custom_op(prefix + "linear", mutates_args=())
-    def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], coeffs: torch.Tensor,
-                  rows: torch.Tensor, cols: torch.Tensor, alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def linear_forward(x, weight, bias, coeffs, rows, cols, alpha) -> Tuple[torch.Tensor, torch.Tensor]:
         folded = _fold(kernels, weight, coeffs, rows, cols, alpha)
         if folded.dtype != x.dtype:  # autocast (see lfma_linear below): the GEMMs run in x's dtype
             folded = folded.to(x.dtype)
         return F.linear(x, folded, bias), folded
+
+    @torch.library.custom_op(prefix + "linear", mutates_args=())
+    def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], coeffs: torch.Tensor,
+                  rows: torch.Tensor, cols: torch.Tensor, alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return linear_forward(x, weight, bias, coeffs, rows, cols, alpha)
 
     @linear_op.register_fake
     def _(x, weight, bias, coeffs, rows, cols, alpha):
@@ -177,7 +185,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         ctx.alpha, ctx.has_bias = alpha, bias is not None
         ctx.set_materialize_grads(False)  # W + dW is an internal output: no zero gradient for it
 
-    def linear_backward(ctx, grad_out, _grad_folded):
+    def linear_backward(ctx, grad_out, _grad_folded, coeff_grad=coeff_grad_op):
         x, folded, coeffs, rows, cols = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None, None, None, None
@@ -192,7 +200,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
             grad_w = g_dense
         if need_c:
             if path == "dense":
-                grad_c = coeff_grad_from(g_dense, rows, cols, ctx.alpha, coeffs.dtype)
+                grad_c = coeff_grad_from(g_dense, rows, cols, ctx.alpha, coeffs.dtype, coeff_grad)
             else:
                 if path == "gemm":
                     batch = kernels.coeff_grad_batch_gemm or torch_kernels.coeff_grad_batch_gemm
@@ -210,6 +218,29 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     linear_op.register_autograd(linear_backward, setup_context=linear_setup)
 
+    class LinearFunction(torch.autograd.Function):
+        """``linear_op`` for eager calls: the same forward, context and backward without the custom
+        op's Python dispatch, which cost ~0.3 ms per training step of a 768x768 layer on the 2-core
+        CPU (forward and backward), as much as the fold itself at K ~ 1000. Under ``torch.compile``
+        the op runs, so graphs hold one opaque node with its fake implementation. ``forward`` takes
+        ``ctx`` (no separate ``setup_context``): ``apply`` then skips binding the arguments through
+        ``inspect.signature`` on every call."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, coeffs, rows, cols, alpha):
+            output = linear_forward(x, weight, bias, coeffs, rows, cols, alpha)
+            linear_setup(ctx, (x, weight, bias, coeffs, rows, cols, alpha), output)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_folded):
+            return linear_backward(ctx, grad_out, grad_folded, kernels.coeff_grad)
+
+    def run_linear(*args) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return linear_op(*args)[0]
+        return LinearFunction.apply(*args)[0]
+
     def delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
         return delta_weight_op(coeffs, rows, cols, int(shape[0]), int(shape[1]), float(alpha))
 
@@ -225,11 +256,11 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
             # precision first, then cast, as F.linear casts W) and run the op with autocast off.
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):
-                return linear_op(x.to(dtype), weight, None if bias is None else bias.to(dtype), coeffs, rows,
-                                 cols, float(alpha))[0]
+                return run_linear(x.to(dtype), weight, None if bias is None else bias.to(dtype), coeffs, rows,
+                                  cols, float(alpha))
         if x.dtype != weight.dtype:
             raise RuntimeError(f"{prefix}linear: x is {x.dtype} but the weight is {weight.dtype}; as for F.linear "
                                "they must agree (or run under torch.autocast)")
-        return linear_op(x, weight, bias, coeffs, rows, cols, float(alpha))[0]
+        return run_linear(x, weight, bias, coeffs, rows, cols, float(alpha))
 
     return BackendOps(delta_weight, folded_weight, lfma_linear)
