@@ -130,10 +130,16 @@ CPU = CostTable(
     rfft2_speedup=3.2,
     # The gemm path's skinny GEMMs (x B, g A: 2K columns) with their tables and [tokens, K] products ran at
     # 1.6-2.8x a square GEMM's cost per multiply-add (K = 32..104); the two row FFTs of 768x768, 1024x1024
-    # and 768x3072 layers at 256-4096 tokens cost 6.4-8.2 multiply-adds per token * d * log2(d).
-    # RESULTS.md section "cpp batch-grad cpu" (python benchmarks/bench_cpp.py --batch-grad --shapes
-    # 768x768,1024x1024,768x3072 --ks 16,32,58,104,176,943,5000,29491 --token-counts 256,1024,4096
-    # --rounds 9 --min-time 0.3, 2026-11-27), columns "gemm" and "row ffts".
+    # and 768x3072 layers at 256-4096 tokens cost 6.4-8.2 multiply-adds per token * d * log2(d)
+    # (python benchmarks/bench_cpp.py --batch-grad --shapes 768x768,1024x1024,768x3072 --ks
+    # 16,32,58,104,176,943,5000,29491 --token-counts 256,1024,4096 --rounds 9 --min-time 0.3, AMD EPYC,
+    # 2026-11-27). Re-measured on the Intel Xeon after the batch kernel took its FFTs by cache-sized token
+    # blocks (RESULTS.md section "cpp batch-grad cpu", same command, 2026-11-30): the fft path's small-K
+    # times give 6.5-8.7 of that machine's GEMM multiply-adds per token * d * log2(d), so row_fft_s holds;
+    # the table picks the fastest path, or one within 9%, in 67 of the 72 cells. The five others are K = 16
+    # at 256-1024 tokens, where the skinny GEMMs cost 3-8 multiply-adds there (2 at 4096 tokens) and the
+    # gemm path is picked at 1.4-2.9x the fft path's time; no paper selection has K that small at these
+    # shapes (0.0001 of 768x768 is K = 58).
     batch_gemm_mac_s=2.0 * _CPU_MAC_S,
     row_fft_s=7.0 * _CPU_MAC_S,
     batch_pair_s={
@@ -142,9 +148,10 @@ CPU = CostTable(
         # tokens: fft path 7-10 ms at K = 176, 17-45 ms at K = 943, dense 25 ms; python
         # benchmarks/bench_cpp.py --batch-grad, 2026-11-26, before the C++ kernel existed; not in RESULTS.md).
         "default": 1000 * _CPU_MAC_S,
-        # lfma_ext::coeff_grad_batch: 30-80 multiply-adds per pair beyond its row FFTs (a gathered complex
-        # product and the token sums, operands in L1). RESULTS.md section "cpp batch-grad cpu", column
-        # "pair" at K >= 943, where the choice against the dense G is made.
+        # lfma_ext::coeff_grad_batch: 30-80 multiply-adds per pair beyond its row FFTs on the AMD machine
+        # (a gathered complex product and the token sums, operands in L1); 9-385 on the Intel one with the
+        # SSE2 products (the section's "pair" column at K >= 943, noisy: the difference of two times). The
+        # choice against the dense G at large K is right in every cell but two within 9%.
         "cpp": 60 * _CPU_MAC_S,
     },
     sources={"cpp algorithms": "csrc/cpu_plan.cpp (lfma_ext::choose_algo), python benchmarks/bench_cpp.py "
