@@ -20,7 +20,8 @@ recomputes ``ifft2`` on every forward (bench_layer.py's "paper" column measures 
 
 All variants of a model live in one process and are timed round-robin: one training step (AdamW
 zero_grad + forward + loss + backward + step) or one eval forward (``no_grad``) of each per round,
-in a fresh random order, medians over the rounds, so the ratios hold even while the machine
+in a fresh random order. Times are medians over the rounds; ratios between two timed rows are
+medians of their per-round ratios (both timed in the same round), so they hold while the machine
 drifts. Peak memory is taken before the timing: ``max_memory_allocated`` on a GPU; on CPU the peak
 RSS of two training steps above the built model, in a fresh process per variant. Everything is
 also given as a ratio to LoRA, and each training step as a ratio to the "frozen, full backward"
@@ -38,6 +39,7 @@ import importlib.util
 import multiprocessing
 import os
 import resource
+import statistics
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -55,7 +57,7 @@ import torch.nn as nn
 
 from lfma_kernels.demo import attention_targets
 from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section
-from timing import interleaved_ms
+from timing import interleaved_rounds, paired_ratio
 
 FLOOR = "frozen, full backward"
 VARIANTS = ("frozen", FLOOR, "LoRA r=8", "FourierFT n=1000", "LFMA paper", "LFMA auto", "LFMA via PEFT")
@@ -262,19 +264,29 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, List[dict]], List[str]]:
         print(f"{model_name}: timing {len(prepared)} variants round-robin", file=sys.stderr, flush=True)
         for p in prepared.values():
             p.model.train()
-        step_ms = interleaved_ms({v: p.step for v, p in prepared.items()}, rounds=args.repeats, warmup=1,
-                                 sync=sync, noisy=noisy, label=f"{model_name} training steps")
+        steps = interleaved_rounds({v: p.step for v, p in prepared.items()}, rounds=args.repeats, warmup=1,
+                                   sync=sync, noisy=noisy, label=f"{model_name} training steps")
         for p in prepared.values():
             p.model.eval()
-        eval_ms = interleaved_ms({v: p.forward for v, p in prepared.items()}, rounds=args.repeats, warmup=2,
-                                 sync=sync, noisy=noisy, label=f"{model_name} eval forwards")
+        evals = interleaved_rounds({v: p.forward for v, p in prepared.items()}, rounds=args.repeats, warmup=2,
+                                   sync=sync, noisy=noisy, label=f"{model_name} eval forwards")
         for v in prepared:
-            rows[v].update(step_ms=step_ms[v], eval_ms=eval_ms[v])
+            rows[v].update(step_ms=statistics.median(steps[v]), eval_ms=statistics.median(evals[v]),
+                           step_rounds=steps[v], eval_rounds=evals[v])
         results[model_name] = [rows[v] for v in VARIANTS]
         del prepared
         if cuda:
             torch.cuda.empty_cache()
     return results, noisy
+
+
+def _ratio(row: dict, other: dict, key: str) -> str:
+    """``row`` over ``other`` in ``key`` ("step", "eval" or "peak"): the median of per-round ratios
+    where both have their rounds, else the ratio of the values."""
+    if f"{key}_rounds" in row and f"{key}_rounds" in other:
+        return fmt_ratio(paired_ratio(row[f"{key}_rounds"], other[f"{key}_rounds"]), 1.0)
+    unit = "mb" if key == "peak" else "ms"
+    return fmt_ratio(row.get(f"{key}_{unit}"), other.get(f"{key}_{unit}"))
 
 
 def table(rows: List[dict]) -> str:
@@ -288,12 +300,10 @@ def table(rows: List[dict]) -> str:
         if "step_ms" not in r:
             out.append([r["variant"], "-", "missing"] + ["-"] * 9 + [r["note"]])
             continue
-        out.append([r["variant"], f"{r['trainable']:,}", fmt_ms(r["step_ms"]),
-                    fmt_ratio(r["step_ms"], floor.get("step_ms")), fmt_ms(r["eval_ms"]), f"{r['peak_mb']:.0f}",
-                    fmt_ratio(r["step_ms"], lora.get("step_ms")), fmt_ratio(r["step_ms"], fourierft.get("step_ms")),
-                    fmt_ratio(r["step_ms"], native.get("step_ms")),
-                    fmt_ratio(r["eval_ms"], lora.get("eval_ms")), fmt_ratio(r["peak_mb"], lora.get("peak_mb")),
-                    fmt_ratio(r["eval_ms"], frozen.get("eval_ms")), r["note"]])
+        out.append([r["variant"], f"{r['trainable']:,}", fmt_ms(r["step_ms"]), _ratio(r, floor, "step"),
+                    fmt_ms(r["eval_ms"]), f"{r['peak_mb']:.0f}", _ratio(r, lora, "step"),
+                    _ratio(r, fourierft, "step"), _ratio(r, native, "step"), _ratio(r, lora, "eval"),
+                    _ratio(r, lora, "peak"), _ratio(r, frozen, "eval"), r["note"]])
     return markdown_table(headers, out, [False] + [True] * 11 + [False])
 
 
@@ -330,8 +340,9 @@ def render(args: argparse.Namespace, results: Dict[str, List[dict]], noisy: Sequ
               + ", ".join(f"top_k_ratio {MODELS[m].ratio} ({m})" for m in args.models) +
               f", alpha {LFMA_ALPHA}; LoRA r={LORA_R}; FourierFT n={FOURIERFT_N}, scaling {FOURIERFT_SCALING}; "
               "\"LFMA via PEFT\" is LFMA auto's adapter through lfma_kernels.peft (get_peft_model)",
-              f"- all variants in one process, timed round-robin: medians of {args.repeats} rounds (one call of each "
-              "variant per round, random order); training step = AdamW zero_grad + forward + loss + backward + step; "
+              f"- all variants in one process, timed round-robin: {args.repeats} rounds, one call of each variant per "
+              "round in a random order; times are medians over the rounds, ratios (x) medians of the per-round "
+              "ratios; training step = AdamW zero_grad + forward + loss + backward + step; "
               "eval = no_grad forward (both LFMA rows through the layer's eval cache)",
               f"- step / floor: training step over the \"{FLOOR}\" row's, in which only the head trains but "
               "dL/dx flows back through every layer (the embeddings' output requires grad): the backward every "
@@ -357,7 +368,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2, help="encoder layers (12 is the full model)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256, help="RoBERTa / GPT-2 tokens per sequence")
-    parser.add_argument("--repeats", type=int, default=9, help="timed rounds")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds")
     parser.add_argument("--output", help="write a section of this Markdown results file")
     parser.add_argument("--charts", help="write PNG bar charts here")
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """The timing helpers of every benchmark script: the median of repeated runs of one function
-(:func:`median_ms`), and medians of several functions timed round-robin on a quiet machine
-(:func:`interleaved_ms`), for comparisons whose ratios matter."""
+(:func:`median_ms`), and several functions timed round-robin on a quiet machine, for comparisons
+whose ratios matter: every round's times (:func:`interleaved_rounds`), their medians
+(:func:`interleaved_ms`) and the median of per-round ratios (:func:`paired_ratio`)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import random
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,11 +75,23 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.1) -> bool:
         time.sleep(2.0)
 
 
-def interleaved_ms(fns: Dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2,
-                   min_time_s: float = 0.0, tries: int = 4, max_wait_s: float = 120.0,
-                   noisy: Optional[List[str]] = None, label: str = "",
-                   sync: Optional[Callable[[], None]] = None) -> Dict[str, float]:
-    """Median ms of each function, timed round-robin: ``rounds`` rounds (more while under
+def interleaved_ms(fns: Dict[str, Callable[[], object]], **kwargs) -> Dict[str, float]:
+    """Median ms of each function over the rounds of :func:`interleaved_rounds` (same arguments)."""
+    return {name: statistics.median(t) for name, t in interleaved_rounds(fns, **kwargs).items()}
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """The median over rounds of ``num[i] / den[i]``: both timed in the same round, so the machine's
+    drift between rounds (other tenants, clock changes) cancels, which a ratio of two medians, each
+    taken over every round, does not guarantee."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def interleaved_rounds(fns: Dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2,
+                       min_time_s: float = 0.0, tries: int = 4, max_wait_s: float = 120.0,
+                       noisy: Optional[List[str]] = None, label: str = "",
+                       sync: Optional[Callable[[], None]] = None) -> Dict[str, List[float]]:
+    """Each function's ms in every round, timed round-robin: ``rounds`` rounds (more while under
     ``min_time_s``), one call of every function per round, in a random order each round.
 
     On a shared machine, other processes' load distorts the medians badly (OpenMP threads wait
@@ -89,7 +102,7 @@ def interleaved_ms(fns: Dict[str, Callable[[], object]], *, rounds: int, warmup:
     names = list(fns)
     sync = sync or (lambda: None)
 
-    def measure() -> Dict[str, float]:
+    def measure() -> Dict[str, List[float]]:
         for _ in range(warmup):
             for name in names:
                 fns[name]()
@@ -107,7 +120,7 @@ def interleaved_ms(fns: Dict[str, Callable[[], object]], *, rounds: int, warmup:
                 sync()
                 times[name].append((time.perf_counter() - start) * 1e3)
             r += 1
-        return {name: statistics.median(t) for name, t in times.items()}
+        return times
 
     for attempt in range(tries):
         wait_for_quiet(max_wait_s)

@@ -118,3 +118,21 @@ def test_bench_models_lfma_rows_train_the_same_adapter(model_name):
             outputs.append(model(**{k: v for k, v in inputs.items() if k != "labels"}).logits)
     assert notes[0] == notes[1] and notes[0].startswith("K=")
     assert torch.allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_bench_models_ratios_are_medians_of_per_round_ratios():
+    """A ratio between two timed rows is the median of their per-round ratios: a machine that slows
+    down mid-run (here the third round) moves both rows of that round alike, not one row's median."""
+    pytest.importorskip("transformers")
+    import bench_models
+
+    def row(variant, step_rounds):
+        return {"variant": variant, "note": "", "trainable": 1, "step_ms": sorted(step_rounds)[1], "eval_ms": 1.0,
+                "peak_mb": 1.0, "step_rounds": step_rounds, "eval_rounds": [1.0, 1.0, 1.0]}
+
+    rows = [row("LoRA r=8", [10.0, 10.0, 60.0]), row("LFMA auto", [9.0, 9.5, 30.0])]
+    lines = bench_models.table(rows).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    lfma = [c.strip() for c in next(line for line in lines if line.startswith("| LFMA auto")).strip("|").split("|")]
+    assert lfma[header.index("step / LoRA")] == "0.90x"  # per round 0.9, 0.95, 0.5; medians 9.5 / 10 = 0.95
+    assert timing.paired_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 6.0]) == 2.0
