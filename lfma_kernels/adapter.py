@@ -253,6 +253,12 @@ def unmerge(base: nn.Module, adapters: Sequence[Adapter], backend: str) -> None:
     tensor(base, "weight").copy_(logical_weight(base, folded_weight(base, adapters, backend, sign=-1.0)))
 
 
+def layer_k(shape: Sequence[int], k: Optional[int], top_k_ratio: Optional[float]) -> int:
+    """K for a layer of logical ``shape`` from exactly one of ``k`` and ``top_k_ratio``, checked."""
+    k, top_k_ratio = check_budget(k, top_k_ratio)
+    return check_k(k, shape) if k is not None else num_frequencies(shape, top_k_ratio)
+
+
 def choose_frequencies(
     base: nn.Module,
     *,
@@ -270,8 +276,7 @@ def choose_frequencies(
     is scale-free): ``init="weight", init_scale=0.01`` is the official code's ``D = 0.01 W``
     start, ``init_scale=0`` starts at ``dW = 0`` on the chosen support."""
     shape = base_shape(base)
-    k, top_k_ratio = check_budget(k, top_k_ratio)
-    k = check_k(k, shape) if k is not None else num_frequencies(shape, top_k_ratio)
+    k = layer_k(shape, k, top_k_ratio)
     check_init_scale(init_scale)
     chosen = select_frequencies(init_matrix(init, logical_weight(base), std=init_std, seed=seed), k,
                                 hermitian=hermitian)

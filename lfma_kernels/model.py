@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_budget, check_frequencies
-from .adapter import base_shape, check_init_scale, check_target, is_adaptable
+from .adapter import base_shape, check_init_scale, check_target, is_adaptable, layer_k
 from .layers import LFMALinear, check_backend_name
-from .selection import Frequencies, num_frequencies
+from .selection import Frequencies
 
 __all__ = [
     "LFMAConfig", "ParameterCount", "apply_lfma", "lfma_state_dict", "save_lfma", "load_lfma",
@@ -162,10 +162,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _layer_k(config: LFMAConfig, shape: Tuple[int, int]) -> int:
-    return config.k if config.k is not None else num_frequencies(shape, config.top_k_ratio)
-
-
 def apply_lfma(model: nn.Module, config: LFMAConfig,
                frequencies: Optional[Dict[str, Frequencies]] = None) -> nn.Module:
     """Wrap every target ``nn.Linear`` or ``Conv1D`` in an ``LFMALinear`` in place and freeze everything but the
@@ -274,11 +270,12 @@ def load_lfma(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module
             raise ValueError(f"layer {n!r}: {e.args[0]} is missing from {WEIGHTS_NAME}") from None
         try:
             check_frequencies(coeffs, rows, cols, shape)
+            expected = layer_k(shape, config.k, config.top_k_ratio)
         except ValueError as e:
             raise ValueError(f"layer {n!r}: {e}") from None
-        if coeffs.shape[0] != k or k != _layer_k(config, shape):
+        if coeffs.shape[0] != k or k != expected:
             raise ValueError(f"layer {n!r}: the adapter holds {coeffs.shape[0]} coefficients, its config "
-                             f"gives k={_layer_k(config, shape)}")
+                             f"gives k={expected}")
         device = base.weight.device
         frequencies[n] = Frequencies(rows.to(device), cols.to(device),
                                      torch.view_as_complex(coeffs.float().contiguous()).to(device))

@@ -34,7 +34,6 @@ from ._checks import check_budget, positive_int
 from .eval_cache import FoldedWeightCache
 from .layers import check_backend_name
 from .ops import dispatch
-from .selection import num_frequencies
 
 try:
     import peft
@@ -162,11 +161,6 @@ class LfmaConfig(PeftConfig):
                                  f"expression: {e}") from None
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LfmaConfig: layers_pattern needs layers_to_transform")
-
-
-def base_numel(base: nn.Module) -> int:
-    d_out, d_in = adapter.base_shape(base)
-    return d_out * d_in
 
 
 def _outside_tuner_layers(model: nn.Module):
@@ -346,9 +340,7 @@ class LfmaModel(BaseTuner):
             if self._check_target_module_exists(config, key):
                 base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
                 adapter.check_target(base, key, model.get_submodule(key.rpartition(".")[0]))
-                k = self._layer_k(config, key, base)
-                if k > base_numel(base):
-                    raise ValueError(f"layer {key!r}: k={k} exceeds d_out*d_in = {base_numel(base)}")
+                self._layer_k(config, key, base)
 
     def _create_and_replace(self, lfma_config: LfmaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:
@@ -384,13 +376,12 @@ class LfmaModel(BaseTuner):
 
     @staticmethod
     def _layer_k(config: LfmaConfig, key: str, base: nn.Module) -> int:
+        """K of the layer ``key``: its ``k_pattern`` entry, else ``k`` or ``top_k_ratio``; checked
+        against the layer's shape, an error naming the layer."""
         pattern = _pattern_key(list(config.k_pattern), key)
-        if pattern is not None:
-            return config.k_pattern[pattern]
-        if config.k is not None:
-            return config.k
+        k, ratio = (config.k_pattern[pattern], None) if pattern is not None else (config.k, config.top_k_ratio)
         try:
-            return num_frequencies(adapter.base_shape(base), config.top_k_ratio)
+            return adapter.layer_k(adapter.base_shape(base), k, ratio)
         except ValueError as e:
             raise ValueError(f"layer {key!r}: {e}") from None
 

@@ -198,6 +198,13 @@ def test_k_pattern_and_top_k_ratio():
     layers = {n.split(".")[-1]: m for n, m in lfma_layers(model).items()}
     assert layers["lin0"].lfma_coeffs["default"].shape == (int(36 * 20 * 0.01), 2)
     assert layers["lin1"].lfma_coeffs["default"].shape == (5, 2)
+    # A pattern's K is checked against its layer like k: lin1 has 36 * 24 = 864 weights.
+    model = fresh("mlp")
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"layer 'lin1': k must be in \[1, d_out\*d_in = 864\].*got 865"):
+        get_peft_model(model, LfmaConfig(target_modules=["lin0", "lin1"], k=3, k_pattern={"lin1": 865}))
+    assert all(type(m) is nn.Linear for m in (model.lin0, model.lin1))
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
 
 
 def test_trainable_parameters_are_the_coefficients_only():
@@ -446,7 +453,7 @@ def test_conv1d_target_forces_fan_in_fan_out_with_a_warning():
 
 @pytest.mark.parametrize("targets, error, match", [
     (["lin0", "relu"], TypeError, "'relu' is a ReLU"),
-    (["lin0", "lin1"], ValueError, "layer 'lin1'.*k=900"),
+    (["lin0", "lin1"], ValueError, r"layer 'lin1': k must be in \[1, d_out\*d_in = 864\].*got 900"),
 ])
 def test_bad_targets_change_nothing(targets, error, match):
     class WithReLU(MLP):
