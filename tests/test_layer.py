@@ -244,14 +244,16 @@ def test_numpy_and_tensor_k_and_a_bad_init_std():
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_eager_calls_skip_the_op_and_compiled_ones_trace_it(backend):
     """Eager: the layer runs library.LinearFunction (the op's forward and backward without its
-    dispatch), with the op's outputs and gradients. Compiled: the graph holds the op itself."""
+    dispatch), with the op's outputs and gradients. Compiled: the graph holds the op itself.
+    torch.func transforms get the op too (the Function refuses them): vmap matches a loop. No second
+    derivative: create_graph's backward through the layer raises instead of going silently wrong."""
     torch.manual_seed(0)
     layer = make_layer(20, 24, k=7, backend=backend)
     name = layer.plan().backend
     x = torch.randn(3, 5, 20, requires_grad=True)
     g = torch.randn(3, 5, 24)
     out = layer(x)
-    assert type(out.grad_fn).__name__ == "LinearFunctionBackward"
+    assert type(out.grad_fn).__name__ == f"lfma_{name}_linearBackward"
     grads = torch.autograd.grad(out, (x, layer.coeffs), g)
     op = getattr(torch.ops.lfma, f"{name}_linear")
     want = op(x, layer.base.weight, layer.base.bias, layer.coeffs, layer.rows, layer.cols, layer.alpha)[0]
@@ -267,3 +269,10 @@ def test_eager_calls_skip_the_op_and_compiled_ones_trace_it(backend):
 
     torch.compile(layer, backend=record, fullgraph=True)(x)
     assert op.default in targets or op in targets, targets
+
+    batched = torch.func.vmap(layer)(x.detach())
+    assert rel_err(batched, torch.stack([layer(xi) for xi in x.detach()])) <= 1e-6
+
+    first = torch.autograd.grad(layer(x).pow(2).sum(), layer.coeffs, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()

@@ -12,7 +12,7 @@ output. The backward takes ``dL/dcoeffs`` from the cheapest of: the dense weight
 and the backend's ``coeff_grad(G)``, or one of the batch paths that never form ``G`` (DESIGN section
 1), as :func:`.planner.backward_path` says. Eager calls run the same forward and backward through an
 ``autograd.Function`` instead of the op, skipping the custom op's Python dispatch (see
-``LinearFunction``); under ``torch.compile`` the op runs.
+``LinearFunction``); under ``torch.compile`` and ``torch.func`` transforms the op runs.
 
 The fake implementations check their inputs with ``torch._check`` (shapes, K, dtypes), so a bad call
 under ``torch.compile`` fails at trace time, naming the op and the argument.
@@ -141,7 +141,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         check_positions(prefix + "coeff_grad", rows, cols)
         return grad_dw.new_empty((rows.shape[0], 2))
 
-    def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype, run=coeff_grad_op) -> torch.Tensor:
+    def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype, run) -> torch.Tensor:
         """``run``: the op (traceable: it has a fake implementation), or in an eager backward the
         kernel itself, without the op's dispatch."""
         return run(grad_dw.to(compute_dtype(coeffs_dtype)), rows, cols, alpha).to(coeffs_dtype)
@@ -153,7 +153,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     def delta_weight_backward(ctx, grad_dw):
         rows, cols = ctx.saved_tensors
-        return coeff_grad_from(grad_dw, rows, cols, ctx.alpha, ctx.coeffs_dtype), None, None, None, None, None
+        return (coeff_grad_from(grad_dw, rows, cols, ctx.alpha, ctx.coeffs_dtype, coeff_grad_op),
+                None, None, None, None, None)
 
     delta_weight_op.register_autograd(delta_weight_backward, setup_context=delta_weight_setup)
 
@@ -209,35 +210,38 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
                 grad_c = batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(coeffs.dtype)).to(coeffs.dtype)
         if need_b and ctx.has_bias:
             grad_b = g2d.sum(0)
-        # dL/dx last: its GEMM is compute-bound and streams g from memory at no cost, while the
-        # coefficient gradient is memory-bound and should read g while the op that wrote it has left
-        # it in cache (at RoBERTa-base shapes its row FFTs of a cold g cost ~2x).
+        # dL/dx last: its GEMM is compute-bound and streams g from memory at little cost, while the
+        # coefficient gradient is memory-bound and reads g best while the op that wrote it has left it
+        # in cache (the cpp batch path inside a RoBERTa-base step: 1.6-1.8 ms so, 1.8-1.9 ms after the GEMM).
         if need_x:
             grad_x = (g2d @ folded).reshape(x.shape)
         return grad_x, grad_w, grad_b, grad_c, None, None, None
 
     linear_op.register_autograd(linear_backward, setup_context=linear_setup)
 
-    class LinearFunction(torch.autograd.Function):
-        """``linear_op`` for eager calls: the same forward, context and backward without the custom
-        op's Python dispatch, which cost ~0.3 ms per training step of a 768x768 layer on the 2-core
-        CPU (forward and backward), as much as the fold itself at K ~ 1000. Under ``torch.compile``
-        the op runs, so graphs hold one opaque node with its fake implementation. ``forward`` takes
-        ``ctx`` (no separate ``setup_context``): ``apply`` then skips binding the arguments through
-        ``inspect.signature`` on every call."""
+    def function_forward(ctx, x, weight, bias, coeffs, rows, cols, alpha):
+        output = linear_forward(x, weight, bias, coeffs, rows, cols, alpha)
+        linear_setup(ctx, (x, weight, bias, coeffs, rows, cols, alpha), output)
+        return output
 
-        @staticmethod
-        def forward(ctx, x, weight, bias, coeffs, rows, cols, alpha):
-            output = linear_forward(x, weight, bias, coeffs, rows, cols, alpha)
-            linear_setup(ctx, (x, weight, bias, coeffs, rows, cols, alpha), output)
-            return output
+    @torch.autograd.function.once_differentiable
+    def function_backward(ctx, grad_out, grad_folded):
+        return linear_backward(ctx, grad_out, grad_folded, kernels.coeff_grad)
 
-        @staticmethod
-        def backward(ctx, grad_out, grad_folded):
-            return linear_backward(ctx, grad_out, grad_folded, kernels.coeff_grad)
+    # ``linear_op`` for eager calls: the same forward, context and backward without the custom op's
+    # Python dispatch (~0.15 ms per call of a layer, forward and backward, whatever its size: what a
+    # small layer, or a GPU layer whose kernels take microseconds, is dominated by). ``forward`` takes
+    # ``ctx`` (no separate ``setup_context``), so ``apply`` skips binding the arguments through
+    # ``inspect.signature`` on every call; that also makes it refuse functorch transforms, which
+    # therefore get the op. The backward is once-differentiable: no second derivative through it.
+    # Named after the op, so a grad_fn says which backend ran (``lfma_cpp_linearBackward``).
+    LinearFunction = type(f"lfma_{name}_linear", (torch.autograd.Function,),
+                          {"forward": staticmethod(function_forward), "backward": staticmethod(function_backward)})
 
     def run_linear(*args) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        # Traced (torch.compile, export) or under torch.func transforms: the op, which has a fake
+        # implementation and works with them; eager: the Function.
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return linear_op(*args)[0]
         return LinearFunction.apply(*args)[0]
 
