@@ -115,6 +115,19 @@ def test_lfma_linear_matches_oracle(backend, shape, k, lead, grad_path, gen):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_lfma_linear_with_no_tokens(backend, grad_path, gen):
+    """An empty batch: an empty output and zero gradients on every backward path (MKL refuses an
+    FFT batch of no transforms, so the torch backend's fft path must not call it)."""
+    coeffs, rows, cols = random_frequencies((24, 20), 7, generator=gen)
+    coeffs.requires_grad_()
+    x = torch.randn(0, 20, requires_grad=True)
+    out = lfma.lfma_linear(x, torch.randn(24, 20), None, coeffs, rows, cols, 2.0, backend=backend)
+    assert out.shape == (0, 24)
+    out.sum().backward()
+    assert torch.equal(coeffs.grad, torch.zeros_like(coeffs)) and x.grad.shape == (0, 20)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lfma_linear_low_precision(backend, dtype, grad_path, gen):
     """bf16/fp16 activations and weight, float32 coefficients: dW accumulates in float32."""

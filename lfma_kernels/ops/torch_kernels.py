@@ -134,6 +134,8 @@ def _row_spectrum_at(z2d: torch.Tensor, idx: torch.Tensor, d: int) -> Tuple[torc
 def coeff_grad_batch_fft(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shape, alpha, dtype) -> torch.Tensor:
     """The batch path with ``P = g A`` and ``Q = x B`` read off one real FFT of each row of ``g`` and
     ``x``: ``tokens * (d_out log d_out + d_in log d_in)`` instead of ``tokens * 2K * (d_out + d_in)``."""
+    if x2d.shape[0] == 0:  # MKL refuses a batch of no transforms
+        return x2d.new_zeros((rows.shape[0], 2), dtype=dtype)
     p, sp = _row_spectrum_at(g2d.to(dtype), rows, shape[0])
     q, sq = _row_spectrum_at(x2d.to(dtype), cols, shape[1])
     # One batched [2, tokens] x [tokens, 2] product per frequency gives all four real dot products
