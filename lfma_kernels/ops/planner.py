@@ -135,7 +135,7 @@ CPU = CostTable(
     # 16,32,58,104,176,943,5000,29491 --token-counts 256,1024,4096 --rounds 9 --min-time 0.3, AMD EPYC,
     # 2026-11-27). Re-measured on the Intel Xeon after the batch kernel took its FFTs by cache-sized token
     # blocks (RESULTS.md section "cpp batch-grad cpu", same command, 2026-11-30): the fft path's small-K
-    # times give 6.5-8.7 of that machine's GEMM multiply-adds per token * d * log2(d), so row_fft_s holds;
+    # times give 6.2-9.4 of that machine's GEMM multiply-adds per token * d * log2(d), so row_fft_s holds;
     # the table picks the fastest path, or one within 9%, in 67 of the 72 cells. The five others are K = 16
     # at 256-1024 tokens, where the skinny GEMMs cost 3-8 multiply-adds there (2 at 4096 tokens) and the
     # gemm path is picked at 1.4-2.9x the fft path's time; no paper selection has K that small at these
