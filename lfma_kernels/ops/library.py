@@ -217,7 +217,11 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
             grad_x = (g2d @ folded).reshape(x.shape)
         return grad_x, grad_w, grad_b, grad_c, None, None, None
 
-    linear_op.register_autograd(linear_backward, setup_context=linear_setup)
+    # No second derivative through the backward (its dL/dx treats W + dW as a constant, its kernels have
+    # no derivatives of their own): differentiating it
+    # raises instead of going silently wrong. (torch.compile refuses double backward by itself.)
+    linear_op.register_autograd(torch.autograd.function.once_differentiable(linear_backward),
+                                setup_context=linear_setup)
 
     def function_forward(ctx, x, weight, bias, coeffs, rows, cols, alpha):
         output = linear_forward(x, weight, bias, coeffs, rows, cols, alpha)
