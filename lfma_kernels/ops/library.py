@@ -218,8 +218,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         return grad_x, grad_w, grad_b, grad_c, None, None, None
 
     # No second derivative through the backward (its dL/dx treats W + dW as a constant, its kernels have
-    # no derivatives of their own): differentiating it
-    # raises instead of going silently wrong. (torch.compile refuses double backward by itself.)
+    # no derivatives of their own): differentiating it raises instead of going silently wrong.
+    # (torch.compile refuses double backward by itself.)
     linear_op.register_autograd(torch.autograd.function.once_differentiable(linear_backward),
                                 setup_context=linear_setup)
 
