@@ -26,7 +26,7 @@ from .selection import Frequencies, init_matrix, num_frequencies, select_frequen
 __all__ = [
     "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "check_base", "check_target", "check_unsharded",
     "check_loaded_positions", "check_init_scale", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
-    "delta_weight", "folded_weight", "plan", "merge", "unmerge", "choose_frequencies",
+    "delta_weight", "folded_weight", "plan", "merge", "unmerge", "layer_k", "choose_frequencies",
 ]
 
 
