@@ -12,7 +12,12 @@ output. The backward takes ``dL/dcoeffs`` from the cheapest of: the dense weight
 and the backend's ``coeff_grad(G)``, or one of the batch paths that never form ``G`` (DESIGN section
 1), as :func:`.planner.backward_path` says. Eager calls run the same forward and backward through an
 ``autograd.Function`` instead of the op, skipping the custom op's Python dispatch (see
-``LinearFunction``); under ``torch.compile`` and ``torch.func`` transforms the op runs.
+``LinearFunction``); under ``torch.compile`` the op runs, under ``torch.func`` transforms a Function
+in the style they accept (``TransformableLinear``, with a jvp and a generated vmap rule).
+
+Every derivative has derivatives of its own: a backward run with ``create_graph=True`` (an
+input-gradient penalty, a Hessian-vector product) builds a differentiable graph instead of reusing the
+first-order fast paths, and ``delta_weight`` and ``coeff_grad`` are each other's backward.
 
 The fake implementations check their inputs with ``torch._check`` (shapes, K, dtypes), so a bad call
 under ``torch.compile`` fails at trace time, naming the op and the argument.
@@ -105,6 +110,15 @@ def check_matrix(op: str, name: str, t: torch.Tensor) -> None:
     torch._check(t.dtype.is_floating_point, lambda: f"{op}: {name} must be floating point, got {t.dtype}")
 
 
+def _vmap_by_loop(op):
+    """A vmap rule for an op whose kernels take one matrix: one call per batch entry, stacked."""
+    def rule(info, in_dims, *args):
+        outputs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        return torch.stack(outputs), 0
+    return rule
+
+
 def register_backend(name: str, kernels: Kernels) -> BackendOps:
     prefix = f"lfma::{name}_"
 
@@ -141,25 +155,98 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         check_positions(prefix + "coeff_grad", rows, cols)
         return grad_dw.new_empty((rows.shape[0], 2))
 
+    # One matrix per kernel call: under torch.vmap (per-sample gradients, ensembles of coefficients)
+    # the ops run once per batch entry instead of through functorch's warning fallback.
+    for op in (delta_weight_op, folded_weight_op, coeff_grad_op):
+        op.register_vmap(_vmap_by_loop(op))
+
     def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype, run) -> torch.Tensor:
-        """``run``: the op (traceable: it has a fake implementation), or in an eager backward the
-        kernel itself, without the op's dispatch."""
+        """``run``: the op or a differentiable Function (both traceable), or in an eager first-order
+        backward the kernel itself, without the op's dispatch."""
         return run(grad_dw.to(compute_dtype(coeffs_dtype)), rows, cols, alpha).to(coeffs_dtype)
 
+    # dW is linear in the coefficients and coeff_grad is its adjoint (the same s * e^{i theta_k} terms),
+    # so each one's backward is the other: derivatives of every order, with no extra kernel. They are
+    # registered twice: on the ops (torch.compile traces them, and eager calls of the ops) and as
+    # autograd.Functions with ``setup_context`` and a generated vmap rule (torch.func transforms, which
+    # refuse the ops' generated autograd: "must override the setup_context staticmethod").
     def delta_weight_setup(ctx, inputs, output):
         coeffs, rows, cols, _, _, alpha = inputs
         ctx.save_for_backward(rows, cols)
         ctx.alpha, ctx.coeffs_dtype = alpha, coeffs.dtype
 
-    def delta_weight_backward(ctx, grad_dw):
+    def delta_weight_backward(ctx, grad_dw, coeff_grad=coeff_grad_op):
         rows, cols = ctx.saved_tensors
-        return (coeff_grad_from(grad_dw, rows, cols, ctx.alpha, ctx.coeffs_dtype, coeff_grad_op),
+        return (coeff_grad_from(grad_dw, rows, cols, ctx.alpha, ctx.coeffs_dtype, coeff_grad),
                 None, None, None, None, None)
 
-    delta_weight_op.register_autograd(delta_weight_backward, setup_context=delta_weight_setup)
+    def coeff_grad_setup(ctx, inputs, output):
+        grad_dw, rows, cols, alpha = inputs
+        ctx.save_for_backward(rows, cols)
+        ctx.alpha, ctx.shape, ctx.grad_dtype = alpha, tuple(grad_dw.shape), grad_dw.dtype
 
-    def linear_forward(x, weight, bias, coeffs, rows, cols, alpha) -> Tuple[torch.Tensor, torch.Tensor]:
-        folded = _fold(kernels, weight, coeffs, rows, cols, alpha)
+    def coeff_grad_backward(ctx, grad_coeffs, delta_weight=delta_weight_op):
+        rows, cols = ctx.saved_tensors
+        dw = delta_weight(grad_coeffs.to(compute_dtype(ctx.grad_dtype)), rows, cols, *ctx.shape, ctx.alpha)
+        return dw.to(ctx.grad_dtype), None, None, None
+
+    delta_weight_op.register_autograd(delta_weight_backward, setup_context=delta_weight_setup)
+    coeff_grad_op.register_autograd(coeff_grad_backward, setup_context=coeff_grad_setup)
+
+    class DeltaWeight(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(coeffs, rows, cols, d_out, d_in, alpha):
+            return delta_weight_op(coeffs, rows, cols, d_out, d_in, alpha)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            delta_weight_setup(ctx, inputs, output)
+            ctx.save_for_forward(inputs[1], inputs[2])
+            ctx.shape = inputs[3:5]
+
+        @staticmethod
+        def backward(ctx, grad_dw):
+            return delta_weight_backward(ctx, grad_dw, CoeffGrad.apply)
+
+        @staticmethod
+        def jvp(ctx, tangent, *_):  # linear: the tangent of dW is dW of the tangent
+            rows, cols = ctx.saved_tensors
+            return DeltaWeight.apply(tangent, rows, cols, *ctx.shape, ctx.alpha)
+
+    class CoeffGrad(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(grad_dw, rows, cols, alpha):
+            return coeff_grad_op(grad_dw, rows, cols, alpha)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            coeff_grad_setup(ctx, inputs, output)
+            ctx.save_for_forward(inputs[1], inputs[2])
+
+        @staticmethod
+        def backward(ctx, grad_coeffs):
+            return coeff_grad_backward(ctx, grad_coeffs, DeltaWeight.apply)
+
+        @staticmethod
+        def jvp(ctx, tangent, *_):
+            rows, cols = ctx.saved_tensors
+            return CoeffGrad.apply(tangent, rows, cols, ctx.alpha)
+
+    def traceable(op, function):
+        """The op when torch.compile traces (its fake implementation and registered autograd), else
+        the Function (torch.func transforms, and eager: no custom-op dispatch)."""
+        return lambda *args: op(*args) if torch.compiler.is_compiling() else function.apply(*args)
+
+    differentiable_delta_weight = traceable(delta_weight_op, DeltaWeight)
+    differentiable_coeff_grad = traceable(coeff_grad_op, CoeffGrad)
+
+    def linear_forward(x, weight, bias, coeffs, rows, cols, alpha, fold=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        folded = _fold(kernels, weight, coeffs, rows, cols, alpha) if fold is None else fold(weight, coeffs, rows,
+                                                                                               cols, alpha)
         if folded.dtype != x.dtype:  # autocast (see lfma_linear below): the GEMMs run in x's dtype
             folded = folded.to(x.dtype)
         return F.linear(x, folded, bias), folded
@@ -182,14 +269,18 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     def linear_setup(ctx, inputs, output):
         x, weight, bias, coeffs, rows, cols, alpha = inputs
-        ctx.save_for_backward(x, output[1], coeffs, rows, cols)
+        # The weight is kept for a differentiated backward only (it rebuilds W + dW with autograd);
+        # saving it holds a reference, no copy.
+        ctx.save_for_backward(x, weight, output[1], coeffs, rows, cols)
         ctx.alpha, ctx.has_bias = alpha, bias is not None
         ctx.set_materialize_grads(False)  # W + dW is an internal output: no zero gradient for it
 
     def linear_backward(ctx, grad_out, _grad_folded, coeff_grad=coeff_grad_op):
-        x, folded, coeffs, rows, cols = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True, or any torch.func transform: see below
+            return linear_backward_differentiable(ctx, grad_out)
+        x, _, folded, coeffs, rows, cols = ctx.saved_tensors
         need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
         shape = tuple(folded.shape)
         g2d = grad_out.reshape(-1, shape[0])
@@ -217,18 +308,38 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
             grad_x = (g2d @ folded).reshape(x.shape)
         return grad_x, grad_w, grad_b, grad_c, None, None, None
 
-    # No second derivative through the backward (its dL/dx treats W + dW as a constant, its kernels have
-    # no derivatives of their own): differentiating it raises instead of going silently wrong.
-    # (torch.compile refuses double backward by itself.)
-    linear_op.register_autograd(torch.autograd.function.once_differentiable(linear_backward),
-                                setup_context=linear_setup)
+    def linear_backward_differentiable(ctx, grad_out):
+        """The backward as a graph of its own, for a second derivative: an input-gradient penalty
+        (``dL/dx = g (W + dW)`` depends on the coefficients), a Hessian-vector product, MAML, and every
+        torch.func transform (they always differentiate with ``create_graph``). ``W + dW`` is rebuilt
+        through the differentiable ``delta_weight`` and ``dL/dcoeffs`` is read from the dense
+        ``G = g^T x`` through the differentiable ``coeff_grad``; the first-order fast paths (the saved
+        ``W + dW``, the batch paths) would hide those dependencies."""
+        x, weight, folded, coeffs, rows, cols = ctx.saved_tensors
+        need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
+        shape = tuple(folded.shape)
+        g2d = grad_out.reshape(-1, shape[0])
+        x2d = x.reshape(-1, shape[1])
+        grad_x = grad_w = grad_b = grad_c = None
+        if need_x:
+            dw = differentiable_delta_weight(coeffs, rows, cols, shape[0], shape[1], ctx.alpha)
+            grad_x = (g2d @ add_delta(weight, dw).to(x.dtype)).reshape(x.shape)
+        if need_w or need_c:
+            g_dense = g2d.T @ x2d
+            grad_w = g_dense if need_w else None
+            if need_c:
+                grad_c = coeff_grad_from(g_dense, rows, cols, ctx.alpha, coeffs.dtype, differentiable_coeff_grad)
+        if need_b and ctx.has_bias:
+            grad_b = g2d.sum(0)
+        return grad_x, grad_w, grad_b, grad_c, None, None, None
+
+    linear_op.register_autograd(linear_backward, setup_context=linear_setup)
 
     def function_forward(ctx, x, weight, bias, coeffs, rows, cols, alpha):
         output = linear_forward(x, weight, bias, coeffs, rows, cols, alpha)
         linear_setup(ctx, (x, weight, bias, coeffs, rows, cols, alpha), output)
         return output
 
-    @torch.autograd.function.once_differentiable
     def function_backward(ctx, grad_out, grad_folded):
         return linear_backward(ctx, grad_out, grad_folded, kernels.coeff_grad)
 
@@ -236,21 +347,54 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
     # Python dispatch (~0.15 ms per call of a layer, forward and backward, whatever its size: what a
     # small layer, or a GPU layer whose kernels take microseconds, is dominated by). ``forward`` takes
     # ``ctx`` (no separate ``setup_context``), so ``apply`` skips binding the arguments through
-    # ``inspect.signature`` on every call; that also makes it refuse functorch transforms, which
-    # therefore get the op. The backward is once-differentiable: no second derivative through it.
-    # Named after the op, so a grad_fn says which backend ran (``lfma_cpp_linearBackward``).
+    # ``inspect.signature`` on every call; that also makes it refuse torch.func transforms, which get
+    # ``TransformableLinear`` below. Named after the op, so a grad_fn says which backend ran
+    # (``lfma_cpp_linearBackward``).
     LinearFunction = type(f"lfma_{name}_linear", (torch.autograd.Function,),
                           {"forward": staticmethod(function_forward), "backward": staticmethod(function_backward)})
 
+    def transformable_setup(ctx, inputs, output):
+        linear_setup(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], output[1])
+        ctx.rows_cols = inputs[4:]
+
+    def linear_jvp(ctx, t_x, t_weight, t_bias, t_coeffs, *_):
+        """Forward mode (torch.func.jvp, jacfwd, hessian): ``y = x (W + dW)^T + b`` is linear in each
+        of ``x``, ``W``, ``b`` and the coefficients."""
+        x, folded = ctx.saved_tensors
+        rows, cols, alpha = ctx.rows_cols
+        t_folded = torch.zeros_like(folded) if t_weight is None else t_weight.to(folded.dtype)
+        if t_coeffs is not None:
+            t_folded = t_folded + differentiable_delta_weight(t_coeffs, rows, cols, *folded.shape, alpha).to(
+                folded.dtype)
+        t_out = F.linear(x, t_folded, t_bias)
+        if t_x is not None:
+            t_out = t_out + F.linear(t_x, folded)
+        return t_out, t_folded
+
+    # The same layer for torch.func transforms (grad, vmap(grad) per-sample gradients, jacrev, jacfwd,
+    # hessian): ``setup_context`` style, a jvp, and a vmap rule generated from them. W + dW is folded
+    # through the op, whose vmap rule serves coefficients batched by vmap (ensembles); the backward is
+    # the differentiable one, since the transforms differentiate with create_graph.
+    TransformableLinear = type(f"lfma_{name}_linear_transformable", (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(lambda x, weight, bias, coeffs, rows, cols, alpha: linear_forward(
+            x, weight, bias, coeffs, rows, cols, alpha, fold=folded_weight_op)),
+        "setup_context": staticmethod(transformable_setup),
+        "backward": staticmethod(function_backward),
+        "jvp": staticmethod(linear_jvp)})
+
     def run_linear(*args) -> torch.Tensor:
-        # Traced (torch.compile, export) or under torch.func transforms: the op, which has a fake
-        # implementation and works with them; eager: the Function.
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # Traced (torch.compile, export): the op, which has a fake implementation; under torch.func
+        # transforms: the Function they accept; eager: the Function without the op's dispatch.
+        if torch.compiler.is_compiling():
             return linear_op(*args)[0]
+        if torch._C._are_functorch_transforms_active():
+            return TransformableLinear.apply(*args)[0]
         return LinearFunction.apply(*args)[0]
 
     def delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
-        return delta_weight_op(coeffs, rows, cols, int(shape[0]), int(shape[1]), float(alpha))
+        return differentiable_delta_weight(coeffs, rows, cols, int(shape[0]), int(shape[1]), float(alpha))
 
     def folded_weight(weight, coeffs, rows, cols, alpha) -> torch.Tensor:
         return folded_weight_op(weight, coeffs.detach(), rows, cols, float(alpha))
