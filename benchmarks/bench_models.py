@@ -140,7 +140,8 @@ def adapt(model: nn.Module, variant: str, spec: ModelSpec) -> Tuple[nn.Module, s
     conv1d = spec.head == "score"  # GPT-2: PEFT sets fan_in_fan_out for its Conv1D layers (with a warning)
     if variant == "LFMA via PEFT":
         from lfma_kernels.peft import LfmaConfig, LfmaLinear
-        config = LfmaConfig(target_modules=targets, top_k_ratio=spec.ratio, alpha=LFMA_ALPHA,
+        # seed=0: the native row's selection (the PEFT config's default draws from the global RNG)
+        config = LfmaConfig(target_modules=targets, top_k_ratio=spec.ratio, alpha=LFMA_ALPHA, seed=0,
                             modules_to_save=[spec.head], fan_in_fan_out=conv1d)
     elif variant == "LoRA r=8":
         config = LoraConfig(r=LORA_R, lora_alpha=LORA_R, target_modules=targets, modules_to_save=[spec.head],

@@ -6,8 +6,10 @@ construction, never inside a training step.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import operator
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,15 +33,81 @@ def positive_int(value: object, what: str) -> int:
     return number
 
 
+def real_number(value: object, what: str) -> float:
+    """A plain Python float from an int or float, a numpy scalar or a 0-d real tensor (stored as plain
+    numbers, so configs stay JSON-serialisable); never a bool."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+        raise ValueError(f"{what} must be a real number, got {value!r}")
+    return float(value)
+
+
+def finite_number(value: object, what: str) -> float:
+    number = real_number(value, what)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def positive_number(value: object, what: str) -> float:
+    number = real_number(value, what)
+    if not 0 < number < math.inf:
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    return number
+
+
+def check_ratio(top_k_ratio: object) -> float:
+    try:
+        ratio = real_number(top_k_ratio, "top_k_ratio")
+    except ValueError:
+        ratio = math.nan
+    if not 0 < ratio <= 1:
+        raise ValueError(f"top_k_ratio must be in (0, 1], got {top_k_ratio!r}")
+    return ratio
+
+
+def optional_seed(seed: object) -> Optional[int]:
+    """``None`` (draw from torch's global RNG) or an int, numpy and 0-d integer tensors included."""
+    if seed is None:
+        return None
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        return operator.index(seed)
+    except TypeError:
+        raise ValueError(f"seed must be an int or None, got {seed!r}") from None
+
+
 def check_budget(k: Optional[int], top_k_ratio: Optional[float]) -> Tuple[Optional[int], Optional[float]]:
     """Exactly one of ``k`` (a positive int) and ``top_k_ratio`` (in (0, 1])."""
     if (k is None) == (top_k_ratio is None):
         raise ValueError("pass exactly one of k and top_k_ratio")
     if k is not None:
         return positive_int(k, "k"), None
-    if isinstance(top_k_ratio, bool) or not isinstance(top_k_ratio, (int, float)) or not 0 < top_k_ratio <= 1:
-        raise ValueError(f"top_k_ratio must be in (0, 1], got {top_k_ratio!r}")
-    return None, float(top_k_ratio)
+    return None, check_ratio(top_k_ratio)
+
+
+class Options(NamedTuple):
+    """An adapter's numeric options, checked and as plain Python numbers."""
+    k: Optional[int]
+    top_k_ratio: Optional[float]
+    alpha: float
+    init_std: float
+    init_scale: float
+    seed: Optional[int]
+
+
+def check_options(*, k: Optional[int], top_k_ratio: Optional[float], alpha: object, init_std: object,
+                  init_scale: object, seed: object, budget: bool = True) -> Options:
+    """The one validator of the native config, the PEFT config and the layer (each fills in its own
+    defaults first): exactly one of ``k`` / ``top_k_ratio`` (unless ``budget=False``: positions given),
+    a finite ``alpha`` and ``init_scale``, a positive finite ``init_std``, an int or ``None`` seed."""
+    if budget:
+        k, top_k_ratio = check_budget(k, top_k_ratio)
+    return Options(k, top_k_ratio, finite_number(alpha, "alpha"), positive_number(init_std, "init_std"),
+                   finite_number(init_scale, "init_scale"), optional_seed(seed))
 
 
 def check_k(k: int, shape: Sequence[int]) -> int:

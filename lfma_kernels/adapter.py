@@ -10,22 +10,23 @@ frequency selection; the two layer classes only hold the state and name it their
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_budget, check_frequencies, check_k
+from ._checks import check_budget, check_frequencies, check_k, finite_number
 from .eval_cache import FoldedWeightCache, optimizer_steps
 from .ops import dispatch
 from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
 
 __all__ = [
     "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "check_base", "check_target", "check_unsharded",
-    "check_loaded_positions", "check_init_scale", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
+    "check_loaded_positions", "check_backend_name", "loadable_backend", "module_names", "check_not_aliased",
+    "tied_weight_names", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
     "delta_weight", "folded_weight", "plan", "merge", "unmerge", "layer_k", "choose_frequencies",
 ]
 
@@ -77,6 +78,55 @@ def check_target(module: nn.Module, name: str, parent: Optional[nn.Module]) -> N
                         "directly instead of calling it, so an adapter there would never run; LFMA adapts "
                         "layers that are called")
     check_unsharded(module, f"target {name!r}")
+
+
+def check_backend_name(backend: str) -> None:
+    if backend != "auto" and backend not in dispatch.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(dispatch.BACKENDS)}")
+
+
+def loadable_backend(saved: str, override: Optional[str], where: str) -> str:
+    """The backend a loaded adapter runs with: ``override`` when given; else the saved one, which is
+    a preference, not a requirement: one that cannot run here (``"cuda"`` on a CPU-only machine)
+    becomes ``"auto"`` with a warning."""
+    if override is not None:
+        check_backend_name(override)
+        return override
+    check_backend_name(saved)
+    reason = None if saved == "auto" else dispatch.unavailable_reason(saved)
+    if reason is None:
+        return saved
+    warnings.warn(f"{where} was saved with backend={saved!r}, which cannot run here ({reason}); using "
+                  "backend='auto'. Pass backend= to choose another.", stacklevel=3)
+    return "auto"
+
+
+def module_names(model: nn.Module) -> Dict[int, List[str]]:
+    """Every name each module of ``model`` is registered under, by ``id`` (``named_modules`` lists a
+    module once, under its first name)."""
+    names: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def check_not_aliased(module: nn.Module, name: str, names: Dict[int, List[str]]) -> None:
+    """Refuse a target registered under more than one name (``names``: :func:`module_names`): an
+    adapter installed at one name would be bypassed by every call through the others."""
+    aliases = names.get(id(module), [name])
+    if len(aliases) > 1:
+        raise ValueError(f"target {name!r} is one module registered under several names ({', '.join(aliases)}); an "
+                         "adapter replaces it at one name only, so calls through the others would bypass it. Register "
+                         "the module once (keep the other reference as a plain attribute, not a submodule)")
+
+
+def tied_weight_names(model: nn.Module, layer_name: str, base: nn.Module) -> List[str]:
+    """Names outside ``layer_name`` under which ``model`` holds the base layer's weight (a tied
+    embedding, say): merging into that weight would change those modules too."""
+    weight = tensor(base, "weight")
+    inside = layer_name + "."
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if p is weight and not n.startswith(inside)]
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -187,14 +237,18 @@ def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
     if cache is None or not cache.enabled or (
             torch.is_grad_enabled() and (w.requires_grad or any(a.coeffs.requires_grad for a in adapters))):
         return None
+    if torch._C._are_functorch_transforms_active():  # wrapped or batched tensors: nothing to cache
+        return None
     try:
         key = [optimizer_steps(), w._version, w.data_ptr()]
+        sources = [w]
         for a in adapters:
             key += (a.alpha, a.coeffs._version, a.coeffs.data_ptr(), a.rows._version, a.rows.data_ptr(),
                     a.cols._version, a.cols.data_ptr())
+            sources += (a.coeffs, a.rows, a.cols)
     except RuntimeError:  # inference tensors (a layer built under inference_mode) have no version
         return None
-    return cache.get(tuple(key), lambda: folded_weight(base, adapters, backend))
+    return cache.get(tuple(key), sources, lambda: folded_weight(base, adapters, backend))
 
 
 def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backend: str,
@@ -266,7 +320,7 @@ def choose_frequencies(
     top_k_ratio: Optional[float],
     init: Union[str, torch.Tensor],
     init_std: float,
-    seed: int,
+    seed: Optional[int],
     hermitian: bool,
     init_scale: float = 1.0,
 ) -> Frequencies:
@@ -274,15 +328,11 @@ def choose_frequencies(
     matrix ``D``, exactly one of ``k`` / ``top_k_ratio``; the values (the starting coefficients)
     are ``init_scale * fft2(D)`` there. The scale leaves the selection alone (top-K of |fft2(D)|
     is scale-free): ``init="weight", init_scale=0.01`` is the official code's ``D = 0.01 W``
-    start, ``init_scale=0`` starts at ``dW = 0`` on the chosen support."""
+    start, ``init_scale=0`` starts at ``dW = 0`` on the chosen support. ``seed=None`` draws ``D`` from
+    torch's global RNG."""
     shape = base_shape(base)
     k = layer_k(shape, k, top_k_ratio)
-    check_init_scale(init_scale)
+    init_scale = finite_number(init_scale, "init_scale")
     chosen = select_frequencies(init_matrix(init, logical_weight(base), std=init_std, seed=seed), k,
                                 hermitian=hermitian)
     return chosen if init_scale == 1.0 else chosen._replace(values=chosen.values * init_scale)
-
-
-def check_init_scale(init_scale: float) -> None:
-    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not math.isfinite(init_scale):
-        raise ValueError(f"init_scale must be a finite number, got {init_scale!r}")

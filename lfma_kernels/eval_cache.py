@@ -8,8 +8,15 @@ What "changed" means, and what each part of the key catches:
 
 - ``_version`` of every source tensor: in-place updates (``copy_``, ``mul_``, per-parameter and
   foreach optimizers, ``load_state_dict``);
-- ``data_ptr()``: the tensor was replaced (``layer.coeffs = ...``, ``.data = ...``,
-  ``load_state_dict(assign=True)``, a device move of the base layer alone);
+- the tensor objects themselves, held by weak references: a source was replaced
+  (``layer.coeffs = ...``, ``load_state_dict(assign=True)``, which wraps the loaded tensors in new
+  Parameters). Addresses and versions alone cannot tell: a replacement is often allocated at the
+  freed address of a tensor the cache was built from, with version 0 again (swap the weight to A,
+  run, swap to B, swap to C: C lands where A was and ``W_A + dW`` would be served). A weak reference
+  cannot be fooled by reuse: while the object it names is alive it is that object, and once the
+  object is gone it names nothing, so it never matches a newcomer; and it keeps no old tensor alive;
+- ``data_ptr()``: the same tensor object given other data (``.data = ...``, a device move of the
+  base layer alone);
 - the count of optimizer steps taken in this process: fused optimizers (``fused=True`` Adam, AdamW,
   SGD) update parameters without bumping their version counter, and so do old-style optimizers
   that write through ``p.data``. Every ``torch.optim.Optimizer`` runs the global step post-hooks,
@@ -26,7 +33,8 @@ autograd fail: "Inference tensors cannot be saved for backward").
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import weakref
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -50,27 +58,37 @@ def optimizer_steps() -> int:
     return _optimizer_steps
 
 
-class FoldedWeightCache:
-    """One cached tensor and the key it was built under.
+def _same_objects(refs: Tuple[weakref.ref, ...], sources: Sequence[torch.Tensor]) -> bool:
+    if len(refs) != len(sources):
+        return False
+    for ref, source in zip(refs, sources):
+        if ref() is not source:
+            return False
+    return True
 
-    ``key`` is a tuple of ints the caller assembles (it knows its source tensors; a generic
-    builder would cost a loop on the hot path). The entry is one tuple, replaced whole, so a
-    thread never pairs one build's key with another build's tensor.
+
+class FoldedWeightCache:
+    """One cached tensor, the key it was built under and weak references to its source tensors.
+
+    ``key`` is a tuple of numbers the caller assembles (it knows its source tensors; a generic
+    builder would cost a loop on the hot path); ``sources`` are the tensors it was built from,
+    matched by identity. The entry is one tuple, replaced whole, so a thread never pairs one
+    build's key with another build's tensor.
     """
 
     __slots__ = ("_entry", "enabled")
 
     def __init__(self) -> None:
-        self._entry: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._entry: Optional[Tuple[tuple, Tuple[weakref.ref, ...], torch.Tensor]] = None
         self.enabled = True  # False: the owner may not keep a cache now (see adapter.cache_allowed)
 
-    def get(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, key: tuple, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
         entry = self._entry
-        if entry is not None and entry[0] == key:
-            return entry[1]
+        if entry is not None and entry[0] == key and _same_objects(entry[1], sources):
+            return entry[2]
         with torch.inference_mode(False), torch.no_grad():
             weight = build()
-        self._entry = (key, weight)
+        self._entry = (key, tuple(weakref.ref(s) for s in sources), weight)
         return weight
 
     def clear(self) -> None:

@@ -8,17 +8,12 @@ import torch
 import torch.nn as nn
 
 from . import adapter
-from ._checks import check_frequencies
+from ._checks import check_frequencies, check_options
 from .eval_cache import FoldedWeightCache
 from .ops import dispatch
 from .selection import Frequencies
 
 __all__ = ["LFMALinear"]
-
-
-def check_backend_name(backend: str) -> None:
-    if backend != "auto" and backend not in dispatch.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(dispatch.BACKENDS)}")
 
 
 def check_given_frequencies(frequencies: Frequencies, shape: Tuple[int, int]) -> None:
@@ -65,7 +60,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         alpha: float = 12.0,
         init: Union[str, torch.Tensor] = "random",
         init_std: float = 1e-3,
-        seed: int = 0,
+        seed: Optional[int] = 0,
         hermitian: bool = False,
         backend: str = "auto",
         frequencies: Optional[Frequencies] = None,
@@ -73,12 +68,14 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
     ) -> None:
         super().__init__()
         adapter.check_base(base, "LFMALinear")
-        check_backend_name(backend)
+        adapter.check_backend_name(backend)
+        options = check_options(k=k, top_k_ratio=top_k_ratio, alpha=alpha, init_std=init_std, init_scale=init_scale,
+                                seed=seed, budget=frequencies is None)
         dispatch.prepare(backend)
         if frequencies is None:
-            frequencies = adapter.choose_frequencies(base, k=k, top_k_ratio=top_k_ratio, init=init,
-                                                     init_std=init_std, seed=seed, hermitian=hermitian,
-                                                     init_scale=init_scale)
+            frequencies = adapter.choose_frequencies(base, k=options.k, top_k_ratio=options.top_k_ratio, init=init,
+                                                     init_std=options.init_std, seed=options.seed,
+                                                     hermitian=hermitian, init_scale=options.init_scale)
         else:
             check_given_frequencies(frequencies, adapter.base_shape(base))
         device = base.weight.device
@@ -87,7 +84,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         self.coeffs = nn.Parameter(torch.view_as_real(frequencies.values.detach()).to(device, torch.float32).clone())
         self.register_buffer("rows", frequencies.rows.detach().to(device, torch.int64).clone())
         self.register_buffer("cols", frequencies.cols.detach().to(device, torch.int64).clone())
-        self.alpha = float(alpha)
+        self.alpha = options.alpha
         self.hermitian = bool(hermitian)
         self.backend = backend
         self._merged = False
@@ -163,8 +160,13 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
 
     # ------------------------------------------------------------------ nn.Module hooks
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        adapter.check_loaded_positions(state_dict, prefix, ("coeffs", "rows", "cols"),
-                                       (self.out_features, self.in_features))
+        keys = ("coeffs", "rows", "cols")
+        if self._merged and any(prefix + key in state_dict for key in keys):
+            # The weight holds the old dW: new coefficients would make unmerge() subtract the wrong one.
+            raise ValueError(f"loading {prefix.rstrip('.') or 'the layer'}: the layer is merged; unmerge it "
+                             "(unmerge_lfma(model) or layer.unmerge()) before loading adapter state, then merge "
+                             "again; its adapter state was not loaded")
+        adapter.check_loaded_positions(state_dict, prefix, keys, (self.out_features, self.in_features))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

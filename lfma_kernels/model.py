@@ -11,9 +11,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._checks import check_budget, check_frequencies
-from .adapter import base_shape, check_init_scale, check_target, is_adaptable, layer_k
-from .layers import LFMALinear, check_backend_name
+from ._checks import check_frequencies, check_options
+from .adapter import (base_shape, check_backend_name, check_not_aliased, check_target, is_adaptable, layer_k,
+                      loadable_backend, module_names, tied_weight_names)
+from .layers import LFMALinear
 from .selection import Frequencies
 
 __all__ = [
@@ -35,7 +36,7 @@ class LFMAConfig:
     matched against the full name. ``modules_to_save``: suffixes of modules (a fresh classifier
     head, say) trained fully and saved with the adapter. Layer ``i`` of the matches, in
     ``named_modules`` order, draws its random init matrix with seed ``seed + i``, so layers of one
-    shape get different frequencies. ``init_scale`` scales the starting coefficients, not the
+    shape get different frequencies (``seed=None``: from torch's global RNG, layer after layer). ``init_scale`` scales the starting coefficients, not the
     selection (``init="weight", init_scale=0.01``: the official code's start; 0: a zero start).
     """
 
@@ -46,22 +47,23 @@ class LFMAConfig:
     init: str = "random"
     init_std: float = 1e-3
     init_scale: float = 1.0
-    seed: int = 0
+    seed: Optional[int] = 0
     hermitian: bool = False
     backend: str = "auto"
     modules_to_save: Sequence[str] = ()
 
     def __init__(self, target_modules: Union[str, Sequence[str]], *, k: Optional[int] = None,
                  top_k_ratio: Optional[float] = None, alpha: float = 12.0, init: str = "random",
-                 init_std: float = 1e-3, seed: int = 0, hermitian: bool = False, backend: str = "auto",
+                 init_std: float = 1e-3, seed: Optional[int] = 0, hermitian: bool = False, backend: str = "auto",
                  modules_to_save: Sequence[str] = (), init_scale: float = 1.0) -> None:
         try:
-            k, top_k_ratio = check_budget(k, top_k_ratio)
+            options = check_options(k=k, top_k_ratio=top_k_ratio, alpha=alpha, init_std=init_std,
+                                    init_scale=init_scale, seed=seed)
         except ValueError as e:
             raise ValueError(f"LFMAConfig: {e}") from None
-        if not isinstance(init, str):
-            raise ValueError("LFMAConfig: init must be 'random' or 'weight' (a tensor init is per layer: "
-                             "build LFMALinear directly)")
+        if not isinstance(init, str) or init not in ("random", "weight"):
+            raise ValueError(f"LFMAConfig: init must be 'random' or 'weight', got {init!r} (a tensor init is per "
+                             "layer: build LFMALinear directly)")
         check_backend_name(backend)
         if isinstance(target_modules, str):
             try:
@@ -78,10 +80,9 @@ class LFMAConfig:
                 raise ValueError(f"LFMAConfig: {field} must be a regex string or a list of non-empty "
                                  f"module-name suffixes, got {names!r}")
         self.target_modules = target_modules
-        self.k, self.top_k_ratio, self.alpha, self.init = k, top_k_ratio, float(alpha), init
-        check_init_scale(init_scale)
-        self.init_std, self.seed, self.hermitian, self.backend = float(init_std), int(seed), bool(hermitian), backend
-        self.init_scale = float(init_scale)
+        self.k, self.top_k_ratio, self.alpha, self.init = options.k, options.top_k_ratio, options.alpha, init
+        self.init_std, self.seed, self.hermitian, self.backend = options.init_std, options.seed, bool(hermitian), backend
+        self.init_scale = options.init_scale
         self.modules_to_save = tuple(modules_to_save)
 
     def to_dict(self) -> dict:
@@ -137,8 +138,11 @@ def _target_names(model: nn.Module, config: LFMAConfig) -> List[str]:
         linear = [n for n, m in model.named_modules() if is_adaptable(m)]
         raise ValueError(f"target_modules={config.target_modules!r} matched no module; the model's nn.Linear "
                          f"and Conv1D layers are: {_listing(linear)}")
+    aliases = module_names(model)
     for n in names:
-        check_target(model.get_submodule(n), n, model.get_submodule(n.rpartition(".")[0]))
+        module = model.get_submodule(n)
+        check_target(module, n, model.get_submodule(n.rpartition(".")[0]))
+        check_not_aliased(module, n, aliases)
     return names
 
 
@@ -183,7 +187,8 @@ def apply_lfma(model: nn.Module, config: LFMAConfig,
                                        backend=config.backend, frequencies=given)
             else:
                 layers[n] = LFMALinear(base, k=config.k, top_k_ratio=config.top_k_ratio, alpha=config.alpha,
-                                       init=config.init, init_std=config.init_std, seed=config.seed + i,
+                                       init=config.init, init_std=config.init_std,
+                                       seed=None if config.seed is None else config.seed + i,
                                        init_scale=config.init_scale,
                                        hermitian=config.hermitian, backend=config.backend)
         except (ValueError, TypeError, RuntimeError) as e:
@@ -241,16 +246,23 @@ def _load_files(directory) -> Tuple[LFMAConfig, Dict[str, list], Dict[str, torch
         saved = json.load(f)
     if saved.get("format_version") != _FORMAT_VERSION:
         raise ValueError(f"{config_path}: unsupported format_version {saved.get('format_version')!r}")
-    return LFMAConfig.from_dict(saved["config"]), saved["layers"], load_file(weights_path)
+    try:
+        config = LFMAConfig.from_dict(saved["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    return config, saved["layers"], load_file(weights_path)
 
 
-def load_lfma(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
+def load_lfma(model: nn.Module, directory: Union[str, os.PathLike], *, backend: Optional[str] = None) -> nn.Module:
     """Apply the saved config to ``model`` (a model without adapters) and load the saved adapter.
 
     Every layer's shape, K and index range, and every ``modules_to_save`` tensor, is checked
     against the model before anything is changed; a mismatch raises ``ValueError`` naming the layer.
+    ``backend`` overrides the saved backend; without it a saved backend that cannot run here
+    falls back to ``"auto"`` with a warning.
     """
     config, layers, state = _load_files(directory)
+    config.backend = loadable_backend(config.backend, backend, f"the LFMA adapter at {directory}")
     _check_not_adapted(model, "load_lfma")
     names = _target_names(model, config)
     if sorted(names) != sorted(layers):
@@ -296,12 +308,20 @@ def load_lfma(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module
 
 
 def merge_lfma(model: nn.Module, safe: bool = False) -> None:
-    """Merge every adapter; with ``safe=True`` all layers are checked before any is merged."""
-    layers = list(lfma_layers(model).items())
-    if safe:
-        for n, layer in layers:
-            if not layer.merged and not torch.isfinite(layer._folded_weight()).all():
-                raise ValueError(f"merge_lfma(safe=True): layer {n!r} would get non-finite weights; nothing was merged")
+    """Merge every adapter. Every layer is checked before any is merged: a layer whose weight the
+    model also holds elsewhere (a tied embedding: GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``) raises ``ValueError``, since ``dW`` would be added to the other
+    module too; with ``safe=True``, so does a non-finite ``W + dW``."""
+    layers = [(n, layer) for n, layer in lfma_layers(model).items() if not layer.merged]
+    for n, layer in layers:
+        tied = tied_weight_names(model, n, layer.base)
+        if tied:
+            raise ValueError(f"merge_lfma: the weight of layer {n!r} is tied to {', '.join(tied)}; merging would add "
+                             "dW there too. Keep this adapter unmerged, or give the layer a weight of its own "
+                             "first (layer.base.weight = nn.Parameter(layer.base.weight.detach().clone())); "
+                             "nothing was merged")
+        if safe and not torch.isfinite(layer._folded_weight()).all():
+            raise ValueError(f"merge_lfma(safe=True): layer {n!r} would get non-finite weights; nothing was merged")
     for _, layer in layers:
         layer.merge()
 

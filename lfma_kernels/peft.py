@@ -21,8 +21,10 @@ The forward, eval cache, merge and selection are :mod:`lfma_kernels.adapter`'s, 
 """
 from __future__ import annotations
 
+import copy
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -30,22 +32,27 @@ import torch
 import torch.nn as nn
 
 from . import adapter
-from ._checks import check_budget, positive_int
+from ._checks import check_options, positive_int
 from .eval_cache import FoldedWeightCache
-from .layers import check_backend_name
 from .ops import dispatch
 
 try:
     import peft
     from peft.config import PeftConfig
     from peft.tuners._buffer_dict import BufferDict
-    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+    from peft.tuners.tuners_utils import (BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers,
+                                          check_adapters_to_merge)
     from peft.utils import PeftType, register_peft_method
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 except ImportError as e:  # missing, or too old to have these names
     raise ImportError(f"lfma_kernels.peft needs peft >= 0.18 (pip install 'lfma_kernels[peft]'): {e}") from e
 
-__all__ = ["LfmaConfig", "LfmaModel", "LfmaLayer", "LfmaLinear", "SUPPORTED_PEFT"]
+__all__ = ["LfmaConfig", "LfmaModel", "LfmaLayer", "LfmaLinear", "SUPPORTED_PEFT", "DEFAULT_K"]
+
+# K when a config gives neither k nor top_k_ratio, so that a config built from target_modules alone
+# works, as every PEFT config does: about the paper's RoBERTa-base budget (0.0016 * 768^2 = 943),
+# and FourierFT's default n_frequency (1000).
+DEFAULT_K = 1000
 
 # Tested with peft 0.18.1 and 0.21.2 (tests/test_peft.py): the BaseTuner hooks used here
 # (tuner_layer_cls, target_module_mapping, structural adapter-state selection) date from 0.18.
@@ -83,13 +90,17 @@ class LfmaConfig(PeftConfig):
         target_modules: module names (suffix match) or one regex; ``nn.Linear`` and transformers
             ``Conv1D`` layers. Defaults per architecture as PEFT's LoRA (e.g. query/value).
         exclude_modules: names or regex of modules not to adapt.
-        k / top_k_ratio: exactly one: K frequencies per layer, or ``K = int(d_out*d_in*ratio)``.
+        k / top_k_ratio: at most one: K frequencies per layer, or ``K = int(d_out*d_in*ratio)``;
+            neither: ``K = DEFAULT_K`` (1000).
         k_pattern: per-module K by name pattern, e.g. ``{"c_attn": 64}`` (like FourierFT's
             ``n_frequency_pattern``), overriding ``k`` / ``top_k_ratio`` there.
         alpha: ``dW = alpha * Re(ifft2(F))``.
         init / init_std / seed: the matrix ``D`` whose strongest frequencies are selected:
-            ``"random"`` (a Gaussian of std ``init_std``, seed ``seed + i`` for the i-th adapted
-            layer, as the native ``apply_lfma``) or ``"weight"`` (the frozen weight).
+            ``"random"`` (a Gaussian of std ``init_std``) or ``"weight"`` (the frozen weight; no
+            seed involved). ``seed=None`` (default, PEFT's convention): ``D`` is drawn from torch's
+            global RNG, so adapters added one after another differ and ``torch.manual_seed`` makes
+            a run reproducible; an int: seed ``seed + i`` for the i-th adapted layer, exactly as
+            the native ``apply_lfma``.
         init_scale: the coefficients start at ``init_scale * fft2(D)`` on the selected support
             (1: the paper; ``init="weight"`` with 0.01: the official code's ``D = 0.01 W``; 0: a
             zero start, as ``init_weights=True``, which wins when set).
@@ -113,7 +124,8 @@ class LfmaConfig(PeftConfig):
     init: str = field(default="random", metadata={"help": "'random' or 'weight': the matrix selected from."})
     init_std: float = field(default=1e-3, metadata={"help": "Std of the 'random' init matrix."})
     init_scale: float = field(default=1.0, metadata={"help": "Starting coefficients: init_scale * fft2(D)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the first layer's 'random' init matrix."})
+    seed: Optional[int] = field(default=None, metadata={
+        "help": "Seed of the first layer's 'random' init matrix; None: torch's global RNG."})
     hermitian: bool = field(default=False, metadata={"help": "Select one of each conjugate pair only."})
     backend: str = field(default="auto", metadata={"help": "Kernel backend."})
     init_weights: bool = field(default=False, metadata={"help": "True: zero coefficients (identity start)."})
@@ -135,21 +147,23 @@ class LfmaConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if self.k is None and self.top_k_ratio is None:
+            self.k = DEFAULT_K
         try:
-            self.k, self.top_k_ratio = check_budget(self.k, self.top_k_ratio)
+            options = check_options(k=self.k, top_k_ratio=self.top_k_ratio, alpha=self.alpha, init_std=self.init_std,
+                                    init_scale=self.init_scale, seed=self.seed)
             self.k_pattern = {pattern: positive_int(k, f"k_pattern[{pattern!r}]")
                               for pattern, k in self.k_pattern.items()}
         except ValueError as e:
             raise ValueError(f"LfmaConfig: {e}") from None
+        # Plain Python numbers (numpy or tensor scalars in, JSON-serialisable adapter_config.json out).
+        self.k, self.top_k_ratio, self.alpha = options.k, options.top_k_ratio, options.alpha
+        self.init_std, self.init_scale, self.seed = options.init_std, options.init_scale, options.seed
         if self.init not in ("random", "weight"):
             raise ValueError(f"LfmaConfig: init must be 'random' or 'weight', got {self.init!r}")
         if self.bias not in ("none", "all", "lfma_only"):
             raise ValueError(f"LfmaConfig: bias must be 'none', 'all' or 'lfma_only', got {self.bias!r}")
-        check_backend_name(self.backend)
-        try:
-            adapter.check_init_scale(self.init_scale)
-        except ValueError as e:
-            raise ValueError(f"LfmaConfig: {e}") from None
+        adapter.check_backend_name(self.backend)
         if isinstance(self.target_modules, str):
             if self.layers_to_transform is not None or self.layers_pattern is not None:
                 raise ValueError("LfmaConfig: layers_to_transform / layers_pattern cannot be used when "
@@ -161,6 +175,18 @@ class LfmaConfig(PeftConfig):
                                  f"expression: {e}") from None
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LfmaConfig: layers_pattern needs layers_to_transform")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
+                        **kwargs: Any) -> "LfmaConfig":
+        """PEFT's loader, then: the saved backend is a preference (one that cannot run here, as
+        ``"cuda"`` on a CPU-only machine, becomes ``"auto"`` with a warning), and the config is marked
+        as read from a checkpoint, so that an adapter built from it whose weights do not fit the
+        model is removed again (see ``LfmaModel._load_from_state_dict``)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.backend = adapter.loadable_backend(config.backend, None, f"the LFMA adapter at {pretrained_model_name_or_path}")
+        config._lfma_from_checkpoint = True
+        return config
 
 
 def _outside_tuner_layers(model: nn.Module):
@@ -177,6 +203,21 @@ def _outside_tuner_layers(model: nn.Module):
             yield key, module
 
 
+def _take_back(model: nn.Module, adapter_name: str, before: Dict[str, nn.Module], flags: Dict[nn.Parameter, bool]) -> None:
+    """Undo a failed injection of ``adapter_name``: layers built for it give back their base layer,
+    layers that existed lose the adapter, and every ``requires_grad`` flag is restored."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LfmaLayer) or adapter_name not in module.lfma_coeffs:
+            continue
+        if before.get(name) is module:
+            module.delete_adapter(adapter_name)
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    for p, flag in flags.items():
+        p.requires_grad_(flag)
+
+
 def _pattern_key(patterns: Sequence[str], name: str) -> Optional[str]:
     """The first pattern that is ``name`` itself or matches its trailing components (PEFT's
     ``rank_pattern`` rule)."""
@@ -187,7 +228,7 @@ class LfmaLayer(BaseTunerLayer):
     """The PEFT tuner-layer state of LFMA: per adapter, coefficients, positions, alpha, backend."""
 
     adapter_layer_names = ("lfma_coeffs",)
-    other_param_names = ("lfma_rows", "lfma_cols", "lfma_alpha", "lfma_backend")
+    other_param_names = ("lfma_rows", "lfma_cols", "lfma_shape", "lfma_alpha", "lfma_backend")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         adapter.check_base(base_layer, "LfmaLayer")
@@ -195,6 +236,10 @@ class LfmaLayer(BaseTunerLayer):
         self.lfma_coeffs = nn.ParameterDict({})
         self.lfma_rows = BufferDict({}, persistent=True)
         self.lfma_cols = BufferDict({}, persistent=True)
+        # The logical (d_out, d_in) each adapter was built for, saved with it: positions alone cannot
+        # tell a 24x16 adapter from one for 32x16 (both sets of rows lie in range), so a load into a
+        # layer of another shape is refused by this (LfmaLinear.check_loaded_state).
+        self.lfma_shape = BufferDict({}, persistent=True)
         self.lfma_alpha: Dict[str, float] = {}
         self.lfma_backend: Dict[str, str] = {}
         self._disable_adapters = False
@@ -203,7 +248,7 @@ class LfmaLayer(BaseTunerLayer):
         self.kwargs = kwargs
         self.out_features, self.in_features = adapter.base_shape(base_layer)
 
-    def update_layer(self, adapter_name: str, k: int, config: LfmaConfig, seed: int) -> None:
+    def update_layer(self, adapter_name: str, k: int, config: LfmaConfig, seed: Optional[int]) -> None:
         """Add adapter ``adapter_name`` with ``k`` frequencies selected as ``config`` says."""
         dispatch.prepare(config.backend)
         frequencies = adapter.choose_frequencies(self.get_base_layer(), k=k, top_k_ratio=None, init=config.init,
@@ -215,6 +260,7 @@ class LfmaLayer(BaseTunerLayer):
         self.lfma_coeffs[adapter_name] = nn.Parameter(coeffs.contiguous())
         self.lfma_rows[adapter_name] = frequencies.rows.to(torch.int64)
         self.lfma_cols[adapter_name] = frequencies.cols.to(torch.int64)
+        self.lfma_shape[adapter_name] = torch.tensor([self.out_features, self.in_features], dtype=torch.int64)
         self.lfma_alpha[adapter_name] = float(config.alpha)
         self.lfma_backend[adapter_name] = config.backend
         self._cache.clear()
@@ -223,9 +269,9 @@ class LfmaLayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """PEFT's move for the coefficients (device, and dtype by its convention); the positions
-        move to the device only: peft < 0.21 casts integer buffers to the base's float dtype too,
+        and shapes move to the device only: peft < 0.21 casts integer buffers to the base's float dtype too,
         which would round positions above 256 in bfloat16."""
-        positions = [(store, store[adapter_name]) for store in (self.lfma_rows, self.lfma_cols)
+        positions = [(store, store[adapter_name]) for store in (self.lfma_rows, self.lfma_cols, self.lfma_shape)
                      if adapter_name in store]
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
         target = device if device is not None else self.get_base_layer().weight.device
@@ -252,7 +298,7 @@ class LfmaLayer(BaseTunerLayer):
 class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
     """LFMA on an ``nn.Linear`` or a transformers ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LfmaConfig, k: int, seed: int,
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LfmaConfig, k: int, seed: Optional[int],
                  **kwargs: Any) -> None:
         super().__init__()
         LfmaLayer.__init__(self, base_layer, **kwargs)
@@ -306,12 +352,35 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         self.merged_adapters = []
         self._cache.clear()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Called before the children (lfma_coeffs, lfma_rows, lfma_cols) load their entries.
-        rows = prefix + "lfma_rows."
-        for name in [key[len(rows):] for key in state_dict if key.startswith(rows)]:
+    def loaded_adapters(self, state_dict: dict, prefix: str) -> List[str]:
+        """The adapters whose state ``state_dict`` holds for this layer (its keys under ``prefix``)."""
+        names = set()
+        for store in ("lfma_coeffs", "lfma_rows", "lfma_cols", "lfma_shape"):
+            start = f"{prefix}{store}."
+            names.update(key[len(start):] for key in state_dict if key.startswith(start))
+        return sorted(names)
+
+    def check_loaded_state(self, state_dict: dict, prefix: str) -> None:
+        """Refuse, before anything is loaded, adapter state for another shape, positions out of
+        range, or new coefficients for an adapter merged into the weight (unmerge would then
+        subtract the wrong dW); ``ValueError`` naming the layer."""
+        where = prefix.rstrip(".") or "the layer"
+        shape = (self.out_features, self.in_features)
+        for name in self.loaded_adapters(state_dict, prefix):
+            saved = state_dict.get(f"{prefix}lfma_shape.{name}")
+            if saved is not None and tuple(int(d) for d in saved.tolist()) != shape:
+                raise ValueError(f"loading {where}: LFMA adapter {name!r} was saved for a layer of shape "
+                                 f"{tuple(int(d) for d in saved.tolist())} (d_out, d_in); this layer's is {shape}")
+            if name in self.merged_adapters:
+                raise ValueError(f"loading {where}: LFMA adapter {name!r} is merged into the weight; unmerge it "
+                                 "(model.unmerge_adapter()) before loading its state, then merge again")
             adapter.check_loaded_positions(state_dict, prefix, (f"lfma_coeffs.{name}", f"lfma_rows.{name}",
-                                                                f"lfma_cols.{name}"), (self.out_features, self.in_features))
+                                                                f"lfma_cols.{name}"), shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Called before the children (lfma_coeffs, lfma_rows, lfma_cols) load their entries. Under a
+        # PeftModel, LfmaModel has already checked every layer's state (nothing loads on a refusal).
+        self.check_loaded_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -332,24 +401,77 @@ class LfmaModel(BaseTuner):
     target_module_mapping = {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
                              "vit": ["query", "value", "q_proj", "v_proj"]}
 
-    def _pre_injection_hook(self, model: nn.Module, config: LfmaConfig, adapter_name: str) -> None:
-        """Every target checked (type, K) before the first is replaced: bad input changes nothing."""
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, made all-or-nothing: every target is checked (type, a single name, K)
+        before the first is replaced, and should a layer still fail, every layer built or extended
+        for this adapter is taken back, so the model is exactly as before (PEFT's ``add_adapter``
+        only removes the config; it also skips ``_pre_injection_hook``, so the checks live here)."""
+        config = self.peft_config[adapter_name]
+        self._check_targets(model, config)
+        before = dict(model.named_modules())
+        flags = {p: p.requires_grad for p in model.parameters()}
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            _take_back(model, adapter_name, before, flags)
+            self.__dict__.get("_lfma_target_order", {}).pop(adapter_name, None)
+            raise
+        if getattr(config, "_lfma_from_checkpoint", False):
+            self.__dict__.setdefault("_lfma_awaiting_state", set()).add(adapter_name)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """PeftModel runs its forward and ``generate`` inside this. ``adapter_names=`` (a mixed-adapter
+        batch, one adapter per sample) is refused rather than ignored: without this hook PEFT drops the
+        argument and every sample would get the active adapters."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError("LFMA does not serve mixed-adapter batches (adapter_names=) yet; run the samples of "
+                             "each adapter separately, after model.set_adapter(name)")
+        yield
+
+    def _check_targets(self, model: nn.Module, config: LfmaConfig) -> None:
         if config.target_modules is None:  # the architecture's defaults, as inject_adapter resolves them
             config = self._prepare_adapter_config(config, self.get_model_config(model))
+        elif config.target_modules == "all-linear":
+            config = _maybe_include_all_linear_layers(copy.copy(config), model)
+        aliases = adapter.module_names(model)
         for key, module in _outside_tuner_layers(model):
             if self._check_target_module_exists(config, key):
                 base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
                 adapter.check_target(base, key, model.get_submodule(key.rpartition(".")[0]))
+                adapter.check_not_aliased(module, key, aliases)
                 self._layer_k(config, key, base)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Every layer's incoming state checked before any layer loads (a ``load_state_dict`` visits
+        this module before its layers), so a refused load changes nothing. An adapter whose config
+        was just read from a checkpoint (``load_adapter``, ``PeftModel.from_pretrained``) and whose
+        first load is refused is removed again, from the layers and from ``peft_config``: no
+        half-added adapter is left behind."""
+        awaiting = self.__dict__.setdefault("_lfma_awaiting_state", set())
+        layers = [(prefix + name + ".", module) for name, module in self.named_modules()
+                  if isinstance(module, LfmaLinear)]
+        loading = {n for layer_prefix, layer in layers for n in layer.loaded_adapters(state_dict, layer_prefix)}
+        try:
+            for layer_prefix, layer in layers:
+                layer.check_loaded_state(state_dict, layer_prefix)
+        except ValueError:
+            for name in sorted(loading & awaiting):
+                if name in self.peft_config:
+                    self.delete_adapter(name)
+            raise
+        finally:
+            awaiting -= loading
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _create_and_replace(self, lfma_config: LfmaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        adapter.check_target(base, current_key, parent)
         self._check_fan_in_fan_out(lfma_config, base)
-        k, seed = self._layer_k(lfma_config, current_key, base), lfma_config.seed + self._layer_index(
+        k = self._layer_k(lfma_config, current_key, base)
+        seed = None if lfma_config.seed is None else lfma_config.seed + self._layer_index(
             lfma_config, adapter_name, current_key)
         try:
             if isinstance(target, LfmaLayer):
@@ -383,7 +505,10 @@ class LfmaModel(BaseTuner):
         try:
             return adapter.layer_k(adapter.base_shape(base), k, ratio)
         except ValueError as e:
-            raise ValueError(f"layer {key!r}: {e}") from None
+            hint = ("" if pattern is not None or ratio is not None else
+                    f" (LfmaConfig's k={k}{', the default budget' if k == DEFAULT_K else ''}); set a smaller k, a "
+                    f"top_k_ratio, or a k_pattern entry for this layer")
+            raise ValueError(f"layer {key!r}: {e}{hint}") from None
 
     def _layer_index(self, config: LfmaConfig, adapter_name: str, key: str) -> int:
         """The layer's position among the adapter's targets in ``named_modules`` order, so that

@@ -1,11 +1,11 @@
 """Frequency selection (the paper's Algorithm 1) and the init matrices it selects from."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_k, check_shape
+from ._checks import check_k, check_ratio, check_shape, optional_seed, positive_number
 
 __all__ = ["Frequencies", "num_frequencies", "select_frequencies", "init_matrix", "hermitian_half_mask"]
 
@@ -19,8 +19,7 @@ class Frequencies(NamedTuple):
 def num_frequencies(shape: Sequence[int], top_k_ratio: float) -> int:
     """``K = int(d_out * d_in * top_k_ratio)``, the paper's count (it truncates)."""
     d_out, d_in = check_shape(shape)
-    if isinstance(top_k_ratio, bool) or not isinstance(top_k_ratio, (int, float)) or not 0 < top_k_ratio <= 1:
-        raise ValueError(f"top_k_ratio must be in (0, 1], got {top_k_ratio!r}")
+    top_k_ratio = check_ratio(top_k_ratio)
     k = int(d_out * d_in * top_k_ratio)
     if k < 1:
         raise ValueError(
@@ -64,27 +63,35 @@ def select_frequencies(init: torch.Tensor, k: int, *, hermitian: bool = False) -
     return Frequencies(rows, cols, spectrum[rows, cols])
 
 
+def _finite(matrix: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(matrix).all():
+        raise ValueError(f"{what} has NaN or inf entries: its spectrum would make every selected coefficient "
+                         "NaN; pass a finite matrix, or init=\"random\"")
+    return matrix
+
+
 def init_matrix(
     init: Union[str, torch.Tensor],
     weight: torch.Tensor,
     *,
     std: float = 1e-3,
-    seed: int = 0,
+    seed: Optional[int] = 0,
 ) -> torch.Tensor:
-    """The matrix ``D`` whose spectrum is ranked: ``"random"`` (seeded Gaussian of std ``std``,
-    drawn from a generator of its own so the global RNG is untouched), ``"weight"`` (the
-    frozen weight itself) or a given tensor of the weight's shape. Returned in float32 on CPU
-    unless a tensor on another device is given."""
+    """The matrix ``D`` whose spectrum is ranked: ``"random"`` (a Gaussian of std ``std``, drawn
+    from a generator of its own seeded with ``seed``, so the global RNG is untouched; with
+    ``seed=None`` from torch's global RNG, PEFT's convention), ``"weight"`` (the frozen weight
+    itself) or a given tensor of the weight's shape. Returned in float32 on CPU unless a tensor on
+    another device is given. A weight or tensor with NaN or inf is refused: its spectrum would
+    make every selected coefficient NaN."""
     shape = tuple(weight.shape)
     if isinstance(init, torch.Tensor):
         if tuple(init.shape) != shape:
             raise ValueError(f"init tensor has shape {tuple(init.shape)}, the layer's (d_out, d_in) weight has {shape}")
-        return init.detach().float()
-    if init == "random":
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < float("inf"):
-            raise ValueError(f"init_std must be a positive finite number, got {std!r}")
-        generator = torch.Generator().manual_seed(int(seed))
+        return _finite(init.detach().float(), "the init tensor")
+    if isinstance(init, str) and init == "random":
+        std, seed = positive_number(std, "init_std"), optional_seed(seed)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
         return torch.randn(shape, generator=generator, dtype=torch.float32) * std
-    if init == "weight":
-        return weight.detach().float()
+    if isinstance(init, str) and init == "weight":
+        return _finite(weight.detach().float(), 'init="weight": the weight')
     raise ValueError(f"init must be 'random', 'weight' or a Tensor of shape {shape}, got {init!r}")

@@ -92,6 +92,25 @@ def make_layer(d_in=80, d_out=48, **kwargs):
     return lfma.LFMALinear(nn.Linear(d_in, d_out), **kwargs)
 
 
+def swap_in_checkpoints(module, prefix, forward, out_features, in_features, swaps=40):
+    """Checkpoint swaps with ``load_state_dict(assign=True)``: to A, a forward, to B, to C, a forward
+    that must see C; ``forward()``'s results, in order. The checkpoints die with each swap, so C is
+    often allocated at A's freed address with version 0 again: a cache keyed on addresses and
+    versions alone served ``W_A + dW`` there."""
+    gen = torch.Generator().manual_seed(2)
+    outputs = []
+    for _ in range(swaps):
+        for run in (True, False, True):
+            checkpoint = {prefix + "weight": torch.randn(out_features, in_features, generator=gen),
+                          prefix + "bias": torch.randn(out_features, generator=gen)}
+            module.load_state_dict(checkpoint, assign=True, strict=False)
+            del checkpoint
+            if run:
+                with torch.no_grad():
+                    outputs.append(forward())
+    return outputs
+
+
 @pytest.fixture
 def count_folds(monkeypatch):
     """Counts how often the backend ``auto`` picks for ``make_layer()`` rebuilds W + dW (a cache miss)."""

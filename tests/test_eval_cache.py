@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import lfma_kernels as lfma
-from conftest import FAST_BACKENDS, make_layer, rel_err
+from conftest import FAST_BACKENDS, make_layer, rel_err, swap_in_checkpoints
 
 X = torch.randn(5, 80, generator=torch.Generator().manual_seed(7))
 
@@ -98,6 +98,12 @@ def test_cache_sees_edited_sources(edit):
         else:
             layer.load_state_dict(other.state_dict(), assign=edit.endswith("assign"))
     assert rel_err(cached_output(layer), oracle(layer)) <= 1e-5
+
+
+def test_cache_is_never_fooled_by_a_reused_address():
+    layer = make_layer().eval()
+    for out in swap_in_checkpoints(layer, "base.", lambda: (layer(X), oracle(layer)), 48, 80):
+        assert rel_err(*out) <= 1e-5
 
 
 def test_data_writes_are_seen_after_clear_cache():

@@ -241,6 +241,53 @@ def test_numpy_and_tensor_k_and_a_bad_init_std():
             make_layer(init_std=std)
 
 
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), "3", None])
+def test_alpha_must_be_a_finite_number(alpha):
+    with pytest.raises(ValueError, match="alpha must be a"):
+        make_layer(alpha=alpha)
+    assert make_layer(alpha=torch.tensor(3.0)).alpha == 3.0 and type(make_layer(alpha=torch.tensor(3.0)).alpha) is float
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_init_weight_with_nan_or_inf_is_refused(bad):
+    base = nn.Linear(80, 48)
+    with torch.no_grad():
+        base.weight[3, 5] = bad
+    with pytest.raises(ValueError, match=r'init="weight": the weight has NaN or inf'):
+        lfma.LFMALinear(base, k=9, init="weight")
+    with pytest.raises(ValueError, match="the init tensor has NaN or inf"):
+        lfma.LFMALinear(nn.Linear(80, 48), k=9, init=base.weight.detach())
+    assert base.weight.requires_grad, "a refused layer leaves its base as it was"
+
+
+def test_seed_none_draws_from_the_global_rng():
+    torch.manual_seed(3)
+    a, b = make_layer(seed=None), make_layer(seed=None)  # make_layer reseeds the global RNG with 0 first
+    assert torch.equal(a.rows, b.rows)
+    base = nn.Linear(80, 48)
+    torch.manual_seed(1)
+    first = lfma.LFMALinear(base, k=17, seed=None)
+    second = lfma.LFMALinear(base, k=17, seed=None)
+    assert not torch.equal(first.coeffs, second.coeffs)
+
+
+def test_loading_adapter_state_into_a_merged_layer_is_refused():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.coeffs.normal_()
+    x = torch.randn(4, 80)
+    expected = layer(x).detach()
+    layer.merge()
+    weight = layer.base.weight.detach().clone()
+    other = make_layer(seed=9).state_dict()
+    with pytest.raises(ValueError, match="the layer is merged; unmerge it"):
+        layer.load_state_dict(other)
+    assert torch.equal(layer.base.weight, weight)
+    layer.unmerge()
+    assert rel_err(layer(x), expected) <= 1e-5
+    layer.load_state_dict(other)  # unmerged: loads
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_eager_calls_skip_the_op_and_compiled_ones_trace_it(backend):
     """Eager: the layer runs library.LinearFunction (the op's forward and backward without its

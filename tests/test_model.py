@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import lfma_kernels as lfma
 from conftest import AttentionBlock, rel_err
+from lfma_kernels.model import lfma_layers
 
 
 class Attention(nn.Module):
@@ -248,3 +249,97 @@ def test_multihead_attention_out_proj_is_refused():
     with pytest.raises(TypeError, match=r"'attn\.out_proj'.*MultiheadAttention"):
         lfma.apply_lfma(model, lfma.LFMAConfig(["out_proj", "fc"], k=3))
     assert_unchanged(model, before)
+
+
+class TiedHead(nn.Module):
+    """GPT-2's layout: the output projection's weight is the embedding's."""
+
+    def __init__(self, vocab=40, d=16):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.wte(ids))
+
+
+def test_merge_refuses_a_tied_weight_and_changes_nothing():
+    torch.manual_seed(0)
+    model = lfma.apply_lfma(TiedHead(), lfma.LFMAConfig(["lm_head"], k=9))
+    ids = torch.randint(0, 40, (2, 5))
+    before, embedding = model(ids).detach(), model.wte.weight.detach().clone()
+    for merge in (lfma.merge_lfma, lfma.unload_lfma):
+        with pytest.raises(ValueError, match=r"'lm_head' is tied to wte\.weight.*nothing was merged"):
+            merge(model)
+        assert torch.equal(model.wte.weight, embedding) and not model.lm_head.merged
+        assert torch.equal(model(ids), before)
+    # Given a weight of its own, the layer merges and the embedding stays as it was.
+    model.lm_head.base.weight = nn.Parameter(model.lm_head.base.weight.detach().clone(), requires_grad=False)
+    lfma.merge_lfma(model)
+    assert torch.equal(model.wte.weight, embedding) and rel_err(model(ids), before) <= 1e-5
+
+
+def test_a_module_registered_under_two_names_is_refused():
+    model = fresh_model()
+    model.alias = model.layer[0].query  # the same module, a second name
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"registered under several names \(layer\.0\.query, alias\)"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["query"], k=5))
+    assert not lfma_layers(model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_saved_backend_is_a_preference(tmp_path):
+    """An adapter saved with a backend this machine lacks loads with "auto" and one warning;
+    ``backend=`` overrides the saved one."""
+    _saved(tmp_path)
+    path = tmp_path / "lfma_config.json"
+    saved = json.load(open(path))
+    missing = next((b for b in ("cuda", "triton", "cpp") if b not in lfma.available_backends()), None)
+    if missing is None:
+        pytest.skip("every backend is available here")
+    saved["config"]["backend"] = missing
+    json.dump(saved, open(path, "w"))
+    with pytest.warns(UserWarning, match=f"backend='{missing}', which cannot run here.*using backend='auto'") as w:
+        model = lfma.load_lfma(fresh_model(), tmp_path)
+    assert len([x for x in w if "backend" in str(x.message)]) == 1
+    assert {m.backend for m in lfma_layers(model).values()} == {"auto"}
+    model = lfma.load_lfma(fresh_model(), tmp_path, backend="torch")
+    assert {m.backend for m in lfma_layers(model).values()} == {"torch"}
+
+
+@pytest.mark.parametrize("field, value", [("alpha", float("nan")), ("alpha", float("inf")), ("init_std", 0.0)])
+def test_a_saved_config_with_a_bad_number_is_refused(tmp_path, field, value):
+    _saved(tmp_path)
+    path = tmp_path / "lfma_config.json"
+    saved = json.load(open(path))
+    saved["config"][field] = value
+    json.dump(saved, open(path, "w"))
+    model = fresh_model()
+    with pytest.raises(ValueError, match=rf"lfma_config\.json: LFMAConfig: {field} must be"):
+        lfma.load_lfma(model, tmp_path)
+    assert not lfma_layers(model)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"alpha": float("nan")}, "alpha must be a finite number"), ({"alpha": -float("inf")}, "alpha"),
+    ({"init_std": 0.0}, "init_std must be a positive"), ({"init_std": -1e-3}, "init_std"),
+    ({"init_scale": float("nan")}, "init_scale"), ({"seed": 1.5}, "seed must be an int"),
+    ({"init": "zeros"}, "init must be"), ({"alpha": "12"}, "alpha must be a real number"),
+])
+def test_config_is_checked_when_built(kwargs, match):
+    kwargs.setdefault("k", 4)
+    with pytest.raises(ValueError, match=match):
+        lfma.LFMAConfig(["query"], **kwargs)
+
+
+def test_numpy_and_tensor_scalars_are_stored_as_python_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    config = lfma.LFMAConfig(["query"], top_k_ratio=np.float32(0.05), alpha=np.float32(8.0),
+                             init_std=torch.tensor(2e-3), init_scale=np.float64(0.5), seed=np.int64(3))
+    assert all(type(getattr(config, f)) is float for f in ("top_k_ratio", "alpha", "init_std", "init_scale"))
+    assert type(config.seed) is int and config.alpha == 8.0
+    model = lfma.apply_lfma(fresh_model(), config)
+    lfma.save_lfma(model, tmp_path)  # JSON: would fail on numpy scalars
+    assert json.load(open(tmp_path / "lfma_config.json"))["config"]["alpha"] == 8.0

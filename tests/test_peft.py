@@ -16,7 +16,8 @@ import lfma_kernels as lfma  # noqa: E402
 from lfma_kernels.peft import LfmaConfig, LfmaLayer, LfmaLinear, LfmaModel  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
-from conftest import AttentionBlock, rel_err  # noqa: E402
+from conftest import AttentionBlock, rel_err, swap_in_checkpoints  # noqa: E402
+from lfma_kernels import adapter  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -48,12 +49,15 @@ def fresh(kind, seed=0):
     return MODELS[kind][0]()
 
 
-def peft_model(kind, seed=0, **kwargs):
+def peft_model(kind, model_seed=0, **kwargs):
+    """A PEFT model with the adapter ``kwargs`` say; ``seed=0`` unless given, so that it selects what
+    the native ``apply_lfma`` selects (the PEFT config's default draws from the global RNG)."""
     kwargs.setdefault("k", 7)
     kwargs.setdefault("alpha", 40.0)
+    kwargs.setdefault("seed", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fan_in_fan_out forced for Conv1D: tested on its own
-        return get_peft_model(fresh(kind, seed), LfmaConfig(target_modules=MODELS[kind][1], **kwargs))
+        return get_peft_model(fresh(kind, model_seed), LfmaConfig(target_modules=MODELS[kind][1], **kwargs))
 
 
 def inputs(kind, n=4, seed=1):
@@ -131,7 +135,10 @@ def test_missing_or_unsupported_peft_is_a_clear_import_error(code, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({}, "exactly one of k and top_k_ratio"), ({"k": 3, "top_k_ratio": 0.1}, "exactly one"),
+    ({"k": 3, "top_k_ratio": 0.1}, "exactly one"),
+    ({"alpha": float("nan")}, "alpha must be a finite number"), ({"alpha": float("inf")}, "alpha must be"),
+    ({"init_std": 0.0}, "init_std must be a positive"), ({"init_std": -1.0}, "init_std"),
+    ({"init_scale": float("inf")}, "init_scale"), ({"seed": "0"}, "seed must be an int"),
     ({"k": 0}, "k must be a positive int"), ({"top_k_ratio": 1.5}, "top_k_ratio"),
     ({"k": 3, "k_pattern": {"lin0": -1}}, "k_pattern"), ({"k": 3, "init": "zeros"}, "init must be"),
     ({"k": 3, "bias": "lora_only"}, "bias must be"), ({"k": 3, "backend": "jax"}, "unknown backend"),
@@ -267,7 +274,8 @@ def test_state_dict_helpers_and_load_adapter(tmp_path):
 
     model = randomize(peft_model("mlp"))
     state = get_peft_model_state_dict(model)
-    assert set(state) == {f"base_model.model.{m}.lfma_{t}" for m in ("lin0", "lin1") for t in ("coeffs", "rows", "cols")}
+    assert set(state) == {f"base_model.model.{m}.lfma_{t}" for m in ("lin0", "lin1")
+                          for t in ("coeffs", "rows", "cols", "shape")}
     other = peft_model("mlp")
     set_peft_model_state_dict(other, state)
     x = inputs("mlp")
@@ -558,11 +566,12 @@ def test_loading_positions_out_of_range_is_refused(tmp_path):
     big.save_pretrained(tmp_path)
     small = get_peft_model(Wide(8), LfmaConfig(target_modules=["lin0"], k=6))
     rows = small.base_model.model.lin0.lfma_rows["default"].clone()
-    state = {k: v for k, v in big.state_dict().items() if "lfma_" in k}
+    # Without the recorded shape (an adapter saved before shapes were recorded), the positions' range.
+    state = {k: v for k, v in big.state_dict().items() if "lfma_" in k and "lfma_shape" not in k}
     with pytest.raises(ValueError, match=r"loading base_model\.model\.lin0: rows must lie in \[0, 8\)"):
         small.load_state_dict(state, strict=False)
     assert torch.equal(small.base_model.model.lin0.lfma_rows["default"], rows)
-    with pytest.raises(ValueError, match="rows must lie in"):
+    with pytest.raises(ValueError, match=r"saved for a layer of shape \(32, 32\).*this layer's is \(8, 8\)"):
         PeftModel.from_pretrained(Wide(8), tmp_path)
 
 
@@ -593,3 +602,237 @@ def test_numpy_k_is_accepted():
     np = pytest.importorskip("numpy")
     config = LfmaConfig(target_modules=["lin0"], k=np.int64(4), k_pattern={"lin1": np.int32(3)})
     assert type(config.k) is int and config.k == 4 and type(config.k_pattern["lin1"]) is int
+
+
+# ---------------------------------------------------------------------------------------------
+# reliability: what a demanding user hit (each failed before its fix)
+# ---------------------------------------------------------------------------------------------
+def test_eval_cache_is_never_fooled_by_a_reused_address():
+    model = randomize(peft_model("mlp")).eval()
+    layer = model.base_model.model.lin0
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(0))
+
+    def both():
+        base = layer.base_layer
+        want = lfma.reference.lfma_linear(x.double(), base.weight.double(), base.bias.double(),
+                                          layer.lfma_coeffs["default"].double(), layer.lfma_rows["default"],
+                                          layer.lfma_cols["default"], layer.lfma_alpha["default"])
+        return layer(x), want
+
+    for got, want in swap_in_checkpoints(layer, "base_layer.", both, 36, 20):
+        assert rel_err(got, want) <= 1e-5
+
+
+class Narrow(nn.Module):
+    def __init__(self, d_out):
+        super().__init__()
+        self.fc1, self.head = nn.Linear(16, d_out), nn.Linear(d_out, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc1(x)))
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, before):
+    after = model.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_adapter_for_another_shape_is_refused_and_leaves_nothing(tmp_path):
+    torch.manual_seed(0)
+    get_peft_model(Narrow(24), LfmaConfig(target_modules=["fc1"], k=20)).save_pretrained(tmp_path)
+    match = r"loading base_model\.model\.fc1: LFMA adapter '(default|other)' was saved for a layer of shape \(24, 16\)"
+    with pytest.raises(ValueError, match=match + r".*this layer's is \(32, 16\)"):
+        PeftModel.from_pretrained(Narrow(32), tmp_path)
+    host = get_peft_model(Narrow(32), LfmaConfig(target_modules=["fc1"], k=20))
+    before = snapshot(host)
+    with pytest.raises(ValueError, match=match):
+        host.load_adapter(tmp_path, adapter_name="other")
+    assert list(host.peft_config) == ["default"] and unchanged(host, before)
+    for layer in lfma_layers(host).values():
+        for attr in LfmaLayer.adapter_layer_names + LfmaLayer.other_param_names:
+            assert "other" not in getattr(layer, attr), attr
+    # The adapter loads into the shape it was saved for.
+    fits = get_peft_model(Narrow(24), LfmaConfig(target_modules=["fc1"], k=20))
+    fits.load_adapter(tmp_path, adapter_name="other")
+    assert "other" in fits.base_model.model.fc1.lfma_coeffs
+
+
+def test_a_refused_load_into_an_existing_adapter_changes_nothing():
+    host = randomize(peft_model("mlp"))
+    before = snapshot(host)
+    donor = {k.replace("default", "x"): v for k, v in randomize(peft_model("mlp"), seed=8).state_dict().items()}
+    donor = {k.replace(".x", ".default"): v for k, v in donor.items() if "lfma_" in k}
+    donor["base_model.model.lin1.lfma_shape.default"] = torch.tensor([99, 36])
+    with pytest.raises(ValueError, match=r"lin1: .*saved for a layer of shape \(99, 36\)"):
+        host.load_state_dict(donor, strict=False)
+    assert unchanged(host, before), "no layer may load when any is refused (lin0 comes first)"
+    assert list(host.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("failure", ["a target too small for k", "a layer failing while built"])
+def test_a_failed_add_adapter_leaves_the_model_as_before(failure, monkeypatch, tmp_path):
+    model = randomize(peft_model("mlp"))
+    before, x = snapshot(model), inputs("mlp")
+    expected = model(x).detach()
+    config = LfmaConfig(target_modules=["lin0", "head"], k=80 if failure.startswith("a target") else 5)
+    if failure.startswith("a layer"):
+        original = adapter.choose_frequencies
+
+        def fail_on_head(base, **kwargs):
+            if base.out_features == 3:
+                raise RuntimeError("out of memory (simulated)")
+            return original(base, **kwargs)
+
+        monkeypatch.setattr(adapter, "choose_frequencies", fail_on_head)
+    with pytest.raises((ValueError, RuntimeError), match="layer 'head'|simulated"):
+        model.add_adapter("b", config)
+    monkeypatch.undo()
+    assert list(model.peft_config) == ["default"] and unchanged(model, before)
+    assert type(model.base_model.model.head) is nn.Linear
+    assert all("b" not in layer.lfma_coeffs for layer in lfma_layers(model).values())
+    assert torch.equal(model(x), expected)
+    # The name is free again, and a good config under it builds what a fresh model builds.
+    model.add_adapter("b", LfmaConfig(target_modules=["lin0"], k=5, seed=3))
+    twin = get_peft_model(fresh("mlp"), LfmaConfig(target_modules=["lin0"], k=5, seed=3))
+    assert torch.equal(model.base_model.model.lin0.lfma_rows["b"], twin.base_model.model.lin0.lfma_rows["default"])
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    from safetensors.torch import load_file
+    assert all("lin1" not in k and "head" not in k for k in load_file(tmp_path / "b" / "adapter_model.safetensors"))
+
+
+class Wide(nn.Module):
+    def __init__(self, head=2):
+        super().__init__()
+        self.lin0, self.lin1, self.head = nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, head)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def test_a_config_from_target_modules_alone():
+    """Every PEFT config works from target_modules alone: K = DEFAULT_K (1000) frequencies."""
+    from lfma_kernels.peft import DEFAULT_K
+
+    model = get_peft_model(Wide(), LfmaConfig(target_modules=["lin0", "lin1"]))
+    assert DEFAULT_K == 1000 and model.peft_config["default"].k == 1000
+    assert {tuple(layer.lfma_coeffs["default"].shape) for layer in lfma_layers(model).values()} == {(1000, 2)}
+    with pytest.raises(ValueError, match=r"layer 'head': k must be in \[1, d_out\*d_in = 512\].*default budget.*"
+                                         r"set a smaller k, a top_k_ratio, or a k_pattern entry"):
+        get_peft_model(Wide(), LfmaConfig(target_modules=["lin0", "head"]))
+    model = get_peft_model(Wide(), LfmaConfig(target_modules=["lin0", "head"], k_pattern={"head": 64}))
+    assert model.base_model.model.head.lfma_coeffs["default"].shape[0] == 64
+
+
+def test_adapters_added_without_a_seed_differ_and_manual_seed_reproduces():
+    def build():
+        model = get_peft_model(fresh("mlp"), LfmaConfig(target_modules=["lin0"], k=6))
+        model.add_adapter("other", LfmaConfig(target_modules=["lin0"], k=6))
+        return model.base_model.model.lin0
+
+    torch.manual_seed(11)
+    first = build()
+    assert not torch.equal(first.lfma_coeffs["default"], first.lfma_coeffs["other"])
+    torch.manual_seed(11)
+    again = build()
+    for name in ("default", "other"):
+        assert torch.equal(first.lfma_rows[name], again.lfma_rows[name])
+        assert torch.equal(first.lfma_coeffs[name], again.lfma_coeffs[name])
+    # init="weight" depends on the weight alone; an int seed on the seed alone (as the native API).
+    model = get_peft_model(fresh("mlp"), LfmaConfig(target_modules=["lin0"], k=6, init="weight"))
+    model.add_adapter("other", LfmaConfig(target_modules=["lin0"], k=6, init="weight"))
+    layer = model.base_model.model.lin0
+    assert torch.equal(layer.lfma_rows["default"], layer.lfma_rows["other"])
+    native = lfma.apply_lfma(fresh("mlp"), lfma.LFMAConfig(["lin0"], k=6, seed=4))
+    seeded = get_peft_model(fresh("mlp"), LfmaConfig(target_modules=["lin0"], k=6, seed=4))
+    assert torch.equal(seeded.base_model.model.lin0.lfma_rows["default"], native.lin0.rows)
+
+
+def test_numpy_scalars_are_stored_as_python_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    config = LfmaConfig(target_modules=["lin0"], alpha=np.float32(30.0), top_k_ratio=np.float32(0.05),
+                        init_std=np.float64(2e-3), init_scale=torch.tensor(0.5), seed=np.int64(2))
+    assert all(type(getattr(config, f)) is float for f in ("alpha", "top_k_ratio", "init_std", "init_scale"))
+    model = get_peft_model(fresh("mlp"), config)
+    model.save_pretrained(tmp_path)  # JSON: failed on numpy scalars
+    saved = __import__("json").load(open(tmp_path / "adapter_config.json"))
+    assert saved["alpha"] == 30.0 and saved["seed"] == 2
+
+
+@pytest.mark.parametrize("field, value", [("alpha", float("nan")), ("alpha", float("inf")), ("init_std", 0.0)])
+def test_a_saved_config_with_a_bad_number_is_refused(tmp_path, field, value):
+    peft_model("mlp").save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = __import__("json").load(open(path))
+    saved[field] = value
+    __import__("json").dump(saved, open(path, "w"))
+    with pytest.raises(ValueError, match=f"LfmaConfig: {field} must be"):
+        PeftModel.from_pretrained(fresh("mlp"), tmp_path)
+
+
+def test_saved_backend_is_a_preference(tmp_path):
+    missing = next((b for b in ("cuda", "triton", "cpp") if b not in lfma.available_backends()), None)
+    if missing is None:
+        pytest.skip("every backend is available here")
+    model = randomize(peft_model("mlp"))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = __import__("json").load(open(path))
+    saved["backend"] = missing
+    __import__("json").dump(saved, open(path, "w"))
+    with pytest.warns(UserWarning, match=f"backend='{missing}', which cannot run here.*using backend='auto'"):
+        loaded = PeftModel.from_pretrained(fresh("mlp"), tmp_path)
+    assert loaded.peft_config["default"].backend == "auto"
+    x = inputs("mlp")
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_loading_into_a_merged_adapter_is_refused():
+    model = randomize(peft_model("mlp"))
+    x = inputs("mlp")
+    model.merge_adapter()
+    before, expected = snapshot(model), model(x).detach()
+    state = {k: v for k, v in randomize(peft_model("mlp"), seed=5).state_dict().items() if "lfma_" in k}
+    with pytest.raises(ValueError, match=r"lin0: LFMA adapter 'default' is merged into the weight; unmerge it"):
+        model.load_state_dict(state, strict=False)
+    assert unchanged(model, before)
+    model.unmerge_adapter()
+    assert rel_err(model(x), expected) <= 1e-5
+
+
+def test_a_module_registered_under_two_names_is_refused():
+    model = fresh("mlp")
+    model.alias = model.lin0
+    with pytest.raises(ValueError, match=r"registered under several names \(lin0, alias\)"):
+        get_peft_model(model, LfmaConfig(target_modules=["lin0"], k=5))
+    assert type(model.lin0) is nn.Linear and model.alias is model.lin0
+
+
+def test_mixed_adapter_batches_are_refused_not_ignored():
+    model = add_second(randomize(peft_model("mlp"))).eval()
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model(inputs("mlp"), adapter_names=["default", "other", "__base__", "other"])
+
+
+def test_per_sample_gradients_through_the_peft_model():
+    """torch.func over a PeftModel: vmap(grad) over the samples equals a loop of ordinary backward
+    passes, every LFMA coefficient included."""
+    from torch.func import functional_call, grad, vmap
+
+    model = randomize(peft_model("mlp")).double()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    x, target = inputs("mlp").double(), torch.randn(4, 5, 3, dtype=torch.float64)
+
+    def loss(p, xi, ti):
+        return (functional_call(model, p, (xi,)) * ti).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    for i in range(4):
+        model.zero_grad()
+        (model(x[i]) * target[i]).sum().backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert rel_err(per_sample[n][i], p.grad) <= 1e-10, n
