@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_frequencies, check_k, check_shape
+from ._checks import check_frequencies, check_k, check_shape, finite_number
 from .ops import dispatch
 from .ops.planner import Plan
 
@@ -31,8 +31,9 @@ def delta_weight(
     """
     shape = check_shape(shape)
     check_frequencies(coeffs, rows, cols, shape)
+    alpha = finite_number(alpha, "alpha")
     impl = dispatch.resolve(backend, coeffs.device, coeffs.dtype, rows.shape[0], shape)
-    return impl.delta_weight(coeffs, rows.long(), cols.long(), shape, float(alpha)).to(dtype or coeffs.dtype)
+    return impl.delta_weight(coeffs, rows.long(), cols.long(), shape, alpha).to(dtype or coeffs.dtype)
 
 
 def lfma_linear(
@@ -58,8 +59,9 @@ def lfma_linear(
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     shape = tuple(weight.shape)
     check_frequencies(coeffs, rows, cols, shape)
+    alpha = finite_number(alpha, "alpha")
     impl = dispatch.resolve(backend, x.device, x.dtype, rows.shape[0], shape)
-    return impl.lfma_linear(x, weight, bias, coeffs, rows.long(), cols.long(), float(alpha))
+    return impl.lfma_linear(x, weight, bias, coeffs, rows.long(), cols.long(), alpha)
 
 
 def explain(

@@ -81,7 +81,8 @@ class LFMAConfig:
                                  f"module-name suffixes, got {names!r}")
         self.target_modules = target_modules
         self.k, self.top_k_ratio, self.alpha, self.init = options.k, options.top_k_ratio, options.alpha, init
-        self.init_std, self.seed, self.hermitian, self.backend = options.init_std, options.seed, bool(hermitian), backend
+        self.init_std, self.seed, self.hermitian = options.init_std, options.seed, bool(hermitian)
+        self.backend = backend
         self.init_scale = options.init_scale
         self.modules_to_save = tuple(modules_to_save)
 

@@ -15,7 +15,8 @@ float dtype, which would drop an imaginary part; float32 under PEFT's default
 ``autocast_adapter_dtype=True``, the base dtype without it, as every PEFT method) and
 ``lfma_rows`` / ``lfma_cols`` (integer buffers, saved with the adapter: an ``init="weight"``
 selection depends on the base weights and cannot be regenerated from a seed; PEFT's and
-``model.to(dtype)``'s casts leave integers alone).
+``model.to(dtype)``'s casts leave integers alone) and ``lfma_shape`` (the layer's ``(d_out, d_in)``,
+saved so that a load into a layer of another shape is refused).
 The forward, eval cache, merge and selection are :mod:`lfma_kernels.adapter`'s, shared with
 ``LFMALinear``: one folded GEMM per forward, however many adapters are active.
 """
@@ -184,7 +185,8 @@ class LfmaConfig(PeftConfig):
         as read from a checkpoint, so that an adapter built from it whose weights do not fit the
         model is removed again (see ``LfmaModel._load_from_state_dict``)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config.backend = adapter.loadable_backend(config.backend, None, f"the LFMA adapter at {pretrained_model_name_or_path}")
+        config.backend = adapter.loadable_backend(config.backend, None,
+                                                  f"the LFMA adapter at {pretrained_model_name_or_path}")
         config._lfma_from_checkpoint = True
         return config
 
@@ -203,7 +205,8 @@ def _outside_tuner_layers(model: nn.Module):
             yield key, module
 
 
-def _take_back(model: nn.Module, adapter_name: str, before: Dict[str, nn.Module], flags: Dict[nn.Parameter, bool]) -> None:
+def _take_back(model: nn.Module, adapter_name: str, before: Dict[str, nn.Module],
+               flags: Dict[nn.Parameter, bool]) -> None:
     """Undo a failed injection of ``adapter_name``: layers built for it give back their base layer,
     layers that existed lose the adapter, and every ``requires_grad`` flag is restored."""
     for name, module in list(model.named_modules()):
@@ -368,9 +371,10 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         shape = (self.out_features, self.in_features)
         for name in self.loaded_adapters(state_dict, prefix):
             saved = state_dict.get(f"{prefix}lfma_shape.{name}")
-            if saved is not None and tuple(int(d) for d in saved.tolist()) != shape:
-                raise ValueError(f"loading {where}: LFMA adapter {name!r} was saved for a layer of shape "
-                                 f"{tuple(int(d) for d in saved.tolist())} (d_out, d_in); this layer's is {shape}")
+            saved = None if saved is None else tuple(int(d) for d in saved.tolist())
+            if saved is not None and saved != shape:
+                raise ValueError(f"loading {where}: LFMA adapter {name!r} was saved for a layer of shape {saved} "
+                                 f"(d_out, d_in); this layer's is {shape}")
             if name in self.merged_adapters:
                 raise ValueError(f"loading {where}: LFMA adapter {name!r} is merged into the weight; unmerge it "
                                  "(model.unmerge_adapter()) before loading its state, then merge again")

@@ -199,6 +199,11 @@ def test_bad_linear_inputs():
         lfma.lfma_linear(torch.randn(2, 10), torch.randn(8, 10), torch.randn(9), coeffs, rows, cols, 1.0)
     with pytest.raises(ValueError, match="shape"):
         lfma.delta_weight(coeffs, rows, cols, (8, 0), 1.0)
+    for alpha in (float("nan"), float("inf"), None):
+        with pytest.raises(ValueError, match="alpha must be a"):
+            lfma.delta_weight(coeffs, rows, cols, (8, 10), alpha)
+        with pytest.raises(ValueError, match="alpha must be a"):
+            lfma.lfma_linear(torch.randn(2, 10), torch.randn(8, 10), None, coeffs, rows, cols, alpha)
 
 
 def test_grad_path_fixture_reaches_the_backward(grad_path, gen, monkeypatch):
