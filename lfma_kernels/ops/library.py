@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from . import planner, torch_kernels
 from .common import add_delta, compute_dtype
 
-__all__ = ["Kernels", "BackendOps", "register_backend", "fold_with", "check_frequencies", "check_positions",
-           "check_matrix"]
+__all__ = ["Kernels", "BackendOps", "register_backend", "fold_with", "fold", "coeff_grad_from", "layer_coeff_grad",
+           "check_frequencies", "check_positions", "check_matrix"]
 
 
 class Kernels(NamedTuple):
@@ -63,7 +63,7 @@ class BackendOps(NamedTuple):
     lfma_linear: Callable[..., torch.Tensor]    # (x, weight, bias, coeffs, rows, cols, alpha), differentiable
 
 
-def _fold(kernels: Kernels, weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
+def fold(kernels: Kernels, weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
     """``W + dW`` in ``weight``'s layout. A weight that is the transpose of a contiguous tensor (a
     transformers Conv1D stores ``(in, out)``) is folded in its stored layout, with no copy:
     ``(W + dW)^T = W^T + dW^T``, and ``dW^T`` is the same sum of cosines with the roles of ``rows``
@@ -110,6 +110,28 @@ def check_matrix(op: str, name: str, t: torch.Tensor) -> None:
     torch._check(t.dtype.is_floating_point, lambda: f"{op}: {name} must be floating point, got {t.dtype}")
 
 
+def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype, run) -> torch.Tensor:
+    """``dL/dcoeffs`` in the coefficients' dtype from ``G``, by ``run``: an op or a differentiable
+    Function (both traceable), or in an eager first-order backward the kernel itself."""
+    return run(grad_dw.to(compute_dtype(coeffs_dtype)), rows, cols, alpha).to(coeffs_dtype)
+
+
+def layer_coeff_grad(kernels: Kernels, path: str, x2d: torch.Tensor, g2d: torch.Tensor, rows, cols,
+                     shape: Sequence[int], alpha: float, coeffs_dtype: torch.dtype, coeff_grad,
+                     g_dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A layer's ``dL/dcoeffs`` from its input rows ``x2d`` and output gradient ``g2d`` by ``path``
+    (:func:`.planner.backward_path`): from ``G = g^T x`` (``g_dense`` when the caller formed it) and
+    ``coeff_grad``, or by one of the batch paths that never form ``G`` (the backend's own, else torch's)."""
+    if path == "dense":
+        return coeff_grad_from(g2d.T @ x2d if g_dense is None else g_dense, rows, cols, alpha, coeffs_dtype,
+                               coeff_grad)
+    if path == "gemm":
+        batch = kernels.coeff_grad_batch_gemm or torch_kernels.coeff_grad_batch_gemm
+    else:
+        batch = kernels.coeff_grad_batch_fft or torch_kernels.coeff_grad_batch_fft
+    return batch(x2d, g2d, rows, cols, shape, alpha, compute_dtype(coeffs_dtype)).to(coeffs_dtype)
+
+
 def _vmap_by_loop(op):
     """A vmap rule for an op whose kernels take one matrix: one call per batch entry, stacked."""
     def rule(info, in_dims, *args):
@@ -137,7 +159,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
     @torch.library.custom_op(prefix + "folded_weight", mutates_args=())
     def folded_weight_op(weight: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                          alpha: float) -> torch.Tensor:
-        return _fold(kernels, weight, coeffs, rows, cols, alpha)
+        return fold(kernels, weight, coeffs, rows, cols, alpha)
 
     @folded_weight_op.register_fake
     def _(weight, coeffs, rows, cols, alpha):
@@ -159,11 +181,6 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
     # the ops run once per batch entry instead of through functorch's warning fallback.
     for op in (delta_weight_op, folded_weight_op, coeff_grad_op):
         op.register_vmap(_vmap_by_loop(op))
-
-    def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype, run) -> torch.Tensor:
-        """``run``: the op or a differentiable Function (both traceable), or in an eager first-order
-        backward the kernel itself, without the op's dispatch."""
-        return run(grad_dw.to(compute_dtype(coeffs_dtype)), rows, cols, alpha).to(coeffs_dtype)
 
     # dW is linear in the coefficients and coeff_grad is its adjoint (the same s * e^{i theta_k} terms),
     # so each one's backward is the other: derivatives of every order, with no extra kernel. They are
@@ -244,9 +261,9 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
     differentiable_delta_weight = traceable(delta_weight_op, DeltaWeight)
     differentiable_coeff_grad = traceable(coeff_grad_op, CoeffGrad)
 
-    def linear_forward(x, weight, bias, coeffs, rows, cols, alpha, fold=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        folded = _fold(kernels, weight, coeffs, rows, cols, alpha) if fold is None else fold(weight, coeffs, rows,
-                                                                                               cols, alpha)
+    def linear_forward(x, weight, bias, coeffs, rows, cols, alpha, fold_op=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        folded = (fold(kernels, weight, coeffs, rows, cols, alpha) if fold_op is None
+                  else fold_op(weight, coeffs, rows, cols, alpha))
         if folded.dtype != x.dtype:  # autocast (see lfma_linear below): the GEMMs run in x's dtype
             folded = folded.to(x.dtype)
         return F.linear(x, folded, bias), folded
@@ -287,18 +304,11 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         x2d = x.reshape(-1, shape[1])
         grad_x = grad_w = grad_b = grad_c = None
         path = planner.backward_path(name, g2d.device.type, x2d.shape[0], rows.shape[0], shape, weight_grad=need_w)
-        g_dense = g2d.T @ x2d if need_w or (need_c and path == "dense") else None
-        if need_w:
-            grad_w = g_dense
+        g_dense = g2d.T @ x2d if need_w else None
+        grad_w = g_dense
         if need_c:
-            if path == "dense":
-                grad_c = coeff_grad_from(g_dense, rows, cols, ctx.alpha, coeffs.dtype, coeff_grad)
-            else:
-                if path == "gemm":
-                    batch = kernels.coeff_grad_batch_gemm or torch_kernels.coeff_grad_batch_gemm
-                else:
-                    batch = kernels.coeff_grad_batch_fft or torch_kernels.coeff_grad_batch_fft
-                grad_c = batch(x2d, g2d, rows, cols, shape, ctx.alpha, compute_dtype(coeffs.dtype)).to(coeffs.dtype)
+            grad_c = layer_coeff_grad(kernels, path, x2d, g2d, rows, cols, shape, ctx.alpha, coeffs.dtype, coeff_grad,
+                                      g_dense)
         if need_b and ctx.has_bias:
             grad_b = g2d.sum(0)
         # dL/dx last: its GEMM is compute-bound and streams g from memory at little cost, while the
@@ -379,7 +389,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
     TransformableLinear = type(f"lfma_{name}_linear_transformable", (torch.autograd.Function,), {
         "generate_vmap_rule": True,
         "forward": staticmethod(lambda x, weight, bias, coeffs, rows, cols, alpha: linear_forward(
-            x, weight, bias, coeffs, rows, cols, alpha, fold=folded_weight_op)),
+            x, weight, bias, coeffs, rows, cols, alpha, fold_op=folded_weight_op)),
         "setup_context": staticmethod(transformable_setup),
         "backward": staticmethod(function_backward),
         "jvp": staticmethod(linear_jvp)})
