@@ -19,15 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_budget, check_frequencies, check_k, finite_number
+from . import quantized
 from .eval_cache import FoldedWeightCache, optimizer_steps
-from .ops import dispatch
+from .ops import dispatch, planner
+from .quantized import Quantization
 from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
 
 __all__ = [
     "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "check_base", "check_target", "check_unsharded",
     "check_loaded_positions", "check_backend_name", "loadable_backend", "module_names", "check_not_aliased",
     "tied_weight_names", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
-    "delta_weight", "folded_weight", "plan", "merge", "unmerge", "layer_k", "choose_frequencies",
+    "dense_weight", "delta_weight", "folded_weight", "quantized_linear", "plan", "merge", "unmerge", "layer_k",
+    "choose_frequencies",
 ]
 
 
@@ -58,11 +61,13 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def check_base(base: nn.Module, what: str) -> None:
-    """What a layer class (``what``) can wrap: an unsharded ``nn.Linear`` or ``Conv1D``."""
+def check_base(base: nn.Module, what: str) -> Optional[Quantization]:
+    """What a layer class (``what``) can wrap: an unsharded ``nn.Linear`` or ``Conv1D``, with a plain
+    float weight or a quantized one LFMA supports (its :class:`~.quantized.Quantization`, else ``None``)."""
     if not is_adaptable(base):
         raise TypeError(f"{what} wraps an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
     check_unsharded(base, what)
+    return quantized.check_weight(base, what)
 
 
 def check_target(module: nn.Module, name: str, parent: Optional[nn.Module]) -> None:
@@ -213,9 +218,17 @@ def _impl(backend: str, like: torch.Tensor, k: int, shape: Sequence[int]):
     return dispatch.resolve(backend, like.device, like.dtype, k, shape)
 
 
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """``W`` as a dense ``(d_out, d_in)`` tensor: the weight itself (a view for a Conv1D), or a fresh
+    dequantized copy of a quantized one."""
+    quantization = quantized.recognise(base)
+    return logical_weight(base) if quantization is None else quantization.dequantize(base)
+
+
 def folded_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str, sign: float = 1.0) -> torch.Tensor:
-    """``W + sign * sum(dW)`` as ``(d_out, d_in)`` in the weight's dtype, no autograd."""
-    w = logical_weight(base)
+    """``W + sign * sum(dW)`` as a dense ``(d_out, d_in)`` in the weight's dtype (the dequantized
+    weight's for a quantized base), no autograd."""
+    w = dense_weight(base)
     a = _combined(adapters)
     coeffs = a.coeffs if sign > 0 else -a.coeffs.detach()
     return _impl(backend, w, a.rows.shape[0], w.shape).folded_weight(w, coeffs, a.rows, a.cols, a.alpha)
@@ -252,9 +265,14 @@ def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
 
 
 def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backend: str,
-           cache: Optional[FoldedWeightCache], training: bool) -> torch.Tensor:
+           cache: Optional[FoldedWeightCache], training: bool,
+           quantization: Optional[Quantization] = None) -> torch.Tensor:
     """``F.linear(x, W + sum(dW), b)``: one folded GEMM forward and one for ``dL/dx``; in eval, the
-    cached ``W + dW`` whenever no gradient flows through it (``cache=None`` or a disabled one: never)."""
+    cached ``W + dW`` whenever no gradient flows through it (``cache=None`` or a disabled one: never).
+    Beside a quantized base (``quantization``, what :func:`check_base` returned), the delta path:
+    :func:`quantized_linear`."""
+    if quantization is not None:
+        return quantized_linear(x, base, quantization, adapters, backend)
     if not training:
         cached = _eval_weight(base, adapters, backend, cache)
         if cached is not None:
@@ -265,6 +283,35 @@ def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backen
                                                                    a.cols, a.alpha)
 
 
+def _delta_facts(x: torch.Tensor, base: nn.Module, quantization: Quantization, coeffs: torch.Tensor):
+    """``(compute dtype, needs a gradient, the base dequantizes anyway)`` of a call beside a quantized base."""
+    dtype = quantization.compute_dtype(base, x.dtype)
+    grad = torch.is_grad_enabled() and (x.requires_grad or coeffs.requires_grad)
+    return dtype, grad, quantization.base_dequantizes(base, x, grad)
+
+
+def quantized_linear(x: torch.Tensor, base: nn.Module, quantization: Quantization, adapters: Sequence[Adapter],
+                     backend: str) -> torch.Tensor:
+    """The base layer's output plus ``x sum(dW)^T``, ``W`` never touched (the delta path), or one GEMM
+    with ``dW`` folded into a transient dequantized ``W``, as the planner chooses
+    (:func:`.planner.delta_path`). Computed in the base's compute dtype, returned as the base returns.
+    No eval cache: a cached dense ``W + dW`` would undo what quantizing the base saved."""
+    a = _combined(adapters)
+    shape = base_shape(base)
+    dtype, grad, dequantizes = _delta_facts(x, base, quantization, a.coeffs)
+    k = a.rows.shape[0]
+    impl = dispatch.resolve(backend, x.device, dtype, k, shape)
+    path = planner.delta_path(impl.name, x.device.type, x.numel() // shape[1], k, shape, training=grad,
+                              base_dequantizes=dequantizes, can_dequantize=quantization.dequantizes)
+    if path == "fold":
+        bias = tensor(base, "bias")
+        return impl.dequantized_linear(x.to(dtype), a.coeffs, a.rows, a.cols, a.alpha,
+                                       lambda: quantization.dequantize(base).to(dtype),
+                                       None if bias is None else bias.to(dtype)).to(x.dtype)
+    out = base(x)
+    return out + impl.delta_linear(x.to(dtype), a.coeffs, a.rows, a.cols, a.alpha, shape, path).to(out.dtype)
+
+
 def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter], backend: str, *,
          training: bool, merged: bool, cache: Optional[FoldedWeightCache]):
     """What :func:`linear` runs for input ``x`` (and, in training, its backward) and why: a
@@ -272,13 +319,21 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
     token count (so no backward path)."""
     if not adapters:
         raise ValueError("no active LFMA adapter: the layer runs its base layer alone")
-    w = logical_weight(base)
     a = _combined(adapters)
-    shape = tuple(w.shape)
-    like = w if x is None else x
+    shape = base_shape(base)
     tokens = None if x is None else x.numel() // shape[1]
+    quantization = quantized.recognise(base)
+    weight = tensor(base, "weight")
+    if quantization is not None:
+        like = x if x is not None else torch.empty(0, device=weight.device)
+        dtype, grad, dequantizes = _delta_facts(like, base, quantization, a.coeffs)
+        facts = planner.QuantizedBase(quantization.name, grad if x is not None else training, dequantizes,
+                                      quantization.dequantizes)
+        return dispatch.explain(shape, a.rows.shape[0], device=like.device, dtype=dtype, tokens=tokens,
+                                backend_name=backend, rows=a.rows, cols=a.cols, quantized=facts)
+    like = weight if x is None else x
     p = dispatch.explain(shape, a.rows.shape[0], device=like.device, dtype=like.dtype, tokens=tokens,
-                         backend_name=backend, weight_grad=w.requires_grad, rows=a.rows, cols=a.cols)
+                         backend_name=backend, weight_grad=weight.requires_grad, rows=a.rows, cols=a.cols)
     if merged:
         note = "merged: the forward is the base layer alone (dW is in its weight)"
     elif training:
@@ -291,20 +346,35 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
     return dataclasses.replace(p, notes=p.notes + (note,))
 
 
+def _store(base: nn.Module, weight: torch.Tensor, what: str) -> None:
+    """Write a dense ``(d_out, d_in)`` weight into ``base``: in place, or requantized (with a warning:
+    rounding changes the outputs, as PEFT warns for LoRA)."""
+    quantization = quantized.recognise(base)
+    if quantization is None:
+        tensor(base, "weight").copy_(logical_weight(base, weight))
+        return
+    if not quantization.merges:
+        raise TypeError(f"{what}: a {quantization.name} layer cannot be dequantized and requantized; keep the "
+                        "adapter unmerged (it runs beside the quantized layer)")
+    quantization.requantize(base, weight)
+    quantized.merge_warning(quantization)
+
+
 @torch.no_grad()
 def merge(base: nn.Module, adapters: Sequence[Adapter], backend: str, *, safe: bool, what: str) -> None:
-    """Add ``sum(dW)`` into the base weight (``dW^T`` into a Conv1D's stored weight); with
-    ``safe=True`` a non-finite result raises ``ValueError`` and the weight is left untouched."""
+    """Add ``sum(dW)`` into the base weight (``dW^T`` into a Conv1D's stored weight; dequantized,
+    added and requantized for a quantized base); with ``safe=True`` a non-finite result raises
+    ``ValueError`` and the weight is left untouched."""
     merged = folded_weight(base, adapters, backend)
     if safe and not torch.isfinite(merged).all():
         raise ValueError(f"{what}: W + dW has non-finite values; the weight was left untouched")
-    tensor(base, "weight").copy_(logical_weight(base, merged))
+    _store(base, merged, what)
 
 
 @torch.no_grad()
 def unmerge(base: nn.Module, adapters: Sequence[Adapter], backend: str) -> None:
-    """Subtract ``sum(dW)`` again (exact up to rounding in the weight's dtype)."""
-    tensor(base, "weight").copy_(logical_weight(base, folded_weight(base, adapters, backend, sign=-1.0)))
+    """Subtract ``sum(dW)`` again (exact up to rounding in the weight's dtype, or the quantization's)."""
+    _store(base, folded_weight(base, adapters, backend, sign=-1.0), "unmerge")
 
 
 def layer_k(shape: Sequence[int], k: Optional[int], top_k_ratio: Optional[float]) -> int:
@@ -333,6 +403,7 @@ def choose_frequencies(
     shape = base_shape(base)
     k = layer_k(shape, k, top_k_ratio)
     init_scale = finite_number(init_scale, "init_scale")
-    chosen = select_frequencies(init_matrix(init, logical_weight(base), std=init_std, seed=seed), k,
+    # A quantized weight is dequantized once here: the selection needs its shape, and init="weight" its values.
+    chosen = select_frequencies(init_matrix(init, dense_weight(base), std=init_std, seed=seed), k,
                                 hermitian=hermitian)
     return chosen if init_scale == 1.0 else chosen._replace(values=chosen.values * init_scale)

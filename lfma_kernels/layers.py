@@ -27,7 +27,11 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
     """``y = x (W + dW)^T + b`` with ``dW = alpha * Re(ifft2(F))``, ``F`` nonzero at K frequencies.
 
     ``base`` is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's projections, weight stored
-    ``(in, out)``), frozen in place; only ``coeffs`` (``[K, 2]`` float32: real, imag) train.
+    ``(in, out)``), frozen in place; only ``coeffs`` (``[K, 2]`` float32: real, imag) train. A quantized
+    base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, an ``nn.Linear`` with a torchao weight: see
+    :mod:`lfma_kernels.quantized`) is never folded in place: the layer adds ``x dW^T`` to its output, or
+    folds ``dW`` into a transient dequantized ``W``, whichever the planner finds cheaper; merging
+    dequantizes, adds and requantizes; there is no eval cache.
     Frequencies and ``dW`` live on the logical ``(d_out, d_in)`` weight; merging a ``Conv1D``
     adds ``dW^T`` to its stored weight. Positions are the K strongest 2-D frequencies of an init
     matrix ``D`` (``init="random"``: a seeded Gaussian of std ``init_std``; ``"weight"``: the
@@ -67,7 +71,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         init_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        adapter.check_base(base, "LFMALinear")
+        quantization = adapter.check_base(base, "LFMALinear")
         adapter.check_backend_name(backend)
         options = check_options(k=k, top_k_ratio=top_k_ratio, alpha=alpha, init_std=init_std, init_scale=init_scale,
                                 seed=seed, budget=frequencies is None)
@@ -89,6 +93,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         self.backend = backend
         self._merged = False
         self._cache = FoldedWeightCache()
+        self._quantization = quantization
 
     # ------------------------------------------------------------------ properties
     @property
@@ -116,7 +121,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         base = self._modules["base"]
         if self._merged:
             return base(x)
-        return adapter.linear(x, base, self._adapters(), self.backend, self._cache, self.training)
+        return adapter.linear(x, base, self._adapters(), self.backend, self._cache, self.training, self._quantization)
 
     def delta_weight(self) -> torch.Tensor:
         """``dW`` (float32, shaped ``(d_out, d_in)`` like the logical weight), differentiable
@@ -171,6 +176,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
 
     def extra_repr(self) -> str:
         n = self.out_features * self.in_features
+        quantized = "" if self._quantization is None else f", base={self._quantization.name}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
                 f"ratio={self.k / n:.4g}, real_params={2 * self.k}, alpha={self.alpha}, "
-                f"hermitian={self.hermitian}, backend={self.backend!r}, merged={self._merged}")
+                f"hermitian={self.hermitian}, backend={self.backend!r}, merged={self._merged}{quantized}")

@@ -234,7 +234,7 @@ class LfmaLayer(BaseTunerLayer):
     other_param_names = ("lfma_rows", "lfma_cols", "lfma_shape", "lfma_alpha", "lfma_backend")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        adapter.check_base(base_layer, "LfmaLayer")
+        self._quantization = adapter.check_base(base_layer, "LfmaLayer")
         self.base_layer = base_layer
         self.lfma_coeffs = nn.ParameterDict({})
         self.lfma_rows = BufferDict({}, persistent=True)
@@ -321,7 +321,7 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         adapters = self._adapters(names)
         if not adapters:
             return base(x, *args, **kwargs)
-        return adapter.linear(x, base, adapters, self._backend(names), self._cache, self.training)
+        return adapter.linear(x, base, adapters, self._backend(names), self._cache, self.training, self._quantization)
 
     def plan(self, x: Optional[torch.Tensor] = None):
         """What a forward with input ``x`` over the active adapters runs and why (see

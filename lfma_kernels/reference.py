@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["delta_weight", "coeff_grad", "lfma_linear"]
+__all__ = ["delta_weight", "coeff_grad", "lfma_linear", "delta_linear", "dequantized_linear"]
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,3 +68,18 @@ def lfma_linear(
     """The paper's layer: the frozen layer's output plus a second GEMM with a dense ``dW``."""
     dw = delta_weight(coeffs, rows, cols, weight.shape, alpha).to(x.dtype)
     return F.linear(x, weight, bias) + F.linear(x, dw)
+
+
+def delta_linear(x: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, alpha: float,
+                 shape: Sequence[int], path: Optional[str] = None) -> torch.Tensor:
+    """``x dW^T`` beside a quantized base, the paper's way (a dense ``dW``, then a GEMM); ``path`` is
+    ignored: the oracle has one way."""
+    return F.linear(x, delta_weight(coeffs, rows, cols, shape, alpha).to(x.dtype))
+
+
+def dequantized_linear(x: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, alpha: float,
+                       dequantize, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The base layer's dequantized weight plus the paper's ``dW``, autograd through both."""
+    weight = dequantize()
+    return F.linear(x, (weight + delta_weight(coeffs, rows, cols, weight.shape, alpha).to(weight.dtype)).to(x.dtype),
+                    bias)

@@ -75,10 +75,11 @@ def test_no_cost_constant_or_path_decision_outside_the_planner():
 # forcing
 # ---------------------------------------------------------------------------------------------
 def test_force_rejects_unknown_names_at_the_call():
-    for kwargs in ({"dw": "seperable"}, {"grad": "fft2"}, {"backward": "sparse"}, {"dw": "dense"}):
+    for kwargs in ({"dw": "seperable"}, {"grad": "fft2"}, {"backward": "sparse"}, {"dw": "dense"},
+                   {"delta": "gemm"}):
         with pytest.raises(ValueError, match="unknown path"):
             planner.force(**kwargs).__enter__()
-    assert planner.forced() == {"dw": None, "grad": None, "backward": None}
+    assert planner.forced() == {"dw": None, "grad": None, "backward": None, "delta": None}
 
 
 def test_force_nests_and_restores():
@@ -89,8 +90,8 @@ def test_force_nests_and_restores():
             assert planner.backward_path("torch", "cpu", 4096, 29491, (768, 768)) == "gemm"
             # dL/dW needs G: the dense path, whatever is forced
             assert planner.backward_path("torch", "cpu", 4096, 1, (768, 768), weight_grad=True) == "dense"
-        assert planner.forced() == {"dw": "fft", "grad": None, "backward": None}
-    assert planner.forced() == {"dw": None, "grad": None, "backward": None}
+        assert planner.forced() == {"dw": "fft", "grad": None, "backward": None, "delta": None}
+    assert planner.forced() == {"dw": None, "grad": None, "backward": None, "delta": None}
 
 
 def test_forcing_an_algorithm_a_backend_lacks_is_an_error_at_its_call(gen):

@@ -21,6 +21,7 @@ import torch
 
 from . import planner
 from .library import BackendOps, Kernels, fold_with
+from .quantized_ops import QuantizedOps, register_quantized
 
 __all__ = ["Backend", "BACKENDS", "REGISTRY", "available_backends", "unavailable_reason", "why_not", "backend",
            "resolve", "auto_backend", "prepare", "explain"]
@@ -45,6 +46,9 @@ class Backend:
     delta_weight: Optional[Callable[..., torch.Tensor]] = None   # (coeffs, rows, cols, shape, alpha), differentiable
     folded_weight: Optional[Callable[..., torch.Tensor]] = None  # (weight, coeffs, rows, cols, alpha), no autograd
     lfma_linear: Optional[Callable[..., torch.Tensor]] = None    # (x, weight, bias, coeffs, rows, cols, alpha)
+    # Beside a quantized base (.quantized_ops): x dW^T by a delta path, and the dequantized fold
+    delta_linear: Optional[Callable[..., torch.Tensor]] = None        # (x, coeffs, rows, cols, alpha, shape, path)
+    dequantized_linear: Optional[Callable[..., torch.Tensor]] = None  # (x, coeffs, rows, cols, alpha, dequantize, bias)
 
     def runs_on(self, device: torch.device) -> bool:
         devices = self.devices()
@@ -135,9 +139,12 @@ def _load(name: str) -> Backend:
     module = importlib.import_module(record.module)
     if name == "reference":  # the oracle is plain functions: no kernels, and a fold built on its dW
         ops = BackendOps(module.delta_weight, fold_with(module.delta_weight), module.lfma_linear)
+        quantized = QuantizedOps(module.delta_linear, module.dequantized_linear)
     else:
         record.kernels, ops = module.KERNELS, module.OPS
+        quantized = register_quantized(name, module.KERNELS)
     record.delta_weight, record.folded_weight, record.lfma_linear = ops
+    record.delta_linear, record.dequantized_linear = quantized
     return record
 
 
@@ -188,7 +195,8 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype, k: int, shape: 
 
 def explain(shape: Sequence[int], k: int, *, device="cpu", dtype: torch.dtype = torch.float32,
             tokens: Optional[int] = None, backend_name: str = "auto", weight_grad: bool = False,
-            rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> planner.Plan:
+            rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None,
+            quantized: Optional[planner.QuantizedBase] = None) -> planner.Plan:
     """:func:`.planner.plan` with this registry's facts: availability, devices, and the chosen
     backend's own report where its kernels choose (cpp)."""
     device = torch.device(device)
@@ -201,4 +209,4 @@ def explain(shape: Sequence[int], k: int, *, device="cpu", dtype: torch.dtype = 
         report = None if kernels is None else kernels.algorithm_report
     return planner.plan(device, dtype, k, shape, why_not=why_not, backends=BACKENDS, tokens=tokens,
                         backend=backend_name, weight_grad=weight_grad, rows=rows, cols=cols,
-                        algorithm_report=report)
+                        algorithm_report=report, quantized=quantized)

@@ -29,7 +29,8 @@ import torch
 __all__ = [
     "CostTable", "CPU", "CUDA", "TABLES", "table_for", "DW_ALGORITHMS", "BACKWARD_PATHS", "ALGORITHMS_OF",
     "force", "forced", "dw_algorithm", "grad_algorithm", "backward_path", "native_algorithm", "dw_costs",
-    "grad_costs", "backward_costs", "choose_backend", "Plan", "Refusal", "plan",
+    "grad_costs", "backward_costs", "DELTA_PATHS", "delta_costs", "delta_path", "choose_backend", "Plan", "Refusal",
+    "QuantizedBase", "plan",
 ]
 
 # Ways to build dW (and, the same names, to read dL/dcoeffs from G): the rank-2K separable product
@@ -39,6 +40,10 @@ DW_ALGORITHMS: Tuple[str, ...] = ("separable", "hybrid", "fft")
 # Ways a layer's backward gets dL/dcoeffs: from G = g^T x ("dense"), or without forming G through
 # the phase tables ("gemm") or one real FFT of every token row of x and g ("fft").
 BACKWARD_PATHS: Tuple[str, ...] = ("dense", "gemm", "fft")
+# Ways a layer beside a quantized base gets its output (DESIGN section 3): dequantize W into a transient
+# dense copy, fold dW into it and run one GEMM ("fold"); or the base layer's own output plus x dW^T by
+# row FFTs ("rows"), the exact-phase tables ("separable") or a dense dW and a second GEMM ("dense").
+DELTA_PATHS: Tuple[str, ...] = ("fold", "rows", "separable", "dense")
 # What each fast backend can run. The reference is the oracle: always the paper's dense spectrum
 # and ifft2, autograd through it; the planner does not choose for it.
 ALGORITHMS_OF: Mapping[str, Tuple[str, ...]] = {
@@ -65,6 +70,12 @@ _PATH_DESCRIPTIONS: Mapping[str, str] = {
     "dense": "G = g^T x, then dL/dcoeffs from G",
     "gemm": "P = g A, Q = x B through the phase tables; no G",
     "fft": "a real FFT of each token row of g and x, K products per token; no G",
+}
+_DELTA_DESCRIPTIONS: Mapping[str, str] = {
+    "fold": "dequantize W into a transient copy, fold dW in, one GEMM (dequantized again in the backward)",
+    "rows": "the base layer's output + x dW^T by row FFTs of x and one inverse FFT per token",
+    "separable": "the base layer's output + x dW^T through the exact-phase tables (LoRA-like)",
+    "dense": "the base layer's output + x dW^T with a dense dW and a second GEMM",
 }
 
 
@@ -93,6 +104,8 @@ class CostTable:
     triton_fft_fixed_s: Optional[float] = None    # scatter + irfft2: launches, fixed
     triton_fft_grad_fixed_s: Optional[float] = None  # rfft2 + gather: launches, fixed
     triton_fft_s: Optional[float] = None          # cuFFT, per point * log2(points)
+    # beside a quantized base: dequantizing W, per weight entry
+    dequantize_s: float = 0.0
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def order(self, dtype: torch.dtype) -> Tuple[str, ...]:
@@ -142,6 +155,10 @@ CPU = CostTable(
     # shapes (0.0001 of 768x768 is K = 58).
     batch_gemm_mac_s=2.0 * _CPU_MAC_S,
     row_fft_s=7.0 * _CPU_MAC_S,
+    # ESTIMATE, to be measured with the quantized rows of bench_models: bitsandbytes' dequantize_4bit of a
+    # 768x768 nf4 weight took 0.13 ms on the Intel machine (the issue's figure) and 0.28 ms here with the
+    # other core busy: 0.2-0.5 ns per entry.
+    dequantize_s=30 * _CPU_MAC_S,
     batch_pair_s={
         # torch_kernels.coeff_grad_batch_fft (every backend without a batch kernel of its own): a gather of
         # scattered rows and a batch of tiny products, 5-14 ns per (token, frequency) pair (768x768 at 4096
@@ -194,6 +211,7 @@ CUDA = CostTable(
     rfft2_speedup=3.2,                # the CPU value, not measured on a GPU
     batch_gemm_mac_s=2.0 * _GPU_MAC_S,  # the CPU multiple, not measured on a GPU
     row_fft_s=7.0 * _GPU_MAC_S,         # the CPU multiple, not measured on a GPU
+    dequantize_s=30 * _GPU_MAC_S,       # the CPU multiple, not measured on a GPU
     batch_pair_s={"default": 1000 * _GPU_MAC_S, "cpp": 60 * _GPU_MAC_S},  # the CPU multiples
     # The fused kernel: 2*K*d_out*d_in multiply-adds in float32 IEEE tl.dot at ~20 T multiply-adds/s. The
     # FFT path: ~25 us fixed for the scatter's half-dozen launches plus irfft2 (~20 us for rfft2 and the
@@ -217,24 +235,28 @@ def table_for(device_type: str) -> CostTable:
 # ---------------------------------------------------------------------------------------------
 # forcing a path
 # ---------------------------------------------------------------------------------------------
-_FORCED: Dict[str, Optional[str]] = {"dw": None, "grad": None, "backward": None}
-_CHOICES: Mapping[str, Tuple[str, ...]] = {"dw": DW_ALGORITHMS, "grad": DW_ALGORITHMS, "backward": BACKWARD_PATHS}
+_FORCED: Dict[str, Optional[str]] = {"dw": None, "grad": None, "backward": None, "delta": None}
+_CHOICES: Mapping[str, Tuple[str, ...]] = {"dw": DW_ALGORITHMS, "grad": DW_ALGORITHMS, "backward": BACKWARD_PATHS,
+                                           "delta": DELTA_PATHS}
 
 
 @contextlib.contextmanager
-def force(*, dw: Optional[str] = None, grad: Optional[str] = None, backward: Optional[str] = None) -> Iterator[None]:
+def force(*, dw: Optional[str] = None, grad: Optional[str] = None, backward: Optional[str] = None,
+          delta: Optional[str] = None) -> Iterator[None]:
     """Pin paths inside the ``with`` block, for every backend and thread (the autograd engine runs
     backward passes on threads of its own):
 
     * ``dw``: how ``dW`` (and ``W + dW``) is built: ``"separable"``, ``"hybrid"`` (cpp only) or ``"fft"``;
     * ``grad``: how ``dL/dcoeffs`` is read from ``G = dL/d(dW)``, same names;
     * ``backward``: how a layer's backward gets ``dL/dcoeffs``: ``"dense"``, ``"gemm"`` or ``"fft"``
-      (a backward that also needs ``dL/dW`` forms ``G`` anyway, and goes through it).
+      (a backward that also needs ``dL/dW`` forms ``G`` anyway, and goes through it);
+    * ``delta``: how a layer beside a quantized base gets its output: ``"fold"``, ``"rows"``,
+      ``"separable"`` or ``"dense"`` (``"fold"`` needs a base LFMA can dequantize).
 
     A name this does not know raises ``ValueError`` here; one a backend does not have (``"hybrid"`` on
     torch) raises ``ValueError`` when that backend is called. Blocks nest; leaving one restores what
     was forced before it. The reference backend (the oracle) is never forced."""
-    asked = {"dw": dw, "grad": grad, "backward": backward}
+    asked = {"dw": dw, "grad": grad, "backward": backward, "delta": delta}
     for what, value in asked.items():
         if value is not None and value not in _CHOICES[what]:
             raise ValueError(f"planner.force({what}={value!r}): unknown path; choose one of "
@@ -343,6 +365,45 @@ def backward_path(backend: str, device_type: str, tokens: int, k: int, shape: Se
     return _cheapest(backward_costs(backend, device_type, tokens, k, shape))
 
 
+def delta_costs(backend: str, device_type: str, tokens: int, k: int, shape: Sequence[int], *, training: bool,
+                base_dequantizes: bool) -> Dict[str, float]:
+    """Estimated seconds each way of running a layer beside a quantized base adds to the base layer's
+    own work (a forward, and in ``training`` its backward too: the delta's adjoint, or the fold again;
+    ``dL/dcoeffs`` is the same batch path whatever the way, so it is left out). ``base_dequantizes``:
+    the base's own kernel dequantizes W and runs a dense GEMM anyway (bitsandbytes and torchao on a CPU,
+    bitsandbytes in training on a GPU), so the fold replaces that work and only adds building dW; where
+    the base has a kernel of its own (a 4-bit GEMV at inference), the fold pays the dequantization and
+    the GEMM too."""
+    t = table_for(device_type)
+    d_out, d_in = shape
+    n = d_out * d_in
+    passes = 2 if training else 1
+    dw = min(_costs("torch", t, k, shape, gradient=False).values())
+    fold = dw if base_dequantizes else dw + n * t.dequantize_s + tokens * n * t.gemm_mac_s
+    return {
+        "fold": passes * fold,
+        "rows": passes * tokens * (t.row_fft_s * (d_out * _log2(d_out) + d_in * _log2(d_in))
+                                   + t.batch_pair("default") * k),  # torch gathers and products (delta_kernels)
+        "separable": passes * t.batch_gemm_mac_s * tokens * 2 * k * (d_out + d_in),
+        "dense": passes * (dw + tokens * n * t.gemm_mac_s),
+    }
+
+
+def delta_path(backend: str, device_type: str, tokens: int, k: int, shape: Sequence[int], *, training: bool,
+               base_dequantizes: bool, can_dequantize: bool = True) -> str:
+    """How a layer beside a quantized base gets its output (:data:`DELTA_PATHS`); ``can_dequantize=False``
+    (a base only its own forward can run) rules the fold out."""
+    forced_name = _FORCED["delta"]
+    if forced_name is not None:
+        if forced_name == "fold" and not can_dequantize:
+            raise ValueError("planner.force(delta='fold'): this base layer cannot be dequantized")
+        return forced_name
+    costs = delta_costs(backend, device_type, tokens, k, shape, training=training, base_dequantizes=base_dequantizes)
+    if not can_dequantize:
+        costs.pop("fold")
+    return _cheapest(costs)
+
+
 def _cuda_kernels_fit(t: CostTable, k: int, shape: Sequence[int]) -> bool:
     """The CUDA kernels evaluate only the separable product: worth it where the torch backend would
     run that product too, not where it switches to an FFT."""
@@ -366,6 +427,14 @@ def choose_backend(device: torch.device, dtype: torch.dtype, k: int, shape: Sequ
 # ---------------------------------------------------------------------------------------------
 # explaining a call
 # ---------------------------------------------------------------------------------------------
+class QuantizedBase(NamedTuple):
+    """What :func:`plan` needs to know of a quantized base layer (:mod:`lfma_kernels.quantized`)."""
+    name: str               # the quantization, as plans name it
+    training: bool          # a backward will follow
+    base_dequantizes: bool  # the base's own kernel dequantizes W and runs a dense GEMM for this call
+    can_dequantize: bool    # LFMA can dequantize W (else only the delta paths)
+
+
 class Refusal(NamedTuple):
     what: str    # "backend", "dW", "gradient" or "backward"
     choice: str
@@ -396,14 +465,15 @@ class Plan:
     refused: Tuple[Refusal, ...]
     table: str
     notes: Tuple[str, ...] = ()
+    delta: Optional[str] = None    # beside a quantized base: how the output is formed (DELTA_PATHS)
 
     def __str__(self) -> str:
         tokens = "" if self.tokens is None else f", {self.tokens} tokens"
         dtype = str(self.dtype).replace("torch.", "")
         lines = [f"lfma plan: {self.shape[0]}x{self.shape[1]}, K={self.k}, {self.device} {dtype}{tokens}",
                  f"  backend   {self.backend:<10} {self.backend_reason}"]
-        for label, key, value in (("dW", "dW", self.dw), ("gradient", "gradient", self.grad),
-                                  ("backward", "backward", self.backward)):
+        for label, key, value in (("delta", "delta", self.delta), ("dW", "dW", self.dw),
+                                  ("gradient", "gradient", self.grad), ("backward", "backward", self.backward)):
             if value is not None:
                 lines.append(f"  {label:<9} {value:<10} {self.reasons.get(key, '')}".rstrip())
         if self.refused:
@@ -431,7 +501,7 @@ def plan(device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int],
          why_not: Callable[[str, torch.device], Optional[str]], backends: Sequence[str],
          tokens: Optional[int] = None, backend: str = "auto", weight_grad: bool = False,
          rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None,
-         algorithm_report: Optional[AlgorithmReport] = None) -> Plan:
+         algorithm_report: Optional[AlgorithmReport] = None, quantized: Optional[QuantizedBase] = None) -> Plan:
     """What a call with K frequencies on a ``shape`` weight, tensors on ``device`` of ``dtype`` (and,
     for a layer's training step, ``tokens`` rows of input) runs, with the reason every alternative
     was refused. ``why_not`` and ``backends`` are the registry's facts (:func:`.dispatch.explain`
@@ -526,6 +596,28 @@ def plan(device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int],
             else:
                 reasons["backward"] = f"{_PATH_DESCRIPTIONS[backward]} (cost table {t.device})"
                 refused += _refusals("backward", backward, costs)
+    delta = None
+    if quantized is not None:
+        notes.append(f"beside a {quantized.name} base layer: W is never folded in place and there is no eval cache")
+        if tokens is not None and chosen != "reference":
+            delta = delta_path(chosen, device.type, tokens, k, shape, training=quantized.training,
+                               base_dequantizes=quantized.base_dequantizes, can_dequantize=quantized.can_dequantize)
+            costs = delta_costs(chosen, device.type, tokens, k, shape, training=quantized.training,
+                                base_dequantizes=quantized.base_dequantizes)
+            estimates["delta"] = costs
+            if _FORCED["delta"] is not None:
+                reasons["delta"] = f"{_DELTA_DESCRIPTIONS[delta]}; forced (delta={delta!r})"
+                refused += [Refusal("delta", p, f"planner.force(delta={delta!r}) is in effect")
+                            for p in DELTA_PATHS if p != delta]
+            else:
+                reasons["delta"] = f"{_DELTA_DESCRIPTIONS[delta]} (cost table {t.device})"
+                refused += _refusals("delta", delta, {p: c for p, c in costs.items()
+                                                      if p != "fold" or quantized.can_dequantize})
+                if not quantized.can_dequantize:
+                    refused.append(Refusal("delta", "fold", f"a {quantized.name} layer cannot be dequantized"))
+        elif chosen == "reference":
+            delta = "reference"
+            reasons["delta"] = "the base layer's output + x dW^T with the paper's dense dW (the oracle)"
     return Plan(shape=shape, k=int(k), device=device.type, dtype=dtype, tokens=tokens, backend=chosen,
                 backend_reason=why, dw=dw, grad=grad, backward=backward, reasons=reasons, estimates=estimates,
-                refused=tuple(refused), table=f"{t.device} ({t.status})", notes=tuple(notes))
+                refused=tuple(refused), table=f"{t.device} ({t.status})", notes=tuple(notes), delta=delta)

@@ -1,0 +1,198 @@
+"""Quantized base layers: which ones an LFMA adapter runs beside, and how their weight is read and written.
+
+An adapter on a quantized base never touches ``W`` in the forward's hot path the way a full-precision
+fold does: it either adds ``x dW^T`` to the base layer's own output (the delta path), or dequantizes
+``W`` transiently, folds ``dW`` into that copy and runs one GEMM (what the base's own kernel does on a
+CPU anyway). Both need to know the layer's compute dtype and, for the second, for ``init="weight"``
+and for merging, how to dequantize and requantize its weight. A :class:`Quantization` says that for
+one family of layers; :func:`recognise` finds it, without importing bitsandbytes or torchao (a layer
+of theirs can only exist if they are imported already).
+
+Supported: bitsandbytes ``Linear4bit`` (nf4/fp4, double quantization, any ``compute_dtype`` and
+``quant_storage``) and ``Linear8bitLt``; an ``nn.Linear`` whose weight is a torchao quantized tensor
+(recognised by class: they report a float dtype). Anything else whose weight is not a plain floating
+point tensor is refused when the adapter is built (:func:`check_weight`).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Quantization", "recognise", "check_weight", "SUPPORTED"]
+
+SUPPORTED = ("bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt", "nn.Linear with a torchao quantized weight "
+             "(Int8WeightOnlyConfig, IntxWeightOnlyConfig)")
+
+
+class Quantization:
+    """How LFMA works with one family of quantized layers. ``name`` appears in plans and errors."""
+
+    name = ""
+    dequantizes = True  # W can be read back densely (the fold path, init="weight", merging)
+    merges = True       # ... and written back: dequantize, add dW, requantize
+
+    def compute_dtype(self, base: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the base layer computes in for an input of ``x_dtype``."""
+        return x_dtype
+
+    def base_dequantizes(self, base: nn.Module, x: torch.Tensor, grad: bool) -> bool:
+        """Whether the base layer's own forward dequantizes ``W`` and runs a dense GEMM for this call
+        (then folding ``dW`` into that dense copy costs only building ``dW``), rather than a kernel that
+        reads the quantized weight directly."""
+        return x.device.type == "cpu"
+
+    def dequantize(self, base: nn.Module) -> torch.Tensor:
+        """A fresh dense ``(d_out, d_in)`` copy of ``W`` (float32 or the layer's own float dtype)."""
+        raise NotImplementedError
+
+    def requantize(self, base: nn.Module, weight: torch.Tensor) -> None:
+        """Store ``weight`` (dense, ``(d_out, d_in)``) into ``base`` in its own quantized format."""
+        raise NotImplementedError
+
+
+class Bnb4bit(Quantization):
+    name = "bitsandbytes 4-bit"
+
+    def compute_dtype(self, base, x_dtype):
+        return base.compute_dtype if base.compute_dtype is not None else x_dtype
+
+    def base_dequantizes(self, base, x, grad):
+        # bitsandbytes' own kernels without a dense W: on a CPU with AVX512-BF16, eval forwards without
+        # gradients (a repacked weight); on a GPU, single-token GEMV at inference. Otherwise it
+        # dequantizes and runs a dense GEMM (training, prefill).
+        if grad:
+            return True
+        if x.device.type == "cpu":
+            return base.training or not getattr(base, "support_avx512bf16_for_cpu", False)
+        return x.numel() != x.shape[-1]
+
+    def dequantize(self, base):
+        import bitsandbytes.functional as bnbf
+
+        weight = base.weight
+        _unpack_for_cpu_inference(base)
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+
+    def requantize(self, base, weight):
+        import bitsandbytes as bnb
+
+        old = base.weight
+        # PEFT's bnb merge (peft/tuners/lora/bnb.py): a new Params4bit with the old one's settings
+        # (quant_type, blocksize, compress_statistics, quant_storage, module), quantized on the move.
+        kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs.update(requires_grad=False, bnb_quantized=False)
+        kwargs.pop("quant_state", None)
+        base.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+
+
+class Bnb8bit(Quantization):
+    name = "bitsandbytes 8-bit"
+    # LLM.int8 on a GPU multiplies in int8; on a CPU bitsandbytes dequantizes (the default rule).
+
+    def dequantize(self, base):
+        weight, state = base.weight, base.state
+        scb = state.SCB if state.SCB is not None else weight.SCB
+        # Rows of int8 times their absmax / 127 (bitsandbytes' vector-wise quantization).
+        return weight.data.float() * (scb.float().view(-1, 1) / 127.0)
+
+    def requantize(self, base, weight):
+        import bitsandbytes as bnb
+
+        old = base.weight
+        base.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
+                                        has_fp16_weights=old.has_fp16_weights).to(old.device)
+        base.state.reset_grads()
+
+
+class Torchao(Quantization):
+    name = "torchao"
+
+    def dequantize(self, base):
+        return base.weight.dequantize()
+
+    def requantize(self, base, weight):
+        base.weight = nn.Parameter(_torchao_like(base.weight, weight.to(base.weight.dtype)), requires_grad=False)
+
+
+def _torchao_like(old: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` quantized as ``old`` is, from the configuration its tensor exposes; ``TypeError`` for a
+    torchao tensor class whose configuration cannot be read back (PEFT needs the model's quantizer for
+    the same reason)."""
+    cls = type(old)
+    if cls.__name__ == "Int8Tensor" and getattr(old, "act_quant_kwargs", None) is None:
+        from torchao.quantization.granularity import PerRow, PerTensor
+
+        granularity = PerTensor() if list(old.block_size) == list(old.shape) else PerRow()
+        return cls.from_hp(weight, granularity)
+    if cls.__name__ == "IntxUnpackedToInt8Tensor" and old.activation_quantization is None:
+        return cls.from_hp(weight, tuple(old.block_size), old.target_dtype)
+    raise TypeError(f"merging into a torchao {cls.__name__} weight is not supported: its quantization settings "
+                    "cannot be read back from the tensor; keep the adapter unmerged (the delta path runs beside "
+                    "the quantized layer), or merge into the full-precision model and quantize it afterwards")
+
+
+def _unpack_for_cpu_inference(base: nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval forward
+    without gradients; the repacked layout cannot be dequantized. Undo it (bitsandbytes does the same
+    before a state_dict)."""
+    state = base.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+
+
+def _module_class(module_name: str, class_name: str) -> Optional[type]:
+    return getattr(sys.modules.get(module_name), class_name, None)
+
+
+def _is_torchao(weight: torch.Tensor) -> bool:
+    base = _module_class("torchao.utils", "TorchAOBaseTensor")
+    return base is not None and isinstance(weight, base)
+
+
+_RECOGNISERS: tuple = (
+    (lambda m: isinstance(m, _module_class("bitsandbytes.nn", "Linear4bit") or ()), Bnb4bit()),
+    (lambda m: isinstance(m, _module_class("bitsandbytes.nn", "Linear8bitLt") or ()), Bnb8bit()),
+    (lambda m: isinstance(m, nn.Linear) and _is_torchao(m.weight), Torchao()),
+)
+
+
+def recognise(base: nn.Module) -> Optional[Quantization]:
+    """The :class:`Quantization` of ``base``, or ``None`` for a layer with a plain float weight."""
+    for matches, quantization in _RECOGNISERS:
+        if matches(base):
+            return quantization
+    return None
+
+
+def check_weight(base: nn.Module, what: str) -> Optional[Quantization]:
+    """:func:`recognise`, refusing (``TypeError``, when the adapter is built) a weight that is neither a
+    plain floating-point tensor nor a supported quantized one: an unknown packed format would
+    otherwise fail at the first forward, or silently fold ``dW`` into packed integers."""
+    quantization = recognise(base)
+    if quantization is not None:
+        return quantization
+    weight = base.weight
+    plain = type(weight) in (torch.Tensor, nn.Parameter) or _is_dtensor(weight)
+    if not plain or not weight.dtype.is_floating_point:
+        raise TypeError(f"{what}: the base layer's weight is a {type(weight).__name__} of dtype {weight.dtype}, not a "
+                        f"plain floating-point tensor, and not a quantized format LFMA supports ({'; '.join(SUPPORTED)})")
+    return None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    dtensor = _module_class("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def merge_warning(quantization: Quantization) -> None:
+    warnings.warn(f"Merge into a {quantization.name} layer: W + dW is requantized, so the merged model's outputs "
+                  "differ from the adapter's by the quantization's rounding.", UserWarning, stacklevel=3)
+
+
+DequantizeFn = Callable[[], torch.Tensor]
