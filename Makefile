@@ -44,7 +44,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "torch==$(TORCH_VERSION)" "setuptools>=64" wheel ninja
-	$(PIP) install --no-build-isolation -e ".[dev,demo,bench,peft]"
+	$(PIP) install --no-build-isolation -e ".[dev,demo,bench,peft,quant]"
 	touch $(STAMP)
 
 clean:

@@ -299,6 +299,7 @@ def quantized_linear(x: torch.Tensor, base: nn.Module, quantization: Quantizatio
     a = _combined(adapters)
     shape = base_shape(base)
     dtype, grad, dequantizes = _delta_facts(x, base, quantization, a.coeffs)
+    quantization.prepare(base, grad)
     k = a.rows.shape[0]
     impl = dispatch.resolve(backend, x.device, dtype, k, shape)
     path = planner.delta_path(impl.name, x.device.type, x.numel() // shape[1], k, shape, training=grad,

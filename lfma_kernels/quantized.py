@@ -45,6 +45,9 @@ class Quantization:
         reads the quantized weight directly."""
         return x.device.type == "cpu"
 
+    def prepare(self, base: nn.Module, grad: bool) -> None:
+        """Called before each forward beside the base (``grad``: a backward will follow)."""
+
     def dequantize(self, base: nn.Module) -> torch.Tensor:
         """A fresh dense ``(d_out, d_in)`` copy of ``W`` (float32 or the layer's own float dtype)."""
         raise NotImplementedError
@@ -70,12 +73,18 @@ class Bnb4bit(Quantization):
             return base.training or not getattr(base, "support_avx512bf16_for_cpu", False)
         return x.numel() != x.shape[-1]
 
+    def prepare(self, base, grad):
+        # A weight bitsandbytes repacked for an eval forward has no backward in its own Linear4bit (the
+        # packed kernel bypasses its autograd and adds the bias in place: a training forward after an
+        # eval one fails, bitsandbytes 0.50): back to the usual layout before a forward with gradients.
+        if grad:
+            _unpack_for_cpu_inference(base)
+
     def dequantize(self, base):
         import bitsandbytes.functional as bnbf
 
-        weight = base.weight
         _unpack_for_cpu_inference(base)
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
 
     def requantize(self, base, weight):
         import bitsandbytes as bnb

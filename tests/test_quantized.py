@@ -1,0 +1,284 @@
+"""LFMA beside a quantized base (bitsandbytes 4-bit / 8-bit, torchao int8 / int4): every way of forming the
+output (planner.force(delta=...)) on every backend, against the oracle: the base layer's own output (and
+its own dL/dx) plus ``x dW^T`` with the paper's float64 ``dW``. Then building, training, merging, saving."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lfma_kernels as lfma
+from conftest import FAST_BACKENDS, TRITON_INTERPRETED, rel_err
+from lfma_kernels.model import lfma_layers
+from lfma_kernels.ops import planner
+
+bnb = pytest.importorskip("bitsandbytes")
+torchao_quantization = pytest.importorskip("torchao.quantization")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+D_OUT, D_IN = 48, 80
+
+
+def linear(d_in=D_IN, d_out=D_OUT, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out)
+
+
+def quantize(kind, lin):
+    """``lin`` (an nn.Linear) in ``kind``'s quantized format: a new module, or ``lin`` quantized in place."""
+    if kind.startswith(("nf4", "fp4")):
+        options = dict(quant_type=kind[:3], compute_dtype=torch.bfloat16 if "bf16" in kind else torch.float32,
+                       compress_statistics="nodq" not in kind,
+                       quant_storage=torch.bfloat16 if "storage" in kind else torch.uint8)
+        layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, **options)
+    elif kind == "int8":
+        layer = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False)
+    else:
+        config = (torchao_quantization.Int8WeightOnlyConfig() if kind == "ao-int8" else
+                  torchao_quantization.IntxWeightOnlyConfig(weight_dtype=torch.int4))
+        torchao_quantization.quantize_(lin, config)
+        return lin
+    layer.load_state_dict(lin.state_dict())
+    return layer.to("cpu")  # bitsandbytes quantizes on the move
+
+
+KINDS = ["nf4", "fp4", "nf4-nodq", "nf4-storage", "int8", "ao-int8", "ao-int4"]
+PATHS = list(planner.DELTA_PATHS)
+
+
+def oracle(layer, x, grad_out):
+    """Output, dL/dx, dL/dcoeffs: the base's own output and dL/dx (its autograd) plus x dW^T and g dW
+    with the float64 dW of the paper's formulation."""
+    base = layer.base
+    xb = x.detach().clone().requires_grad_(True)
+    yb = base(xb)
+    (gxb,) = torch.autograd.grad(yb, xb, grad_out)
+    coeffs = layer.coeffs.detach().double().requires_grad_(True)
+    dw = lfma.reference.delta_weight(coeffs, layer.rows, layer.cols, (layer.out_features, layer.in_features),
+                                     layer.alpha)
+    out = yb.detach().double() + x.detach().double() @ dw.T
+    (gc,) = torch.autograd.grad(out, coeffs, grad_out.double())
+    return out, gxb.double() + grad_out.double() @ dw.detach(), gc
+
+
+def oracle_output(layer, x):
+    """The oracle's output alone, without gradients (a base bitsandbytes repacked in eval runs no backward)."""
+    dw = lfma.reference.delta_weight(layer.coeffs.detach().double(), layer.rows, layer.cols,
+                                     (layer.out_features, layer.in_features), layer.alpha)
+    with torch.no_grad():
+        return layer.base(x).double() + x.double() @ dw.T
+
+
+def adapted(kind, backend="auto", k=17, d_in=D_IN, d_out=D_OUT, **kwargs):
+    layer = lfma.LFMALinear(quantize(kind, linear(d_in, d_out)), k=k, alpha=30.0, backend=backend, **kwargs)
+    with torch.no_grad():
+        layer.coeffs.copy_(torch.randn(layer.coeffs.shape, generator=torch.Generator().manual_seed(5)))
+    return layer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_matches_the_oracle(kind, path):
+    layer = adapted(kind)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, D_IN, generator=gen, requires_grad=True)
+    g = torch.randn(3, 5, D_OUT, generator=gen)
+    with planner.force(delta=path):
+        out = layer(x)
+        gx, gc = torch.autograd.grad(out, (x, layer.coeffs), g)
+    for got, want in zip((out, gx, gc), oracle(layer, x, g)):
+        assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_every_backend_on_an_nf4_base(backend, path):
+    layer = adapted("nf4", backend=backend, k=9)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, D_IN, generator=gen, requires_grad=True)
+    g = torch.randn(4, D_OUT, generator=gen)
+    with planner.force(delta=path):
+        out = layer(x)
+        gx, gc = torch.autograd.grad(out, (x, layer.coeffs), g)
+    for got, want in zip((out, gx, gc), oracle(layer, x, g)):
+        assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bfloat16_compute(path):
+    """compute_dtype=bfloat16: bitsandbytes casts x to it, and so does the adapter. Tolerance: bf16's
+    own rounding of an output (8 bits of mantissa: ~4e-3 relative), as DESIGN's 1e-2 for bf16 outputs."""
+    layer = adapted("nf4-bf16")
+    x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(3))
+    with planner.force(delta=path), torch.no_grad():
+        out = layer(x)
+    want, _, _ = oracle(layer, x, torch.zeros(6, D_OUT))
+    assert out.dtype == torch.float32 and rel_err(out, want) <= 1e-2
+
+
+def test_the_plan_says_which_path_and_why():
+    layer = adapted("nf4")
+    text = str(layer.plan(torch.randn(64, D_IN, requires_grad=True)))
+    assert "delta" in text and "bitsandbytes 4-bit" in text and "no eval cache" in text
+    with planner.force(delta="rows"):
+        assert layer.plan(torch.randn(64, D_IN)).delta == "rows"
+        assert "forced (delta='rows')" in str(layer.plan(torch.randn(64, D_IN)))
+    # Many tokens: building dW once beats an x dW^T per token; one token: the reverse.
+    assert planner.delta_path("cpp", "cpu", 4096, 176, (768, 768), training=True, base_dequantizes=True) == "fold"
+    assert planner.delta_path("cpp", "cpu", 16, 176, (768, 768), training=True, base_dequantizes=True) == "rows"
+    assert planner.delta_path("cpp", "cpu", 4096, 176, (768, 768), training=True, base_dequantizes=True,
+                              can_dequantize=False) != "fold"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_eval_runs_without_a_dense_cache(path):
+    """In eval without gradients bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel
+    (where the CPU has it; only for d_out a multiple of 32 and d_in of the block size, 64); the fold
+    path and merging read the weight back in its usual layout. Tolerance: that kernel computes in
+    bfloat16."""
+    layer = adapted("nf4", d_in=128, d_out=96).eval()
+    x = torch.randn(7, 128)
+    with torch.no_grad():
+        first = layer(x)
+        with planner.force(delta=path):
+            second = layer(x)
+    assert layer._cache._entry is None and rel_err(second, first) <= 1e-2
+    assert rel_err(first, oracle_output(layer, x)) <= 1e-2
+    layer.train()  # a training step after eval forwards: the layer puts the weight back for bitsandbytes
+    g = torch.randn(7, 96)
+    out = layer(x.requires_grad_(True))
+    gx, gc = torch.autograd.grad(out, (x, layer.coeffs), g)
+    for got, want in zip((out, gx, gc), oracle(layer, x, g)):
+        assert rel_err(got, want) <= 1e-4
+
+
+def test_training_on_a_quantized_base_learns():
+    """A target from the quantized base's own output plus a teacher x dW_t^T on the same support:
+    the loss falls 20x in tens of steps, and only the coefficients train."""
+    layer = lfma.LFMALinear(quantize("nf4", linear()), k=24, alpha=30.0)
+    teacher = torch.randn(layer.coeffs.shape, generator=torch.Generator().manual_seed(8))
+    dw_t = lfma.reference.delta_weight(teacher, layer.rows, layer.cols, (D_OUT, D_IN), 30.0)
+    x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        target = layer.base(x) + x @ dw_t.T
+    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+    assert trainable == ["coeffs"]
+    opt = torch.optim.Adam([layer.coeffs], lr=0.1)
+    losses = []
+    for _ in range(60):
+        loss = (layer(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] <= losses[0] / 20, losses[::10]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "ao-int8", "ao-int4"])
+def test_merge_requantizes_and_unmerge_restores(kind):
+    layer = adapted(kind)
+    with torch.no_grad():
+        layer.coeffs.mul_(0.01)  # a small dW, as after training: the rounding below is the quantization's
+    x = torch.randn(9, D_IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base_out, adapted_out = layer.base(x), layer(x)
+    with pytest.warns(UserWarning, match="requantized"):
+        layer.merge()
+    with torch.no_grad():
+        merged_out = layer(x)
+    # The merged weight is W + dW requantized: within the quantization's own error of the adapter's output.
+    quant_error = rel_err(quantize(kind, linear())(x).detach(), linear()(x).detach())
+    assert rel_err(merged_out, adapted_out) <= 3 * quant_error + 1e-6
+    with pytest.warns(UserWarning, match="requantized"):
+        layer.unmerge()
+    with torch.no_grad():
+        assert rel_err(layer.base(x), base_out) <= 3 * quant_error + 1e-6
+
+
+def test_safe_merge_refuses_non_finite_and_changes_nothing():
+    layer = adapted("nf4")
+    weight = layer.base.weight.data.clone()
+    with torch.no_grad():
+        layer.coeffs[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.base.weight.data, weight) and not layer.merged
+
+
+def test_init_weight_selects_from_the_dequantized_weight():
+    base = quantize("nf4", linear())
+    dense = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    layer = lfma.LFMALinear(base, k=12, init="weight")
+    want = lfma.select_frequencies(dense, 12)
+    assert torch.equal(layer.rows, want.rows) and torch.equal(layer.cols, want.cols)
+
+
+def test_unknown_packed_weights_are_refused_when_built():
+    packed = nn.Linear(D_IN, D_OUT)
+    packed.weight = nn.Parameter(torch.randint(-8, 8, (D_OUT, D_IN), dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"Parameter of dtype torch\.int8, not a plain floating-point.*bitsandbytes"):
+        lfma.LFMALinear(packed, k=5)
+    model = nn.Sequential(packed)
+    with pytest.raises(TypeError, match="layer '0'"):
+        lfma.apply_lfma(model, lfma.LFMAConfig(["0"], k=5))
+    assert type(model[0]) is nn.Linear
+
+
+class Pair(nn.Module):
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_an_adapter_moves_between_quantized_and_full_precision_bases(tmp_path):
+    """Save from a model on an nf4 base, load onto the full-precision model (the QLoRA deployment
+    path) and back: the same frequencies and coefficients, and outputs within the quantization's error."""
+    def full():
+        return Pair(linear(D_IN, 32, seed=0), linear(32, 10, seed=1))
+
+    def quantized():
+        return Pair(quantize("nf4", linear(D_IN, 32, seed=0)), quantize("nf4", linear(32, 10, seed=1)))
+
+    trained = lfma.apply_lfma(quantized(), lfma.LFMAConfig(["a", "b"], k=20, alpha=20.0))
+    with torch.no_grad():
+        for layer in lfma_layers(trained).values():
+            layer.coeffs.normal_()
+    lfma.save_lfma(trained, tmp_path)
+    on_full = lfma.load_lfma(full(), tmp_path)
+    back = lfma.load_lfma(quantized(), tmp_path)
+    x = torch.randn(5, D_IN)
+    with torch.no_grad():
+        assert torch.equal(back(x), trained(x))
+        quant_error = rel_err(quantized()(x), full()(x))
+        assert rel_err(on_full(x), trained(x)) <= 3 * quant_error
+    for name, layer in lfma_layers(trained).items():
+        assert torch.equal(lfma_layers(on_full)[name].coeffs, layer.coeffs)
+
+
+def test_import_lfma_kernels_imports_neither_bitsandbytes_nor_torchao():
+    code = "import sys, lfma_kernels; assert not {'bitsandbytes', 'torchao'} & set(sys.modules), 'imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(TRITON_INTERPRETED, reason="the Triton interpreter runs this slowly; covered above")
+def test_second_derivatives_are_refused_clearly():
+    layer = adapted("nf4")
+    x = torch.randn(4, D_IN, requires_grad=True)
+    with planner.force(delta="rows"):
+        (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|trying to differentiate"):
+        torch.autograd.grad(gx.pow(2).sum(), layer.coeffs)
+
+
+def test_warnings_do_not_leak():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer = adapted("ao-int8")
+        layer(torch.randn(2, D_IN))
