@@ -282,3 +282,83 @@ def test_warnings_do_not_leak():
         warnings.simplefilter("error")
         layer = adapted("ao-int8")
         layer(torch.randn(2, D_IN))
+
+
+# ---------------------------------------------------------------------------------------------
+# through PEFT: QLoRA-style (prepare_model_for_kbit_training, get_peft_model, save, reload, merge)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def gpt2(path, bits=None):
+    """The saved small GPT-2, full precision or quantized by transformers (c_attn becomes Linear4bit /
+    Linear8bitLt, in the logical (out, in) layout)."""
+    from transformers import BitsAndBytesConfig, GPT2LMHeadModel
+    if bits is None:
+        return GPT2LMHeadModel.from_pretrained(path)
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == 4
+              else BitsAndBytesConfig(load_in_8bit=True))
+    return GPT2LMHeadModel.from_pretrained(path, quantization_config=config)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_peft_qlora_flow(gpt2_dir, tmp_path, bits):
+    pytest.importorskip("peft")
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from lfma_kernels.peft import LfmaConfig
+
+    model = prepare_model_for_kbit_training(gpt2(gpt2_dir, bits), use_gradient_checkpointing=True)
+    model = get_peft_model(model, LfmaConfig(target_modules=["c_attn"], k=64, alpha=50.0, seed=0,
+                                             modules_to_save=["lm_head"]))
+    assert all("lfma_" in n or "lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # gradient checkpointing recomputes the forward in the backward
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(gpt2(gpt2_dir, bits), tmp_path).eval()
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+        on_full = PeftModel.from_pretrained(gpt2(gpt2_dir), tmp_path).eval()  # the deployment path
+        quant_error = rel_err(gpt2(gpt2_dir, bits)(input_ids=ids).logits, gpt2(gpt2_dir)(input_ids=ids).logits)
+        assert rel_err(on_full(input_ids=ids).logits, expected) <= 3 * quant_error
+        merged = reloaded.merge_and_unload()
+        assert rel_err(merged(input_ids=ids).logits, expected) <= 3 * quant_error
+    layer = merged.transformer.h[0].attn.c_attn
+    assert type(layer).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
+
+
+def test_peft_several_adapters_on_an_nf4_base():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from lfma_kernels.peft import LfmaConfig
+
+    model = get_peft_model(Pair(quantize("nf4", linear(D_IN, 32, seed=0)), linear(32, 10, seed=1)),
+                           LfmaConfig(target_modules=["a"], k=12, alpha=20.0, seed=0))
+    model.add_adapter("other", LfmaConfig(target_modules=["a"], k=7, alpha=10.0, seed=1))
+    layer = model.base_model.model.a
+    with torch.no_grad():
+        for name in ("default", "other"):
+            layer.lfma_coeffs[name].normal_()
+    model.base_model.set_adapter(["default", "other"])
+    x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(2))
+    dw = sum(lfma.reference.delta_weight(layer.lfma_coeffs[n].detach().double(), layer.lfma_rows[n],
+                                         layer.lfma_cols[n], (32, D_IN), layer.lfma_alpha[n]) for n in ("default", "other"))
+    with torch.no_grad():
+        hidden = layer.base_layer(x).double() + x.double() @ dw.T
+        want = model.base_model.model.b(torch.relu(hidden).float())
+        assert rel_err(model(x), want) <= 1e-4
