@@ -11,6 +11,7 @@ import numbers
 import operator
 from typing import NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 
@@ -20,28 +21,50 @@ def check_shape(shape: Sequence[int]) -> Tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+def _scalar(value: object) -> object:
+    """A 0-d tensor or numpy array as its element (a numpy scalar keeps its precision); a bool tensor
+    as a bool, so that it is refused like one."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        if value.dtype == torch.bool:
+            return bool(value)
+        return value.cpu().float().numpy()[()] if value.dtype == torch.bfloat16 else value.cpu().numpy()[()]
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value[()]
+    return value
+
+
+def _integer(value: object, what: str, kind: str) -> int:
+    value = _scalar(value)
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be {kind}, got {value!r}") from None
+
+
 def positive_int(value: object, what: str) -> int:
     """An int >= 1, numpy and 0-d integer tensors included (``operator.index``), never a bool."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{what} must be a positive int, got {value!r}") from None
+    number = _integer(value, what, "a positive int")
     if number < 1:
         raise ValueError(f"{what} must be a positive int, got {value!r}")
     return number
 
 
 def real_number(value: object, what: str) -> float:
-    """A plain Python float from an int or float, a numpy scalar or a 0-d real tensor (stored as plain
-    numbers, so configs stay JSON-serialisable); never a bool."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() \
-            and value.dtype != torch.bool:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+    """A plain Python float from an int or float, a numpy scalar or a 0-d real tensor or array (stored as
+    plain numbers, so configs stay JSON-serialisable); never a bool. A float32 or float16 value becomes
+    the shortest decimal that rounds to it (``np.float32(0.01)`` is 0.01, not 0.009999999776), so that
+    ``int(d_out * d_in * ratio)`` counts what the user wrote."""
+    value = _scalar(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"{what} must be a real number, got {value!r}")
-    return float(value)
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        return float(str(value))
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{what} must be a finite number, got an integer too large for a float") from None
 
 
 def finite_number(value: object, what: str) -> float:
@@ -69,15 +92,14 @@ def check_ratio(top_k_ratio: object) -> float:
 
 
 def optional_seed(seed: object) -> Optional[int]:
-    """``None`` (draw from torch's global RNG) or an int, numpy and 0-d integer tensors included."""
+    """``None`` (draw from torch's global RNG) or an int that ``torch.Generator.manual_seed`` takes
+    (in [-2**63, 2**64)), numpy and 0-d integer tensors included."""
     if seed is None:
         return None
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        return operator.index(seed)
-    except TypeError:
-        raise ValueError(f"seed must be an int or None, got {seed!r}") from None
+    number = _integer(seed, "seed", "an int or None")
+    if not -2 ** 63 <= number < 2 ** 64:
+        raise ValueError(f"seed must lie in [-2**63, 2**64) (torch.Generator.manual_seed), got {seed!r}")
+    return number
 
 
 def check_budget(k: Optional[int], top_k_ratio: Optional[float]) -> Tuple[Optional[int], Optional[float]]:

@@ -28,7 +28,7 @@ from .selection import Frequencies, init_matrix, num_frequencies, select_frequen
 __all__ = [
     "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "check_base", "check_target", "check_unsharded",
     "check_loaded_positions", "check_backend_name", "loadable_backend", "module_names", "check_not_aliased",
-    "tied_weight_names", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
+    "tied_weight_names", "unchanged_by", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
     "dense_weight", "delta_weight", "folded_weight", "quantized_linear", "plan", "merge", "unmerge", "layer_k",
     "choose_frequencies",
 ]
@@ -126,12 +126,14 @@ def check_not_aliased(module: nn.Module, name: str, names: Dict[int, List[str]])
 
 
 def tied_weight_names(model: nn.Module, layer_name: str, base: nn.Module) -> List[str]:
-    """Names outside ``layer_name`` under which ``model`` holds the base layer's weight (a tied
-    embedding, say): merging into that weight would change those modules too."""
+    """Names outside ``layer_name`` under which ``model`` holds the base layer's weight, or another
+    parameter sharing its storage (a tied embedding, say): merging into that weight would change
+    those modules too."""
     weight = tensor(base, "weight")
+    storage = weight.untyped_storage().data_ptr()
     inside = layer_name + "."
-    return [n for n, p in model.named_parameters(remove_duplicate=False)
-            if p is weight and not n.startswith(inside)]
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(inside)
+            and (p is weight or (p.device == weight.device and p.untyped_storage().data_ptr() == storage))]
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -162,6 +164,17 @@ def check_loaded_positions(state_dict: dict, prefix: str, keys: Tuple[str, str, 
             check_frequencies(*(state_dict[name] for name in names), shape)
         except ValueError as e:
             raise ValueError(f"loading {prefix.rstrip('.') or 'the layer'}: {e}") from None
+
+
+def unchanged_by(state_dict: dict, prefix: str, current: Dict[str, torch.Tensor]) -> bool:
+    """Whether loading ``state_dict`` would leave each tensor of ``current`` (by key under ``prefix``)
+    as it is: its entries for them are missing or equal. A merged layer may reload its own state."""
+    for key, tensor_now in current.items():
+        incoming = state_dict.get(prefix + key)
+        if incoming is not None and not (incoming.shape == tensor_now.shape
+                                         and torch.equal(incoming.to(tensor_now.device, tensor_now.dtype), tensor_now)):
+            return False
+    return True
 
 
 def cache_allowed(module: nn.Module) -> bool:
@@ -253,15 +266,15 @@ def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
     if torch._C._are_functorch_transforms_active():  # wrapped or batched tensors: nothing to cache
         return None
     try:
-        key = [optimizer_steps(), w._version, w.data_ptr()]
-        sources = [w]
+        key = [optimizer_steps(), id(w), w._version, w.data_ptr()]
         for a in adapters:
-            key += (a.alpha, a.coeffs._version, a.coeffs.data_ptr(), a.rows._version, a.rows.data_ptr(),
-                    a.cols._version, a.cols.data_ptr())
-            sources += (a.coeffs, a.rows, a.cols)
+            c, r, k = a.coeffs, a.rows, a.cols
+            key += (a.alpha, id(c), c._version, c.data_ptr(), id(r), r._version, r.data_ptr(), id(k), k._version,
+                    k.data_ptr())
     except RuntimeError:  # inference tensors (a layer built under inference_mode) have no version
         return None
-    return cache.get(tuple(key), sources, lambda: folded_weight(base, adapters, backend))
+    return cache.get(tuple(key), lambda: [w, *(t for a in adapters for t in (a.coeffs, a.rows, a.cols))],
+                     lambda: folded_weight(base, adapters, backend))
 
 
 def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backend: str,

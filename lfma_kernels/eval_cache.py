@@ -8,13 +8,14 @@ What "changed" means, and what each part of the key catches:
 
 - ``_version`` of every source tensor: in-place updates (``copy_``, ``mul_``, per-parameter and
   foreach optimizers, ``load_state_dict``);
-- the tensor objects themselves, held by weak references: a source was replaced
-  (``layer.coeffs = ...``, ``load_state_dict(assign=True)``, which wraps the loaded tensors in new
-  Parameters). Addresses and versions alone cannot tell: a replacement is often allocated at the
-  freed address of a tensor the cache was built from, with version 0 again (swap the weight to A,
-  run, swap to B, swap to C: C lands where A was and ``W_A + dW`` would be served). A weak reference
-  cannot be fooled by reuse: while the object it names is alive it is that object, and once the
-  object is gone it names nothing, so it never matches a newcomer; and it keeps no old tensor alive;
+- the tensor objects themselves, by ``id()``: a source was replaced (``layer.coeffs = ...``,
+  ``load_state_dict(assign=True)``, which wraps the loaded tensors in new Parameters). Addresses and
+  versions alone cannot tell: a replacement is often allocated at the freed address of a tensor the
+  cache was built from, with version 0 again (swap the weight to A, run, swap to B, swap to C: C
+  lands where A was and ``W_A + dW`` would be served). An ``id()`` is reused only once its object
+  is gone, so the entry holds a weak reference to each source whose callback drops the entry when
+  that source dies, before anything can be allocated in its place: a key that matches names the
+  very objects the entry was built from. (The references keep no old tensor alive.)
 - ``data_ptr()``: the same tensor object given other data (``.data = ...``, a device move of the
   base layer alone);
 - the count of optimizer steps taken in this process: fused optimizers (``fused=True`` Adam, AdamW,
@@ -58,37 +59,38 @@ def optimizer_steps() -> int:
     return _optimizer_steps
 
 
-def _same_objects(refs: Tuple[weakref.ref, ...], sources: Sequence[torch.Tensor]) -> bool:
-    if len(refs) != len(sources):
-        return False
-    for ref, source in zip(refs, sources):
-        if ref() is not source:
-            return False
-    return True
-
-
 class FoldedWeightCache:
-    """One cached tensor, the key it was built under and weak references to its source tensors.
+    """One cached tensor and the key it was built under.
 
-    ``key`` is a tuple of numbers the caller assembles (it knows its source tensors; a generic
-    builder would cost a loop on the hot path); ``sources`` are the tensors it was built from,
-    matched by identity. The entry is one tuple, replaced whole, so a thread never pairs one
-    build's key with another build's tensor.
+    ``key`` is a tuple the caller assembles (it knows its source tensors; a generic builder would cost
+    a loop on the hot path), holding the sources' ``id()``s among the rest; ``sources()`` lists those
+    tensors, and is called only on a miss. The entry is one tuple, replaced whole, so a thread never
+    pairs one build's key with another build's tensor.
     """
 
-    __slots__ = ("_entry", "enabled")
+    __slots__ = ("_entry", "enabled", "__weakref__")
 
     def __init__(self) -> None:
         self._entry: Optional[Tuple[tuple, Tuple[weakref.ref, ...], torch.Tensor]] = None
         self.enabled = True  # False: the owner may not keep a cache now (see adapter.cache_allowed)
 
-    def get(self, key: tuple, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, key: tuple, sources: Callable[[], Sequence[torch.Tensor]],
+            build: Callable[[], torch.Tensor]) -> torch.Tensor:
         entry = self._entry
-        if entry is not None and entry[0] == key and _same_objects(entry[1], sources):
+        if entry is not None and entry[0] == key:
             return entry[2]
         with torch.inference_mode(False), torch.no_grad():
             weight = build()
-        self._entry = (key, tuple(weakref.ref(s) for s in sources), weight)
+        built: list = []
+
+        def drop(_ref, cache=weakref.ref(self)) -> None:
+            # A source died, so its id() may be handed out again: the entry must go first.
+            owner = cache()
+            if owner is not None and built and owner._entry is built[0]:
+                owner._entry = None
+
+        built.append((key, tuple(weakref.ref(s, drop) for s in sources()), weight))
+        self._entry = built[0]
         return weight
 
     def clear(self) -> None:

@@ -166,11 +166,11 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
     # ------------------------------------------------------------------ nn.Module hooks
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         keys = ("coeffs", "rows", "cols")
-        if self._merged and any(prefix + key in state_dict for key in keys):
+        if self._merged and not adapter.unchanged_by(state_dict, prefix, {k: getattr(self, k).detach() for k in keys}):
             # The weight holds the old dW: new coefficients would make unmerge() subtract the wrong one.
             raise ValueError(f"loading {prefix.rstrip('.') or 'the layer'}: the layer is merged; unmerge it "
-                             "(unmerge_lfma(model) or layer.unmerge()) before loading adapter state, then merge "
-                             "again; its adapter state was not loaded")
+                             "(unmerge_lfma(model) or layer.unmerge()) before loading other adapter state, then "
+                             "merge again; its adapter state was not loaded")
         adapter.check_loaded_positions(state_dict, prefix, keys, (self.out_features, self.in_features))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -221,6 +221,14 @@ def _take_back(model: nn.Module, adapter_name: str, before: Dict[str, nn.Module]
         p.requires_grad_(flag)
 
 
+def _unwrap_empty(model: nn.Module) -> None:
+    """Put back the base layer of every LFMA layer left without adapters (a refused first load)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LfmaLayer) and not module.lfma_coeffs:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+
+
 def _pattern_key(patterns: Sequence[str], name: str) -> Optional[str]:
     """The first pattern that is ``name`` itself or matches its trailing components (PEFT's
     ``rank_pattern`` rule)."""
@@ -307,6 +315,7 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         LfmaLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = adapter.is_conv1d(base_layer)
         self._active_adapter = adapter_name
+        self.register_load_state_dict_post_hook(LfmaLinear._shapes_are_optional)
         self.update_layer(adapter_name, k, config, seed)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -365,19 +374,25 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
 
     def check_loaded_state(self, state_dict: dict, prefix: str) -> None:
         """Refuse, before anything is loaded, adapter state for another shape, positions out of
-        range, or new coefficients for an adapter merged into the weight (unmerge would then
-        subtract the wrong dW); ``ValueError`` naming the layer."""
+        range, or other coefficients for an adapter merged into the weight (unmerge would then
+        subtract the wrong dW); ``ValueError`` naming the layer. State saved without its layer's
+        shape (before lfma_kernels recorded it) loads with a warning that it was not checked."""
         where = prefix.rstrip(".") or "the layer"
         shape = (self.out_features, self.in_features)
         for name in self.loaded_adapters(state_dict, prefix):
             saved = state_dict.get(f"{prefix}lfma_shape.{name}")
-            saved = None if saved is None else tuple(int(d) for d in saved.tolist())
-            if saved is not None and saved != shape:
-                raise ValueError(f"loading {where}: LFMA adapter {name!r} was saved for a layer of shape {saved} "
-                                 f"(d_out, d_in); this layer's is {shape}")
-            if name in self.merged_adapters:
+            if saved is None:
+                warnings.warn(f"loading {where}: the state of LFMA adapter {name!r} carries no layer shape (saved by "
+                              "an older lfma_kernels), so whether it was saved for this layer's shape "
+                              f"{shape} is not checked; save it again to record it", UserWarning)
+            elif tuple(int(d) for d in saved.tolist()) != shape:
+                raise ValueError(f"loading {where}: LFMA adapter {name!r} was saved for a layer of shape "
+                                 f"{tuple(int(d) for d in saved.tolist())} (d_out, d_in); this layer's is {shape}")
+            if name in self.merged_adapters and not adapter.unchanged_by(state_dict, prefix, {
+                    f"{store}.{name}": getattr(self, store)[name].detach()
+                    for store in ("lfma_coeffs", "lfma_rows", "lfma_cols")}):
                 raise ValueError(f"loading {where}: LFMA adapter {name!r} is merged into the weight; unmerge it "
-                                 "(model.unmerge_adapter()) before loading its state, then merge again")
+                                 "(model.unmerge_adapter()) before loading other state into it, then merge again")
             adapter.check_loaded_positions(state_dict, prefix, (f"lfma_coeffs.{name}", f"lfma_rows.{name}",
                                                                 f"lfma_cols.{name}"), shape)
 
@@ -386,6 +401,12 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         # PeftModel, LfmaModel has already checked every layer's state (nothing loads on a refusal).
         self.check_loaded_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _shapes_are_optional(module: nn.Module, incompatible_keys) -> None:
+        """A load_state_dict post-hook: state saved before shapes were recorded lacks ``lfma_shape``;
+        that is not a missing adapter tensor (PEFT would warn, strict loading would fail)."""
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if ".lfma_shape." not in k]
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._cache.clear()
@@ -421,6 +442,9 @@ class LfmaModel(BaseTuner):
             self.__dict__.get("_lfma_target_order", {}).pop(adapter_name, None)
             raise
         if getattr(config, "_lfma_from_checkpoint", False):
+            # Built for a load that follows (load_adapter, PeftModel.from_pretrained): until it comes, or a
+            # forward runs, a refused load removes this adapter again. The mark is the config's once only.
+            config._lfma_from_checkpoint = False
             self.__dict__.setdefault("_lfma_awaiting_state", set()).add(adapter_name)
 
     @contextmanager
@@ -431,6 +455,7 @@ class LfmaModel(BaseTuner):
         if kwargs.get("adapter_names") is not None:
             raise ValueError("LFMA does not serve mixed-adapter batches (adapter_names=) yet; run the samples of "
                              "each adapter separately, after model.set_adapter(name)")
+        self.__dict__.get("_lfma_awaiting_state", set()).clear()  # in use: a later refused load deletes nothing
         yield
 
     def _check_targets(self, model: nn.Module, config: LfmaConfig) -> None:
@@ -463,6 +488,7 @@ class LfmaModel(BaseTuner):
             for name in sorted(loading & awaiting):
                 if name in self.peft_config:
                     self.delete_adapter(name)
+            _unwrap_empty(self.model)
             raise
         finally:
             awaiting -= loading

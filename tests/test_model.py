@@ -343,3 +343,44 @@ def test_numpy_and_tensor_scalars_are_stored_as_python_numbers(tmp_path):
     model = lfma.apply_lfma(fresh_model(), config)
     lfma.save_lfma(model, tmp_path)  # JSON: would fail on numpy scalars
     assert json.load(open(tmp_path / "lfma_config.json"))["config"]["alpha"] == 8.0
+
+
+def test_merge_refuses_a_weight_sharing_storage_with_another_parameter():
+    torch.manual_seed(0)
+    model = TiedHead()
+    model.lm_head.weight = nn.Parameter(model.wte.weight.data)  # another Parameter, the same storage
+    lfma.apply_lfma(model, lfma.LFMAConfig(["lm_head"], k=9))
+    with pytest.raises(ValueError, match=r"tied to wte\.weight"):
+        lfma.merge_lfma(model)
+
+
+def test_a_merged_model_reloads_its_own_state_dict():
+    model = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["query"], k=5))
+    with torch.no_grad():
+        for layer in lfma_layers(model).values():
+            layer.coeffs.normal_()
+    lfma.merge_lfma(model)
+    model.load_state_dict(model.state_dict())
+    other = lfma.apply_lfma(fresh_model(), lfma.LFMAConfig(["query"], k=5, seed=3)).state_dict()
+    with pytest.raises(ValueError, match="the layer is merged"):
+        model.load_state_dict(other)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"alpha": 10 ** 400}, "alpha must be a finite number"), ({"seed": 10 ** 22}, "seed must lie in"),
+    ({"seed": torch.tensor(True)}, "seed must be an int"),
+])
+def test_more_bad_numbers(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lfma.LFMAConfig(["query"], k=4, **kwargs)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        lfma.LFMAConfig(["query"], k=torch.tensor(True))
+
+
+def test_float32_ratios_count_what_was_written():
+    np = pytest.importorskip("numpy")
+    for ratio in (np.float32(0.01), torch.tensor(0.01), np.float16(0.01)):
+        assert lfma.num_frequencies((100, 100), ratio) == 100
+        assert lfma.LFMAConfig(["query"], top_k_ratio=ratio).top_k_ratio == 0.01
+    assert lfma.num_frequencies((100, 100), np.float32(0.0016)) == 16
+    assert lfma.LFMAConfig(["query"], k=3, alpha=np.array(2.0)).alpha == 2.0

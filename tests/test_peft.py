@@ -836,3 +836,49 @@ def test_per_sample_gradients_through_the_peft_model():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 assert rel_err(per_sample[n][i], p.grad) <= 1e-10, n
+
+
+def test_a_config_read_from_a_checkpoint_marks_one_adapter_once(tmp_path):
+    """An adapter built from LfmaConfig.from_pretrained is removed by a refused first load only until it
+    is used: after a forward, a refused load changes nothing, and the config's mark is spent."""
+    from peft import set_peft_model_state_dict
+
+    get_peft_model(Narrow(24), LfmaConfig(target_modules=["fc1"], k=20)).save_pretrained(tmp_path)
+    config = LfmaConfig.from_pretrained(tmp_path)
+    model = get_peft_model(Narrow(32), config)
+    model(torch.randn(2, 16))
+    wrong = {"base_model.model.fc1.lfma_shape": torch.tensor([24, 16]),
+             "base_model.model.fc1.lfma_coeffs": torch.zeros(20, 2)}
+    with pytest.raises(ValueError, match=r"saved for a layer of shape \(24, 16\)"):
+        set_peft_model_state_dict(model, wrong)
+    assert list(model.peft_config) == ["default"] and "default" in model.base_model.model.fc1.lfma_coeffs
+    model.add_adapter("again", config)  # the mark was spent on the first adapter
+    with pytest.raises(ValueError, match="saved for a layer of shape"):
+        set_peft_model_state_dict(model, wrong, adapter_name="again")
+    assert "again" in model.peft_config
+
+
+def test_a_refused_from_pretrained_leaves_the_base_model_plain(tmp_path):
+    get_peft_model(Narrow(24), LfmaConfig(target_modules=["fc1"], k=20)).save_pretrained(tmp_path)
+    base = Narrow(32)
+    with pytest.raises(ValueError, match="saved for a layer of shape"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert type(base.fc1) is nn.Linear
+
+
+def test_state_saved_without_shapes_still_loads_with_one_warning(tmp_path):
+    model = randomize(peft_model("mlp"))
+    state = {k: v for k, v in model.state_dict().items() if "lfma_" in k and "lfma_shape" not in k}
+    host = peft_model("mlp")
+    with pytest.warns(UserWarning, match="carries no layer shape"):
+        result = host.load_state_dict(state, strict=False)
+    assert not [k for k in result.missing_keys if "lfma_shape" in k]
+    x = inputs("mlp")
+    assert torch.equal(host(x), model(x))
+
+
+def test_a_merged_adapter_reloads_its_own_state():
+    model = randomize(peft_model("mlp"))
+    model.merge_adapter()
+    model.load_state_dict(model.state_dict())  # identical: nothing to refuse
+    assert all(layer.merged for layer in lfma_layers(model).values())

@@ -117,3 +117,58 @@ def test_vmap_over_stacked_coefficients(backend, gen):
         warnings.simplefilter("error")
         got = vmap(lambda c: with_coeffs(layer, c, x))(stacked)
     assert rel_err(got, torch.stack([oracle(layer, x, c) for c in stacked])) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_reverse_over_forward(backend, gen):
+    """A gradient of a jvp (jacrev of jacfwd; grad of a directional derivative): the jvp uses the saved
+    W + dW, so the outer reverse pass must reach the coefficients through it."""
+    layer = float64_layer(backend, gen)
+    x = torch.randn(3, D_IN, generator=gen, dtype=torch.float64)
+    t = torch.randn(3, D_IN, generator=gen, dtype=torch.float64)
+    coeffs = layer.coeffs.detach()
+
+    def directional(run):
+        return lambda c: torch.func.jvp(lambda xx: run(c, xx).tanh().pow(2).sum(), (x,), (t,))[1]
+
+    got = grad(directional(lambda c, xx: with_coeffs(layer, c, xx)))(coeffs)
+    want = grad(directional(lambda c, xx: oracle(layer, xx, c)))(coeffs)
+    assert rel_err(got, want) <= 1e-10
+    got = jacrev(jacfwd(lambda c, xx: with_coeffs(layer, c, xx).tanh().sum(), argnums=1))(coeffs, x)
+    want = jacrev(jacfwd(lambda c, xx: oracle(layer, xx, c).tanh().sum(), argnums=1))(coeffs, x)
+    assert rel_err(got, want) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_eager_forward_mode_ad(backend, gen):
+    import torch.autograd.forward_ad as fwad
+
+    layer = float64_layer(backend, gen)
+    x = torch.randn(4, D_IN, generator=gen, dtype=torch.float64)
+    t = torch.randn(4, D_IN, generator=gen, dtype=torch.float64)
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(layer(fwad.make_dual(x, t))).tangent
+    assert rel_err(tangent, t @ (layer.base.weight + lfma.reference.delta_weight(
+        layer.coeffs.detach(), layer.rows, layer.cols, (D_OUT, D_IN), ALPHA)).T) <= 1e-10
+
+
+def test_the_first_order_backward_saves_no_weight():
+    """Only x, W + dW and the coefficients are kept for the backward: the frozen weight may change in
+    place between forward and backward (a merge), and saved-tensor hooks (offloading) never see it."""
+    layer = lfma.LFMALinear(nn.Linear(D_IN, D_OUT), k=K)
+    x = torch.randn(5, D_IN)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not any(t is layer.base.weight for t in saved) and len(saved) == 5
+    expected = torch.autograd.grad(out.sum(), layer.coeffs, retain_graph=True)[0]
+    layer.merge()
+    assert torch.equal(torch.autograd.grad(out.sum(), layer.coeffs)[0], expected)
+
+
+def test_compiled_grad():
+    layer = lfma.LFMALinear(nn.Linear(D_IN, D_OUT), k=K)
+    x = torch.randn(3, D_IN)
+    loss = lambda c: with_coeffs(layer, c, x).pow(2).sum()  # noqa: E731
+    coeffs = layer.coeffs.detach()
+    assert rel_err(torch.compile(grad(loss), backend="aot_eager")(coeffs), grad(loss)(coeffs)) <= 1e-6

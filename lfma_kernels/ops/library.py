@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from . import planner, torch_kernels
 from .common import add_delta, compute_dtype
@@ -254,9 +255,9 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
             return CoeffGrad.apply(tangent, rows, cols, ctx.alpha)
 
     def traceable(op, function):
-        """The op when torch.compile traces (its fake implementation and registered autograd), else
-        the Function (torch.func transforms, and eager: no custom-op dispatch)."""
-        return lambda *args: op(*args) if torch.compiler.is_compiling() else function.apply(*args)
+        """The Function under torch.func transforms (they refuse the op's generated autograd), else the op
+        (its registered autograd has every order too, and torch.compile traces it)."""
+        return lambda *args: function.apply(*args) if torch._C._are_functorch_transforms_active() else op(*args)
 
     differentiable_delta_weight = traceable(delta_weight_op, DeltaWeight)
     differentiable_coeff_grad = traceable(coeff_grad_op, CoeffGrad)
@@ -286,61 +287,52 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     def linear_setup(ctx, inputs, output):
         x, weight, bias, coeffs, rows, cols, alpha = inputs
-        # The weight is kept for a differentiated backward only (it rebuilds W + dW with autograd);
-        # saving it holds a reference, no copy.
-        ctx.save_for_backward(x, weight, output[1], coeffs, rows, cols)
-        ctx.alpha, ctx.has_bias = alpha, bias is not None
+        ctx.save_for_backward(x, output[1], coeffs, rows, cols)
+        ctx.alpha, ctx.has_bias, ctx.weight_dtype = alpha, bias is not None, weight.dtype
         ctx.set_materialize_grads(False)  # W + dW is an internal output: no zero gradient for it
 
-    def linear_backward(ctx, grad_out, _grad_folded, coeff_grad=coeff_grad_op):
-        if grad_out is None:
-            return None, None, None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True, or any torch.func transform: see below
-            return linear_backward_differentiable(ctx, grad_out)
-        x, _, folded, coeffs, rows, cols = ctx.saved_tensors
+    def linear_backward(ctx, grad_out, grad_folded, coeff_grad=coeff_grad_op):
+        """First order: the fast paths (the saved ``W + dW``, the planner's batch path for ``dL/dcoeffs``).
+        Under grad mode (``create_graph=True``, and every torch.func transform, which differentiate with
+        it) the backward is a graph of its own, for a second derivative: an input-gradient penalty
+        (``dL/dx = g (W + dW)`` depends on the coefficients), a Hessian-vector product, MAML. ``dL/dx =
+        g (W + dW)`` then reaches the coefficients through the saved ``W + dW``, an output of this very
+        function, whose gradient (``grad_folded``) comes back here and goes on to the weight and, by
+        ``coeff_grad`` (``dW``'s adjoint), to the coefficients; ``dL/dcoeffs`` is read from the dense
+        ``G = g^T x`` by the differentiable ``coeff_grad`` (the batch paths would hide ``g`` and ``x``)."""
+        x, folded, coeffs, rows, cols = ctx.saved_tensors
         need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
+        differentiable = torch.is_grad_enabled()
+        if differentiable:
+            coeff_grad = differentiable_coeff_grad
         shape = tuple(folded.shape)
-        g2d = grad_out.reshape(-1, shape[0])
-        x2d = x.reshape(-1, shape[1])
         grad_x = grad_w = grad_b = grad_c = None
-        path = planner.backward_path(name, g2d.device.type, x2d.shape[0], rows.shape[0], shape, weight_grad=need_w)
-        g_dense = g2d.T @ x2d if need_w else None
-        grad_w = g_dense
-        if need_c:
-            grad_c = layer_coeff_grad(kernels, path, x2d, g2d, rows, cols, shape, ctx.alpha, coeffs.dtype, coeff_grad,
-                                      g_dense)
-        if need_b and ctx.has_bias:
-            grad_b = g2d.sum(0)
-        # dL/dx last: its GEMM is compute-bound and streams g from memory at little cost, while the
-        # coefficient gradient is memory-bound and reads g best while the op that wrote it has left it
-        # in cache (the cpp batch path inside a RoBERTa-base step: 1.6-1.8 ms so, 1.8-1.9 ms after the GEMM).
-        if need_x:
-            grad_x = (g2d @ folded).reshape(x.shape)
-        return grad_x, grad_w, grad_b, grad_c, None, None, None
-
-    def linear_backward_differentiable(ctx, grad_out):
-        """The backward as a graph of its own, for a second derivative: an input-gradient penalty
-        (``dL/dx = g (W + dW)`` depends on the coefficients), a Hessian-vector product, MAML, and every
-        torch.func transform (they always differentiate with ``create_graph``). ``W + dW`` is rebuilt
-        through the differentiable ``delta_weight`` and ``dL/dcoeffs`` is read from the dense
-        ``G = g^T x`` through the differentiable ``coeff_grad``; the first-order fast paths (the saved
-        ``W + dW``, the batch paths) would hide those dependencies."""
-        x, weight, folded, coeffs, rows, cols = ctx.saved_tensors
-        need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
-        shape = tuple(folded.shape)
-        g2d = grad_out.reshape(-1, shape[0])
-        x2d = x.reshape(-1, shape[1])
-        grad_x = grad_w = grad_b = grad_c = None
-        if need_x:
-            dw = differentiable_delta_weight(coeffs, rows, cols, shape[0], shape[1], ctx.alpha)
-            grad_x = (g2d @ add_delta(weight, dw).to(x.dtype)).reshape(x.shape)
-        if need_w or need_c:
-            g_dense = g2d.T @ x2d
+        if grad_out is not None:
+            g2d = grad_out.reshape(-1, shape[0])
+            x2d = x.reshape(-1, shape[1])
+            weight_grad = need_w or differentiable
+            path = planner.backward_path(name, g2d.device.type, x2d.shape[0], rows.shape[0], shape,
+                                         weight_grad=weight_grad)
+            g_dense = g2d.T @ x2d if weight_grad and (need_w or need_c) else None
             grad_w = g_dense if need_w else None
             if need_c:
-                grad_c = coeff_grad_from(g_dense, rows, cols, ctx.alpha, coeffs.dtype, differentiable_coeff_grad)
-        if need_b and ctx.has_bias:
-            grad_b = g2d.sum(0)
+                grad_c = layer_coeff_grad(kernels, path, x2d, g2d, rows, cols, shape, ctx.alpha, coeffs.dtype,
+                                          coeff_grad, g_dense)
+            if need_b and ctx.has_bias:
+                grad_b = g2d.sum(0)
+            # dL/dx last: its GEMM is compute-bound and streams g from memory at little cost, while the
+            # coefficient gradient is memory-bound and reads g best while the op that wrote it has left
+            # it in cache (the cpp batch path inside a RoBERTa-base step: 1.6-1.8 ms so, 1.8-1.9 ms after
+            # the GEMM).
+            if need_x:
+                grad_x = (g2d @ folded).reshape(x.shape)
+        if grad_folded is not None:  # W + dW itself was differentiated (a second derivative, a jvp's)
+            if need_w:
+                extra = grad_folded.to(ctx.weight_dtype)
+                grad_w = extra if grad_w is None else grad_w + extra
+            if need_c:
+                extra = coeff_grad_from(grad_folded, rows, cols, ctx.alpha, coeffs.dtype, coeff_grad)
+                grad_c = extra if grad_c is None else grad_c + extra
         return grad_x, grad_w, grad_b, grad_c, None, None, None
 
     linear_op.register_autograd(linear_backward, setup_context=linear_setup)
@@ -365,14 +357,15 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     def transformable_setup(ctx, inputs, output):
         linear_setup(ctx, inputs, output)
-        ctx.save_for_forward(inputs[0], output[1])
-        ctx.rows_cols = inputs[4:]
+        # The same tensors as for the backward: the generated vmap rule keeps one record of which saved
+        # tensors are batched per ctx (two different sets fail under jacrev(jacfwd)).
+        ctx.save_for_forward(inputs[0], output[1], *inputs[3:6])
 
     def linear_jvp(ctx, t_x, t_weight, t_bias, t_coeffs, *_):
-        """Forward mode (torch.func.jvp, jacfwd, hessian): ``y = x (W + dW)^T + b`` is linear in each
-        of ``x``, ``W``, ``b`` and the coefficients."""
-        x, folded = ctx.saved_tensors
-        rows, cols, alpha = ctx.rows_cols
+        """Forward mode (torch.func.jvp, jacfwd, hessian, and eager forward AD): ``y = x (W + dW)^T + b``
+        is linear in each of ``x``, ``W``, ``b`` and the coefficients."""
+        x, folded, _, rows, cols = ctx.saved_tensors
+        alpha = ctx.alpha
         t_folded = torch.zeros_like(folded) if t_weight is None else t_weight.to(folded.dtype)
         if t_coeffs is not None:
             t_folded = t_folded + differentiable_delta_weight(t_coeffs, rows, cols, *folded.shape, alpha).to(
@@ -395,13 +388,27 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
         "jvp": staticmethod(linear_jvp)})
 
     def run_linear(*args) -> torch.Tensor:
-        # Traced (torch.compile, export): the op, which has a fake implementation; under torch.func
-        # transforms: the Function they accept; eager: the Function without the op's dispatch.
+        # Under torch.func transforms (compiled or not) and eager forward-mode AD: the Function they
+        # accept, which has a jvp; traced (torch.compile, export): the op, which has a fake
+        # implementation; eager: the Function without the op's dispatch.
+        if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+            if torch.compiler.is_compiling():
+                return composite_linear(*args)
+            return TransformableLinear.apply(*args)[0]
         if torch.compiler.is_compiling():
             return linear_op(*args)[0]
-        if torch._C._are_functorch_transforms_active():
-            return TransformableLinear.apply(*args)[0]
         return LinearFunction.apply(*args)[0]
+
+    def composite_linear(x, weight, bias, coeffs, rows, cols, alpha) -> torch.Tensor:
+        # torch.compile of a torch.func transform (compile(grad(f))): Dynamo inlines the Function and
+        # hands the ops the transforms' wrapped tensors, which custom ops refuse; the torch backend's
+        # dW in plain differentiable operations traces and transforms as it is (same values).
+        shape = tuple(weight.shape)
+        if planner.dw_algorithm("torch", x.device.type, rows.shape[0], shape) == "separable":
+            dw = torch_kernels.delta_weight_separable(coeffs, rows, cols, shape, alpha)
+        else:
+            dw = torch_kernels.delta_weight_fft(coeffs, rows, cols, shape, alpha)
+        return F.linear(x, add_delta(weight, dw).to(x.dtype), bias)
 
     def delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
         return differentiable_delta_weight(coeffs, rows, cols, int(shape[0]), int(shape[1]), float(alpha))
