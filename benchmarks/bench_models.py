@@ -29,7 +29,13 @@ row (step / floor). A peer whose package is missing gets a row marked so. On CPU
 full models do not fit the time budget: by default 2 layers and a small batch, said in the table;
 ``--layers 12`` and a larger batch on a GPU.
 
+With ``--quantized nf4`` (or ``int8``) every linear layer of the backbone but the classifier head is
+quantized by transformers' bitsandbytes integration (the QLoRA setting) and the rows are the frozen nf4
+model, PEFT's LoRA and FourierFT on it, and LFMA (native and through PEFT) beside the quantized
+layers; the paper's formulation is left out there.
+
     python benchmarks/bench_models.py                       # CPU, float32
+    python benchmarks/bench_models.py --quantized nf4 --models GPT-2,RoBERTa-base
     python benchmarks/bench_models.py --device cuda --dtype bfloat16 --layers 12 --batch 32
 """
 from __future__ import annotations
@@ -61,6 +67,8 @@ from timing import interleaved_rounds, paired_ratio
 
 FLOOR = "frozen, full backward"
 VARIANTS = ("frozen", FLOOR, "LoRA r=8", "FourierFT n=1000", "LFMA paper", "LFMA auto", "LFMA via PEFT")
+# On a quantized backbone: the paper's formulation has nothing to add to the delta path's comparison.
+QUANTIZED_VARIANTS = tuple(v for v in VARIANTS if v != "LFMA paper")
 LORA_R, FOURIERFT_N, FOURIERFT_SCALING, LFMA_ALPHA = 8, 1000, 150.0, 12.0
 
 
@@ -79,9 +87,26 @@ MODELS: Dict[str, ModelSpec] = {
 }
 
 
-def build(model_name: str, layers: int, batch: int, seq: int, device: str, dtype: torch.dtype
-          ) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
-    """The model (random weights, dropout off) and one batch of inputs with labels."""
+def quantized_copy(model: nn.Module, head: str, bits: str) -> nn.Module:
+    """``model`` with every linear layer but ``head`` quantized by transformers' bitsandbytes
+    integration (saved and loaded again, as a quantized checkpoint is): nf4 with double quantization
+    and float32 compute, or LLM.int8."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig
+
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=[head])
+              if bits == "nf4" else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[head]))
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        return type(model).from_pretrained(directory, quantization_config=config)
+
+
+def build(model_name: str, layers: int, batch: int, seq: int, device: str, dtype: torch.dtype,
+          quantized: Optional[str] = None) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
+    """The model (random weights, dropout off; its linear layers quantized if asked) and one batch of
+    inputs with labels."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     if model_name == "ViT-B/16":
@@ -107,6 +132,8 @@ def build(model_name: str, layers: int, batch: int, seq: int, device: str, dtype
         model = RobertaForSequenceClassification(config)
         inputs = {"input_ids": torch.randint(3, 50000, (batch, seq), generator=gen).to(device),
                   "labels": torch.randint(0, 2, (batch,), generator=gen).to(device)}
+    if quantized:
+        return quantized_copy(model, MODELS[model_name].head, quantized), inputs
     return model.to(device, dtype), inputs
 
 
@@ -137,7 +164,8 @@ def adapt(model: nn.Module, variant: str, spec: ModelSpec) -> Tuple[nn.Module, s
     import warnings
 
     from peft import FourierFTConfig, LoraConfig, get_peft_model
-    conv1d = spec.head == "score"  # GPT-2: PEFT sets fan_in_fan_out for its Conv1D layers (with a warning)
+    # GPT-2: PEFT sets fan_in_fan_out for its Conv1D layers (with a warning); quantized, they are Linear4bit
+    conv1d = any(lfma.adapter.is_conv1d(m) for n, m in model.named_modules() if n.endswith(targets[0]))
     if variant == "LFMA via PEFT":
         from lfma_kernels.peft import LfmaConfig, LfmaLinear
         # seed=0: the native row's selection (the PEFT config's default draws from the global RNG)
@@ -168,7 +196,8 @@ class Prepared(NamedTuple):
 
 
 def prepare(model_name: str, variant: str, args: argparse.Namespace) -> Prepared:
-    model, inputs = build(model_name, args.layers, args.batch, args.seq, args.device, getattr(torch, args.dtype))
+    model, inputs = build(model_name, args.layers, args.batch, args.seq, args.device, getattr(torch, args.dtype),
+                          args.quantized)
     model, note = adapt(model, variant, MODELS[model_name])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -248,7 +277,8 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, List[dict]], List[str]]:
     for model_name in args.models:
         rows: Dict[str, dict] = {}
         prepared: Dict[str, Prepared] = {}
-        for variant in VARIANTS:
+        variants = QUANTIZED_VARIANTS if args.quantized else VARIANTS
+        for variant in variants:
             missing = _missing_peer(variant)
             if missing:
                 rows[variant] = {"variant": variant, "note": missing}
@@ -274,7 +304,7 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, List[dict]], List[str]]:
         for v in prepared:
             rows[v].update(step_ms=statistics.median(steps[v]), eval_ms=statistics.median(evals[v]),
                            step_rounds=steps[v], eval_rounds=evals[v])
-        results[model_name] = [rows[v] for v in VARIANTS]
+        results[model_name] = [rows[v] for v in variants]
         del prepared
         if cuda:
             torch.cuda.empty_cache()
@@ -332,7 +362,8 @@ def bar_charts(results: Dict[str, List[dict]], path: str) -> None:
 
 
 def render(args: argparse.Namespace, results: Dict[str, List[dict]], noisy: Sequence[str]) -> str:
-    lines = [f"## Model level: {args.device}, {args.dtype} (benchmarks/bench_models.py)", ""]
+    base = f", {args.quantized} backbone" if args.quantized else ""
+    lines = [f"## Model level: {args.device}, {args.dtype}{base} (benchmarks/bench_models.py)", ""]
     lines += [f"- {k}: {v}" for k, v in machine_info(args.device, args.dtype)]
     lines += [f"- command: `python benchmarks/bench_models.py {' '.join(args.argv)}`",
               f"- models: random weights from the configs, **{args.layers} layer(s)**, batch {args.batch}"
@@ -340,11 +371,14 @@ def render(args: argparse.Namespace, results: Dict[str, List[dict]], noisy: Sequ
               "query + value (ViT, RoBERTa) or GPT-2's fused c_attn (a transformers Conv1D, 768 -> 2304); LFMA "
               + ", ".join(f"top_k_ratio {MODELS[m].ratio} ({m})" for m in args.models) +
               f", alpha {LFMA_ALPHA}; LoRA r={LORA_R}; FourierFT n={FOURIERFT_N}, scaling {FOURIERFT_SCALING}; "
-              "\"LFMA via PEFT\" is LFMA auto's adapter through lfma_kernels.peft (get_peft_model)",
+              "\"LFMA via PEFT\" is LFMA auto's adapter through lfma_kernels.peft (get_peft_model)"
+              + (f"; every linear layer but the head quantized to {args.quantized} by transformers' bitsandbytes "
+                 "integration (nf4: double quantization, float32 compute)" if args.quantized else ""),
               f"- all variants in one process, timed round-robin: {args.repeats} rounds, one call of each variant per "
               "round in a random order; times are medians over the rounds, ratios (x) medians of the per-round "
               "ratios; training step = AdamW zero_grad + forward + loss + backward + step; "
-              "eval = no_grad forward (both LFMA rows through the layer's eval cache)",
+              "eval = no_grad forward (both LFMA rows through the layer's eval cache" +
+              ("; on a quantized backbone there is none: the planner's delta path)" if args.quantized else ")"),
               f"- step / floor: training step over the \"{FLOOR}\" row's, in which only the head trains but "
               "dL/dx flows back through every layer (the embeddings' output requires grad): the backward every "
               "adapter pays before any work of its own; \"frozen\" (head only) skips that backward",
@@ -370,6 +404,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256, help="RoBERTa / GPT-2 tokens per sequence")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds")
+    parser.add_argument("--quantized", choices=["nf4", "int8"], help="quantize the backbone with bitsandbytes")
     parser.add_argument("--output", help="write a section of this Markdown results file")
     parser.add_argument("--charts", help="write PNG bar charts here")
     args = parser.parse_args(argv)
@@ -390,7 +425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bar_charts(results, args.charts)
     text = render(args, results, noisy)
     if args.output:
-        write_section(args.output, f"models {args.device} {args.dtype}", text)
+        section = f"models {args.device} {args.dtype}" + (f" {args.quantized}" if args.quantized else "")
+        write_section(args.output, section, text)
     print(text)
     return 0
 

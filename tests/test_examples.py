@@ -43,3 +43,9 @@ def test_readme_peft_snippet_runs_verbatim(tmp_path, monkeypatch):
     assert type(merged).__name__ == "GPT2LMHeadModel"
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     assert (tmp_path / "lfma-gpt2" / "adapter_config.json").is_file()
+
+
+def test_qlfma_example(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = run_example("qlfma.py", "--steps", "6", "--output-dir", str(tmp_path))
+    assert "c_attn is a Linear4bit" in out and "reloaded on nf4 identical: True" in out and "(Conv1D)" in out, out
