@@ -49,3 +49,17 @@ def test_qlfma_example(tmp_path):
     pytest.importorskip("bitsandbytes")
     out = run_example("qlfma.py", "--steps", "6", "--output-dir", str(tmp_path))
     assert "c_attn is a Linear4bit" in out and "reloaded on nf4 identical: True" in out and "(Conv1D)" in out, out
+
+
+def test_readme_quantized_snippet_runs_verbatim(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"<!-- readme-quantized-snippet.*?-->\n```python\n(.*?)```", readme, re.S)
+    assert block, "the README's quantized snippet (and its marker) is missing"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert all("lfma_" in n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None)
+    assert type(model.base_model.model.transformer.h[0].attn.c_attn.base_layer).__name__ == "Linear4bit"
+    assert type(namespace["merged"].transformer.h[0].attn.c_attn).__name__ == "Conv1D"

@@ -104,8 +104,11 @@ class CostTable:
     triton_fft_fixed_s: Optional[float] = None    # scatter + irfft2: launches, fixed
     triton_fft_grad_fixed_s: Optional[float] = None  # rfft2 + gather: launches, fixed
     triton_fft_s: Optional[float] = None          # cuFFT, per point * log2(points)
-    # beside a quantized base: dequantizing W, per weight entry
+    # beside a quantized base: dequantizing W, per weight entry; and a base kernel that reads the quantized
+    # weight directly (no dense W), as a fraction of a dense float32 GEMM's time (what the fold path
+    # gives up by running its own GEMM instead)
     dequantize_s: float = 0.0
+    quantized_kernel_fraction: float = 1.0
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def order(self, dtype: torch.dtype) -> Tuple[str, ...]:
@@ -155,10 +158,12 @@ CPU = CostTable(
     # shapes (0.0001 of 768x768 is K = 58).
     batch_gemm_mac_s=2.0 * _CPU_MAC_S,
     row_fft_s=7.0 * _CPU_MAC_S,
-    # ESTIMATE, to be measured with the quantized rows of bench_models: bitsandbytes' dequantize_4bit of a
-    # 768x768 nf4 weight took 0.13 ms on the Intel machine (the issue's figure) and 0.28 ms here with the
-    # other core busy: 0.2-0.5 ns per entry.
+    # bitsandbytes' dequantize_4bit of a 768x768 nf4 weight took 0.13 ms on the Intel machine (the issue's
+    # figure) and 0.28 ms on the AMD one with the other core busy: 0.2-0.5 ns per entry. Its AVX512-BF16
+    # kernel (eval without gradients) ran 1024 tokens of a 768x768 nf4 layer in 5.3 ms against 9.6 ms for
+    # the float32 GEMM (AMD EPYC, 2026-12-03, a loop of 10 calls; not in RESULTS.md).
     dequantize_s=30 * _CPU_MAC_S,
+    quantized_kernel_fraction=0.55,
     batch_pair_s={
         # torch_kernels.coeff_grad_batch_fft (every backend without a batch kernel of its own): a gather of
         # scattered rows and a batch of tiny products, 5-14 ns per (token, frequency) pair (768x768 at 4096
@@ -212,6 +217,7 @@ CUDA = CostTable(
     batch_gemm_mac_s=2.0 * _GPU_MAC_S,  # the CPU multiple, not measured on a GPU
     row_fft_s=7.0 * _GPU_MAC_S,         # the CPU multiple, not measured on a GPU
     dequantize_s=30 * _GPU_MAC_S,       # the CPU multiple, not measured on a GPU
+    quantized_kernel_fraction=0.1,      # ESTIMATE: bitsandbytes' 4-bit GEMV reads 1/8 of a float32 weight
     batch_pair_s={"default": 1000 * _GPU_MAC_S, "cpp": 60 * _GPU_MAC_S},  # the CPU multiples
     # The fused kernel: 2*K*d_out*d_in multiply-adds in float32 IEEE tl.dot at ~20 T multiply-adds/s. The
     # FFT path: ~25 us fixed for the scatter's half-dozen launches plus irfft2 (~20 us for rfft2 and the
@@ -372,14 +378,15 @@ def delta_costs(backend: str, device_type: str, tokens: int, k: int, shape: Sequ
     ``dL/dcoeffs`` is the same batch path whatever the way, so it is left out). ``base_dequantizes``:
     the base's own kernel dequantizes W and runs a dense GEMM anyway (bitsandbytes and torchao on a CPU,
     bitsandbytes in training on a GPU), so the fold replaces that work and only adds building dW; where
-    the base has a kernel of its own (a 4-bit GEMV at inference), the fold pays the dequantization and
-    the GEMM too."""
+    the base has a kernel of its own (a 4-bit GEMV at inference, bitsandbytes' AVX512-BF16 CPU kernel),
+    the fold also pays the dequantization and a dense GEMM in place of that kernel."""
     t = table_for(device_type)
     d_out, d_in = shape
     n = d_out * d_in
     passes = 2 if training else 1
     dw = min(_costs("torch", t, k, shape, gradient=False).values())
-    fold = dw if base_dequantizes else dw + n * t.dequantize_s + tokens * n * t.gemm_mac_s
+    fold = dw if base_dequantizes else (dw + n * t.dequantize_s
+                                        + tokens * n * t.gemm_mac_s * (1.0 - t.quantized_kernel_fraction))
     return {
         "fold": passes * fold,
         "rows": passes * tokens * (t.row_fft_s * (d_out * _log2(d_out) + d_in * _log2(d_in))
