@@ -40,11 +40,12 @@ venv: $(STAMP)
 # Reruns whenever the packaging or the C++/CUDA sources change, or when .venv exists without
 # the stamp (reinstalling into an existing environment is harmless). The package is installed
 # without build isolation so that setup.py compiles the extension (csrc/) against the
-# environment's torch; ninja runs the compile jobs in parallel.
+# environment's torch; ninja runs the compile jobs in parallel. DISABLE_CUDA=1 is hqq's switch (the
+# quant extra): its sdist would otherwise try to compile CUDA kernels with whatever nvcc it finds.
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "torch==$(TORCH_VERSION)" "setuptools>=64" wheel ninja
-	$(PIP) install --no-build-isolation -e ".[dev,demo,bench,peft,quant]"
+	DISABLE_CUDA=1 $(PIP) install --no-build-isolation -e ".[dev,demo,bench,peft,quant]"
 	touch $(STAMP)
 
 clean:

@@ -26,7 +26,7 @@ from .quantized import Quantization
 from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
 
 __all__ = [
-    "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "check_base", "check_target", "check_unsharded",
+    "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "base_device", "check_base", "check_target", "check_unsharded",
     "check_loaded_positions", "check_backend_name", "loadable_backend", "module_names", "check_not_aliased",
     "tied_weight_names", "unchanged_by", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
     "dense_weight", "delta_weight", "folded_weight", "quantized_linear", "plan", "merge", "unmerge", "layer_k",
@@ -58,7 +58,16 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """An ``nn.Linear``, a transformers ``Conv1D``, or a quantized linear layer that is neither (HQQ)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or quantized.recognise(module) is not None
+
+
+def base_device(base: nn.Module) -> torch.device:
+    """Where the base layer's weight lives (a quantized layer may keep it under another name)."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(t for t in (*base.parameters(), *base.buffers())).device
 
 
 def check_base(base: nn.Module, what: str) -> Optional[Quantization]:
@@ -129,15 +138,17 @@ def tied_weight_names(model: nn.Module, layer_name: str, base: nn.Module) -> Lis
     """Names outside ``layer_name`` under which ``model`` holds the base layer's weight, or another
     parameter sharing its storage (a tied embedding, say): merging into that weight would change
     those modules too."""
-    weight = tensor(base, "weight")
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return []
     storage = weight.untyped_storage().data_ptr()
     inside = layer_name + "."
     return [n for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(inside)
             and (p is weight or (p.device == weight.device and p.untyped_storage().data_ptr() == storage))]
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
+def _is_dtensor(t: Optional[torch.Tensor]) -> bool:
+    if t is None or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
@@ -148,7 +159,7 @@ def check_unsharded(base: nn.Module, what: str) -> None:
     parallelism came first): coefficients added afterwards would be trained by no engine's
     gradient reduction (the ranks silently diverge), and ``init="weight"`` would leave DTensor
     positions. Adapt the unsharded model, then shard it."""
-    if _is_dtensor(tensor(base, "weight")):
+    if _is_dtensor(getattr(base, "weight", None)):
         raise ValueError(f"{what}: the base layer's weight is a DTensor, already sharded (fully_shard or tensor "
                          "parallelism); apply LFMA (apply_lfma / load_lfma / get_peft_model) to the unsharded "
                          "model first, then shard it")
@@ -337,14 +348,14 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
     shape = base_shape(base)
     tokens = None if x is None else x.numel() // shape[1]
     quantization = quantized.recognise(base)
-    weight = tensor(base, "weight")
     if quantization is not None:
-        like = x if x is not None else torch.empty(0, device=weight.device)
+        like = x if x is not None else torch.empty(0, device=base_device(base))
         dtype, grad, dequantizes = _delta_facts(like, base, quantization, a.coeffs)
         facts = planner.QuantizedBase(quantization.name, grad if x is not None else training, dequantizes,
                                       quantization.dequantizes)
         return dispatch.explain(shape, a.rows.shape[0], device=like.device, dtype=dtype, tokens=tokens,
                                 backend_name=backend, rows=a.rows, cols=a.cols, quantized=facts)
+    weight = tensor(base, "weight")
     like = weight if x is None else x
     p = dispatch.explain(shape, a.rows.shape[0], device=like.device, dtype=like.dtype, tokens=tokens,
                          backend_name=backend, weight_grad=weight.requires_grad, rows=a.rows, cols=a.cols)
@@ -360,35 +371,39 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
     return dataclasses.replace(p, notes=p.notes + (note,))
 
 
-def _store(base: nn.Module, weight: torch.Tensor, what: str) -> None:
+def _store(base: nn.Module, weight: torch.Tensor, what: str) -> nn.Module:
     """Write a dense ``(d_out, d_in)`` weight into ``base``: in place, or requantized (with a warning:
-    rounding changes the outputs, as PEFT warns for LoRA)."""
+    rounding changes the outputs, as PEFT warns for LoRA); returns the layer to use from now on (a
+    new one where a quantized format cannot be rewritten in place)."""
     quantization = quantized.recognise(base)
     if quantization is None:
         tensor(base, "weight").copy_(logical_weight(base, weight))
-        return
+        return base
     if not quantization.merges:
         raise TypeError(f"{what}: a {quantization.name} layer cannot be dequantized and requantized; keep the "
                         "adapter unmerged (it runs beside the quantized layer)")
-    quantization.requantize(base, weight)
+    layer = quantization.requantize(base, weight)
     quantized.merge_warning(quantization)
+    return layer
 
 
 @torch.no_grad()
-def merge(base: nn.Module, adapters: Sequence[Adapter], backend: str, *, safe: bool, what: str) -> None:
+def merge(base: nn.Module, adapters: Sequence[Adapter], backend: str, *, safe: bool, what: str) -> nn.Module:
     """Add ``sum(dW)`` into the base weight (``dW^T`` into a Conv1D's stored weight; dequantized,
     added and requantized for a quantized base); with ``safe=True`` a non-finite result raises
-    ``ValueError`` and the weight is left untouched."""
+    ``ValueError`` and the weight is left untouched. Returns the base layer to use from now on
+    (a new one for a quantized format that cannot be rewritten in place: HQQ)."""
     merged = folded_weight(base, adapters, backend)
     if safe and not torch.isfinite(merged).all():
         raise ValueError(f"{what}: W + dW has non-finite values; the weight was left untouched")
-    _store(base, merged, what)
+    return _store(base, merged, what)
 
 
 @torch.no_grad()
-def unmerge(base: nn.Module, adapters: Sequence[Adapter], backend: str) -> None:
-    """Subtract ``sum(dW)`` again (exact up to rounding in the weight's dtype, or the quantization's)."""
-    _store(base, folded_weight(base, adapters, backend, sign=-1.0), "unmerge")
+def unmerge(base: nn.Module, adapters: Sequence[Adapter], backend: str) -> nn.Module:
+    """Subtract ``sum(dW)`` again (exact up to rounding in the weight's dtype, or the quantization's);
+    returns the base layer to use from now on, as :func:`merge`."""
+    return _store(base, folded_weight(base, adapters, backend, sign=-1.0), "unmerge")
 
 
 def layer_k(shape: Sequence[int], k: Optional[int], top_k_ratio: Optional[float]) -> int:

@@ -82,7 +82,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
                                                      hermitian=hermitian, init_scale=options.init_scale)
         else:
             check_given_frequencies(frequencies, adapter.base_shape(base))
-        device = base.weight.device
+        device = adapter.base_device(base)
         base.requires_grad_(False)
         self.base = base
         self.coeffs = nn.Parameter(torch.view_as_real(frequencies.values.detach()).to(device, torch.float32).clone())
@@ -147,7 +147,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         the weight untouched. Merging a merged layer does nothing."""
         if self._merged:
             return
-        adapter.merge(self.base, self._adapters(), self.backend, safe=safe, what="merge(safe=True)")
+        self.base = adapter.merge(self.base, self._adapters(), self.backend, safe=safe, what="merge(safe=True)")
         self._merged = True
         self._cache.clear()
 
@@ -155,7 +155,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         """Subtract ``dW`` from the weight again (exact up to rounding in the weight's dtype)."""
         if not self._merged:
             return
-        adapter.unmerge(self.base, self._adapters(), self.backend)
+        self.base = adapter.unmerge(self.base, self._adapters(), self.backend)
         self._merged = False
         self._cache.clear()
 

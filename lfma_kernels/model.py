@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_frequencies, check_options
-from .adapter import (base_shape, check_backend_name, check_not_aliased, check_target, is_adaptable, layer_k,
+from .adapter import (base_device, base_shape, check_backend_name, check_not_aliased, check_target, is_adaptable, layer_k,
                       loadable_backend, module_names, tied_weight_names)
 from .layers import LFMALinear
 from .selection import Frequencies
@@ -289,7 +289,7 @@ def load_lfma(model: nn.Module, directory: Union[str, os.PathLike], *, backend: 
         if coeffs.shape[0] != k or k != expected:
             raise ValueError(f"layer {n!r}: the adapter holds {coeffs.shape[0]} coefficients, its config "
                              f"gives k={expected}")
-        device = base.weight.device
+        device = base_device(base)
         frequencies[n] = Frequencies(rows.to(device), cols.to(device),
                                      torch.view_as_complex(coeffs.float().contiguous()).to(device))
     save_state = {}

@@ -285,7 +285,7 @@ class LfmaLayer(BaseTunerLayer):
         positions = [(store, store[adapter_name]) for store in (self.lfma_rows, self.lfma_cols, self.lfma_shape)
                      if adapter_name in store]
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        target = device if device is not None else self.get_base_layer().weight.device
+        target = device if device is not None else adapter.base_device(self.get_base_layer())
         for store, t in positions:
             store[adapter_name] = t if target.type == "meta" else t.to(target)
 
@@ -343,14 +343,19 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         """``W + sum(dW)`` of the named adapters as ``(d_out, d_in)``, no autograd (what merging writes)."""
         return adapter.folded_weight(self.get_base_layer(), self._adapters(adapter_names), self._backend(adapter_names))
 
+    def _set_base_layer(self, layer: nn.Module) -> None:
+        """A merge into a quantized format that cannot be rewritten in place (HQQ) gives a new base layer."""
+        if layer is not self.get_base_layer():
+            self.base_layer = layer
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
         """Merge the named (default: active) adapters into the base weight with one fold of their
         summed ``dW``; ``safe_merge=True`` refuses a non-finite result and changes nothing."""
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lfma_coeffs]
         if not names:
             return
-        adapter.merge(self.get_base_layer(), self._adapters(names), self._backend(names), safe=safe_merge,
-                      what=f"merging LFMA adapter(s) {names}")
+        self._set_base_layer(adapter.merge(self.get_base_layer(), self._adapters(names), self._backend(names),
+                                           safe=safe_merge, what=f"merging LFMA adapter(s) {names}"))
         self.merged_adapters.extend(names)
         self._cache.clear()
 
@@ -360,7 +365,7 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         names = list(self.merged_adapters)
-        adapter.unmerge(self.get_base_layer(), self._adapters(names), self._backend(names))
+        self._set_base_layer(adapter.unmerge(self.get_base_layer(), self._adapters(names), self._backend(names)))
         self.merged_adapters = []
         self._cache.clear()
 
@@ -513,6 +518,18 @@ class LfmaModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """PEFT's, for base layers whose weight is not called ``weight`` (HQQ keeps ``W_q``): the new
+        module takes the place of ``child`` and the adapter tensors go to the base layer's device (as
+        PEFT's LoRA does; BaseTuner's version reads ``child.weight``)."""
+        setattr(parent, child_name, new_module)
+        base = child.base_layer if hasattr(child, "base_layer") else child
+        device = adapter.base_device(base)
+        meta = torch.device("meta")
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device == meta for p in module.parameters()):
+                module.to(device)
 
     @staticmethod
     def _check_fan_in_fan_out(config: LfmaConfig, base: nn.Module) -> None:

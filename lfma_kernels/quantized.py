@@ -10,8 +10,9 @@ of theirs can only exist if they are imported already).
 
 Supported: bitsandbytes ``Linear4bit`` (nf4/fp4, double quantization, any ``compute_dtype`` and
 ``quant_storage``) and ``Linear8bitLt``; an ``nn.Linear`` whose weight is a torchao quantized tensor
-(recognised by class: they report a float dtype). Anything else whose weight is not a plain floating
-point tensor is refused when the adapter is built (:func:`check_weight`).
+(recognised by class: they report a float dtype); HQQ's ``HQQLinear`` (not an ``nn.Linear``; merging
+replaces it with a new one, as PEFT does). Anything else whose weight is not a plain floating point
+tensor is refused when the adapter is built (:func:`check_weight`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch.nn as nn
 __all__ = ["Quantization", "recognise", "check_weight", "SUPPORTED"]
 
 SUPPORTED = ("bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt", "nn.Linear with a torchao quantized weight "
-             "(Int8WeightOnlyConfig, IntxWeightOnlyConfig)")
+             "(Int8WeightOnlyConfig, IntxWeightOnlyConfig)", "HQQ's HQQLinear")
 
 
 class Quantization:
@@ -52,8 +53,9 @@ class Quantization:
         """A fresh dense ``(d_out, d_in)`` copy of ``W`` (float32 or the layer's own float dtype)."""
         raise NotImplementedError
 
-    def requantize(self, base: nn.Module, weight: torch.Tensor) -> None:
-        """Store ``weight`` (dense, ``(d_out, d_in)``) into ``base`` in its own quantized format."""
+    def requantize(self, base: nn.Module, weight: torch.Tensor) -> nn.Module:
+        """Store ``weight`` (dense, ``(d_out, d_in)``) in ``base``'s own quantized format; returns the layer
+        to use from now on (``base`` itself, or a new one where the format cannot be rewritten in place)."""
         raise NotImplementedError
 
 
@@ -96,6 +98,7 @@ class Bnb4bit(Quantization):
         kwargs.update(requires_grad=False, bnb_quantized=False)
         kwargs.pop("quant_state", None)
         base.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+        return base
 
 
 class Bnb8bit(Quantization):
@@ -115,6 +118,7 @@ class Bnb8bit(Quantization):
         base.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
                                         has_fp16_weights=old.has_fp16_weights).to(old.device)
         base.state.reset_grads()
+        return base
 
 
 class Torchao(Quantization):
@@ -125,6 +129,31 @@ class Torchao(Quantization):
 
     def requantize(self, base, weight):
         base.weight = nn.Parameter(_torchao_like(base.weight, weight.to(base.weight.dtype)), requires_grad=False)
+        return base
+
+
+class Hqq(Quantization):
+    name = "hqq"
+
+    def compute_dtype(self, base, x_dtype):
+        return base.compute_dtype
+
+    def dequantize(self, base):
+        return base.dequantize()
+
+    def requantize(self, base, weight):
+        import copy
+
+        from hqq.core.quantize import HQQLinear
+
+        # PEFT's HQQ merge (peft.utils.quantization_utils.HqqBackend): a new layer quantized with the old
+        # one's settings; HQQLinear cannot requantize itself in place (its packed weight is a Parameter).
+        config = {**copy.deepcopy(base.quant_config), "offload_meta": base.offload_meta}
+        layer = HQQLinear(None, config, compute_dtype=base.compute_dtype, device=base.device)
+        config.pop("offload_meta")
+        layer.quantize(weight.to(base.compute_dtype), **config)
+        layer.bias = base.bias
+        return layer
 
 
 def _torchao_like(old: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -165,6 +194,7 @@ def _is_torchao(weight: torch.Tensor) -> bool:
 
 
 _RECOGNISERS: tuple = (
+    (lambda m: isinstance(m, _module_class("hqq.core.quantize", "HQQLinear") or ()), Hqq()),
     (lambda m: isinstance(m, _module_class("bitsandbytes.nn", "Linear4bit") or ()), Bnb4bit()),
     (lambda m: isinstance(m, _module_class("bitsandbytes.nn", "Linear8bitLt") or ()), Bnb8bit()),
     (lambda m: isinstance(m, nn.Linear) and _is_torchao(m.weight), Torchao()),
@@ -186,7 +216,10 @@ def check_weight(base: nn.Module, what: str) -> Optional[Quantization]:
     quantization = recognise(base)
     if quantization is not None:
         return quantization
-    weight = base.weight
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what}: the base layer ({type(base).__name__}) has no weight tensor LFMA can read, and is not "
+                        f"a quantized layer LFMA supports ({'; '.join(SUPPORTED)})")
     plain = type(weight) in (torch.Tensor, nn.Parameter) or _is_dtensor(weight)
     if not plain or not weight.dtype.is_floating_point:
         raise TypeError(f"{what}: the base layer's weight is a {type(weight).__name__} of dtype {weight.dtype}, not a "

@@ -262,7 +262,7 @@ def test_an_adapter_moves_between_quantized_and_full_precision_bases(tmp_path):
 
 
 def test_import_lfma_kernels_imports_neither_bitsandbytes_nor_torchao():
-    code = "import sys, lfma_kernels; assert not {'bitsandbytes', 'torchao'} & set(sys.modules), 'imported'"
+    code = "import sys, lfma_kernels; assert not {'bitsandbytes', 'torchao', 'hqq'} & set(sys.modules), 'imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
@@ -362,3 +362,56 @@ def test_peft_several_adapters_on_an_nf4_base():
         hidden = layer.base_layer(x).double() + x.double() @ dw.T
         want = model.base_model.model.b(torch.relu(hidden).float())
         assert rel_err(model(x), want) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# HQQ (HQQLinear is not an nn.Linear; merging gives a new layer)
+# ---------------------------------------------------------------------------------------------
+def hqq_linear(seed=0, d_in=D_IN, d_out=D_OUT):
+    hqq = pytest.importorskip("hqq.core.quantize")
+    return hqq.HQQLinear(linear(d_in, d_out, seed), hqq.BaseQuantizeConfig(nbits=4, group_size=16),
+                         compute_dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_hqq_every_path_matches_the_oracle(path):
+    layer = lfma.LFMALinear(hqq_linear(), k=17, alpha=30.0)
+    with torch.no_grad():
+        layer.coeffs.normal_()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, D_IN, generator=gen, requires_grad=True)
+    g = torch.randn(3, 5, D_OUT, generator=gen)
+    with planner.force(delta=path):
+        out = layer(x)
+        gx, gc = torch.autograd.grad(out, (x, layer.coeffs), g)
+    for got, want in zip((out, gx, gc), oracle(layer, x, g)):
+        assert rel_err(got, want) <= 1e-4
+
+
+def test_hqq_merge_replaces_the_layer_and_peft_loads_it():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from lfma_kernels.peft import LfmaConfig
+
+    layer = lfma.LFMALinear(hqq_linear(), k=12, alpha=30.0, init="weight")
+    with torch.no_grad():
+        layer.coeffs.mul_(0.01)
+    x = torch.randn(4, D_IN)
+    with torch.no_grad():
+        adapted_out = layer(x)
+    old = layer.base
+    with pytest.warns(UserWarning, match="requantized"):
+        layer.merge()
+    assert layer.base is not old and type(layer.base).__name__ == "HQQLinear"
+    quant_error = rel_err(hqq_linear()(x).detach(), linear()(x).detach())
+    with torch.no_grad():
+        assert rel_err(layer(x), adapted_out) <= 3 * quant_error
+
+    model = get_peft_model(Pair(hqq_linear(0, D_IN, 32), linear(32, 10, seed=1)),
+                           LfmaConfig(target_modules=["a"], k=9, alpha=20.0, seed=0))
+    out = model(x)
+    out.sum().backward()
+    assert model.base_model.model.a.lfma_coeffs["default"].grad is not None
+    merged = model.merge_and_unload()
+    assert type(merged.a).__name__ == "HQQLinear"
