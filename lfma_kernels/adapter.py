@@ -62,6 +62,18 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or quantized.recognise(module) is not None
 
 
+def _quantized_support() -> str:
+    """What quantized layers LFMA adapts, and what a newer PEFT would add."""
+    text = "; ".join(quantized.SUPPORTED)
+    peft = sys.modules.get("peft")
+    if peft is not None and "peft.utils.quantization_utils" not in sys.modules:
+        text += (f"; through PEFT >= 0.21 also the layers it can only run forward (GPTQ, AWQ, AQLM, EETQ, INC): "
+                 f"peft {getattr(peft, '__version__', '?')} is installed")
+    else:
+        text += "; through PEFT, the layers it can only run forward (GPTQ, AWQ, AQLM, EETQ, INC)"
+    return text
+
+
 def base_device(base: nn.Module) -> torch.device:
     """Where the base layer's weight lives (a quantized layer may keep it under another name)."""
     weight = getattr(base, "weight", None)
@@ -84,7 +96,7 @@ def check_target(module: nn.Module, name: str, parent: Optional[nn.Module]) -> N
     ``nn.Linear`` or ``Conv1D`` that its parent calls, with an unsharded weight."""
     if not is_adaptable(module):
         raise TypeError(f"target {name!r} is a {type(module).__name__}; LFMA adapts nn.Linear and transformers "
-                        "Conv1D layers only")
+                        f"Conv1D layers, and the quantized layers {_quantized_support()}")
     if isinstance(parent, nn.MultiheadAttention):
         # MultiheadAttention reads out_proj.weight and .bias directly instead of calling the module:
         # a wrapped out_proj would be bypassed (PEFT's layers even hand it the base weight, silently).
@@ -371,6 +383,13 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
     return dataclasses.replace(p, notes=p.notes + (note,))
 
 
+def _check_mergeable(base: nn.Module, what: str) -> None:
+    quantization = quantized.recognise(base)
+    if quantization is not None and not quantization.merges:
+        raise TypeError(f"{what}: a {quantization.name} layer cannot be dequantized and requantized; keep the "
+                        "adapter unmerged (it runs beside the quantized layer)")
+
+
 def _store(base: nn.Module, weight: torch.Tensor, what: str) -> nn.Module:
     """Write a dense ``(d_out, d_in)`` weight into ``base``: in place, or requantized (with a warning:
     rounding changes the outputs, as PEFT warns for LoRA); returns the layer to use from now on (a
@@ -379,9 +398,6 @@ def _store(base: nn.Module, weight: torch.Tensor, what: str) -> nn.Module:
     if quantization is None:
         tensor(base, "weight").copy_(logical_weight(base, weight))
         return base
-    if not quantization.merges:
-        raise TypeError(f"{what}: a {quantization.name} layer cannot be dequantized and requantized; keep the "
-                        "adapter unmerged (it runs beside the quantized layer)")
     layer = quantization.requantize(base, weight)
     quantized.merge_warning(quantization)
     return layer
@@ -393,6 +409,7 @@ def merge(base: nn.Module, adapters: Sequence[Adapter], backend: str, *, safe: b
     added and requantized for a quantized base); with ``safe=True`` a non-finite result raises
     ``ValueError`` and the weight is left untouched. Returns the base layer to use from now on
     (a new one for a quantized format that cannot be rewritten in place: HQQ)."""
+    _check_mergeable(base, what)
     merged = folded_weight(base, adapters, backend)
     if safe and not torch.isfinite(merged).all():
         raise ValueError(f"{what}: W + dW has non-finite values; the weight was left untouched")
@@ -403,6 +420,7 @@ def merge(base: nn.Module, adapters: Sequence[Adapter], backend: str, *, safe: b
 def unmerge(base: nn.Module, adapters: Sequence[Adapter], backend: str) -> nn.Module:
     """Subtract ``sum(dW)`` again (exact up to rounding in the weight's dtype, or the quantization's);
     returns the base layer to use from now on, as :func:`merge`."""
+    _check_mergeable(base, "unmerge")
     return _store(base, folded_weight(base, adapters, backend, sign=-1.0), "unmerge")
 
 
@@ -432,7 +450,8 @@ def choose_frequencies(
     shape = base_shape(base)
     k = layer_k(shape, k, top_k_ratio)
     init_scale = finite_number(init_scale, "init_scale")
-    # A quantized weight is dequantized once here: the selection needs its shape, and init="weight" its values.
-    chosen = select_frequencies(init_matrix(init, dense_weight(base), std=init_std, seed=seed), k,
-                                hermitian=hermitian)
+    # Only init="weight" reads the weight (a quantized one dequantized once, here); the others need its shape.
+    uses_weight = isinstance(init, str) and init == "weight"
+    weight = dense_weight(base) if uses_weight else torch.empty(shape, device="meta")
+    chosen = select_frequencies(init_matrix(init, weight, std=init_std, seed=seed), k, hermitian=hermitian)
     return chosen if init_scale == 1.0 else chosen._replace(values=chosen.values * init_scale)

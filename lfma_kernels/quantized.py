@@ -184,6 +184,37 @@ def _unpack_for_cpu_inference(base: nn.Module) -> None:
         base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
 
 
+class ForwardOnly(Quantization):
+    """A layer only its own forward can run (GPTQ, AWQ, AQLM, EETQ, INC: what PEFT >= 0.21 calls a
+    ``ForwardOnlyQuantizationBackend``): the delta path only; no fold, no ``init="weight"``, no merge."""
+    dequantizes = False
+    merges = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def base_dequantizes(self, base, x, grad):
+        return False
+
+    def dequantize(self, base):
+        raise TypeError(f"a {self.name} layer cannot be dequantized (its kernels only run its forward), so "
+                        "init='weight' and merging are not available on it; use init='random'")
+
+
+def _peft_forward_only(base: nn.Module) -> Optional[Quantization]:
+    """A quantized layer PEFT (>= 0.21, already imported) knows but can only run forward."""
+    utils = sys.modules.get("peft.utils.quantization_utils")
+    if utils is None or isinstance(base, nn.Linear) or not hasattr(base, "in_features"):
+        return None
+    try:
+        backend = utils.resolve_quantization_backend(base)
+    except (ValueError, ImportError):
+        return None
+    if isinstance(backend, utils.ForwardOnlyQuantizationBackend):
+        return ForwardOnly(backend.backend_name or type(base).__name__)
+    return None
+
+
 def _module_class(module_name: str, class_name: str) -> Optional[type]:
     return getattr(sys.modules.get(module_name), class_name, None)
 
@@ -206,7 +237,7 @@ def recognise(base: nn.Module) -> Optional[Quantization]:
     for matches, quantization in _RECOGNISERS:
         if matches(base):
             return quantization
-    return None
+    return _peft_forward_only(base)
 
 
 def check_weight(base: nn.Module, what: str) -> Optional[Quantization]:

@@ -415,3 +415,54 @@ def test_hqq_merge_replaces_the_layer_and_peft_loads_it():
     assert model.base_model.model.a.lfma_coeffs["default"].grad is not None
     merged = model.merge_and_unload()
     assert type(merged.a).__name__ == "HQQLinear"
+
+
+class FakeGPTQ(nn.Module):
+    """Stands in for a layer PEFT can only run forward (gptqmodel does not install on this CPU): packed
+    integers LFMA cannot read, and a forward of their own."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.register_buffer("qweight", torch.round(lin.weight.detach() * 64).to(torch.int32))
+        self.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.qweight.float() / 64, self.bias)
+
+
+@pytest.fixture
+def forward_only(monkeypatch):
+    """PEFT's resolver (peft >= 0.21) answering for FakeGPTQ as it answers for GPTQ layers."""
+    utils = pytest.importorskip("peft.utils.quantization_utils")
+    original = utils.resolve_quantization_backend
+    monkeypatch.setattr(utils, "resolve_quantization_backend", lambda base, **kw: (
+        utils.ForwardOnlyQuantizationBackend("gptq") if isinstance(base, FakeGPTQ) else original(base, **kw)))
+    import lfma_kernels.peft  # noqa: F401
+
+
+def test_a_forward_only_layer_gets_the_delta_path_only(forward_only):
+    from peft import get_peft_model
+
+    from lfma_kernels.peft import LfmaConfig
+
+    model = get_peft_model(Pair(FakeGPTQ(linear(D_IN, 32)), linear(32, 10, seed=1)),
+                           LfmaConfig(target_modules=["a"], k=9, alpha=20.0, seed=0))
+    layer = model.base_model.model.a
+    with torch.no_grad():
+        layer.lfma_coeffs["default"].normal_()
+    x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(3))
+    plan = layer.plan(x)
+    assert plan.delta != "fold" and "delta fold: a gptq layer cannot be dequantized" in str(plan)
+    with pytest.raises(ValueError, match="cannot be dequantized"):
+        with planner.force(delta="fold"):
+            layer(x)
+    dw = lfma.reference.delta_weight(layer.lfma_coeffs["default"].detach().double(), layer.lfma_rows["default"],
+                                     layer.lfma_cols["default"], (32, D_IN), 20.0)
+    with torch.no_grad():
+        assert rel_err(layer(x), layer.base_layer(x).double() + x.double() @ dw.T) <= 1e-5
+    with pytest.raises(TypeError, match="gptq layer cannot be dequantized and requantized"):
+        model.merge_adapter()
+    with pytest.raises(TypeError, match="gptq layer cannot be dequantized"):
+        get_peft_model(Pair(FakeGPTQ(linear(D_IN, 32)), linear(32, 10)),
+                       LfmaConfig(target_modules=["a"], k=9, init="weight"))
