@@ -5,8 +5,8 @@ fold does: it either adds ``x dW^T`` to the base layer's own output (the delta p
 ``W`` transiently, folds ``dW`` into that copy and runs one GEMM (what the base's own kernel does on a
 CPU anyway). Both need to know the layer's compute dtype and, for the second, for ``init="weight"``
 and for merging, how to dequantize and requantize its weight. A :class:`Quantization` says that for
-one family of layers; :func:`recognise` finds it, without importing bitsandbytes or torchao (a layer
-of theirs can only exist if they are imported already).
+one family of layers; :func:`recognise` finds it, without importing bitsandbytes, torchao or hqq (a
+layer of theirs can only exist if they are imported already).
 
 Supported: bitsandbytes ``Linear4bit`` (nf4/fp4, double quantization, any ``compute_dtype`` and
 ``quant_storage``) and ``Linear8bitLt``; an ``nn.Linear`` whose weight is a torchao quantized tensor
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Quantization", "recognise", "check_weight", "SUPPORTED"]
+__all__ = ["Quantization", "ForwardOnly", "recognise", "check_weight", "merge_warning", "SUPPORTED"]
 
 SUPPORTED = ("bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt", "nn.Linear with a torchao quantized weight "
              "(Int8WeightOnlyConfig, IntxWeightOnlyConfig)", "HQQ's HQQLinear")
@@ -267,5 +267,3 @@ def merge_warning(quantization: Quantization) -> None:
     warnings.warn(f"Merge into a {quantization.name} layer: W + dW is requantized, so the merged model's outputs "
                   "differ from the adapter's by the quantization's rounding.", UserWarning, stacklevel=3)
 
-
-DequantizeFn = Callable[[], torch.Tensor]

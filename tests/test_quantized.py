@@ -82,10 +82,14 @@ def adapted(kind, backend="auto", k=17, d_in=D_IN, d_out=D_OUT, **kwargs):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("path", PATHS)
 def test_every_path_matches_the_oracle(kind, path):
-    layer = adapted(kind)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, D_IN, generator=gen, requires_grad=True)
-    g = torch.randn(3, 5, D_OUT, generator=gen)
+    matches_the_oracle(adapted(kind), path)
+
+
+def matches_the_oracle(layer, path, tokens=(3, 5), seed=1):
+    """Output, dL/dx and dL/dcoeffs of ``layer`` with ``path`` forced, within 1e-4 of :func:`oracle`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*tokens, layer.in_features, generator=gen, requires_grad=True)
+    g = torch.randn(*tokens, layer.out_features, generator=gen)
     with planner.force(delta=path):
         out = layer(x)
         gx, gc = torch.autograd.grad(out, (x, layer.coeffs), g)
@@ -96,15 +100,7 @@ def test_every_path_matches_the_oracle(kind, path):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("path", PATHS)
 def test_every_backend_on_an_nf4_base(backend, path):
-    layer = adapted("nf4", backend=backend, k=9)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(4, D_IN, generator=gen, requires_grad=True)
-    g = torch.randn(4, D_OUT, generator=gen)
-    with planner.force(delta=path):
-        out = layer(x)
-        gx, gc = torch.autograd.grad(out, (x, layer.coeffs), g)
-    for got, want in zip((out, gx, gc), oracle(layer, x, g)):
-        assert rel_err(got, want) <= 1e-4
+    matches_the_oracle(adapted("nf4", backend=backend, k=9), path, tokens=(4,), seed=2)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -378,14 +374,7 @@ def test_hqq_every_path_matches_the_oracle(path):
     layer = lfma.LFMALinear(hqq_linear(), k=17, alpha=30.0)
     with torch.no_grad():
         layer.coeffs.normal_()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, D_IN, generator=gen, requires_grad=True)
-    g = torch.randn(3, 5, D_OUT, generator=gen)
-    with planner.force(delta=path):
-        out = layer(x)
-        gx, gc = torch.autograd.grad(out, (x, layer.coeffs), g)
-    for got, want in zip((out, gx, gc), oracle(layer, x, g)):
-        assert rel_err(got, want) <= 1e-4
+    matches_the_oracle(layer, path)
 
 
 def test_hqq_merge_replaces_the_layer_and_peft_loads_it():
