@@ -309,6 +309,8 @@ def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backen
     :func:`quantized_linear`."""
     if quantization is not None:
         return quantized_linear(x, base, quantization, adapters, backend)
+    if planner.forced_delta() is not None:  # the delta paths, forced on a full-precision base (to compare)
+        return quantized_linear(x, base, quantized.FULL_PRECISION, adapters, backend)
     if not training:
         cached = _eval_weight(base, adapters, backend, cache)
         if cached is not None:
@@ -360,6 +362,8 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
     shape = base_shape(base)
     tokens = None if x is None else x.numel() // shape[1]
     quantization = quantized.recognise(base)
+    if quantization is None and planner.forced_delta() is not None:
+        quantization = quantized.FULL_PRECISION
     if quantization is not None:
         like = x if x is not None else torch.empty(0, device=base_device(base))
         dtype, grad, dequantizes = _delta_facts(like, base, quantization, a.coeffs)

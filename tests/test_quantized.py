@@ -50,17 +50,20 @@ PATHS = list(planner.DELTA_PATHS)
 
 
 def oracle(layer, x, grad_out):
-    """Output, dL/dx, dL/dcoeffs: the base's own output and dL/dx (its autograd) plus x dW^T and g dW
-    with the float64 dW of the paper's formulation."""
-    base = layer.base
+    """Output, dL/dx, dL/dcoeffs of an ``LFMALinear``: :func:`oracle_of` its base and adapter."""
+    return oracle_of(layer.base, layer.coeffs, layer.rows, layer.cols, layer.alpha, x, grad_out)
+
+
+def oracle_of(base, coeffs, rows, cols, alpha, x, grad_out):
+    """The base's own output and dL/dx (its autograd) plus x dW^T and g dW with the float64 dW of the
+    paper's formulation; dL/dcoeffs by autograd through it."""
     xb = x.detach().clone().requires_grad_(True)
     yb = base(xb)
     (gxb,) = torch.autograd.grad(yb, xb, grad_out)
-    coeffs = layer.coeffs.detach().double().requires_grad_(True)
-    dw = lfma.reference.delta_weight(coeffs, layer.rows, layer.cols, (layer.out_features, layer.in_features),
-                                     layer.alpha)
+    c = coeffs.detach().double().requires_grad_(True)
+    dw = lfma.reference.delta_weight(c, rows, cols, (yb.shape[-1], x.shape[-1]), alpha)
     out = yb.detach().double() + x.detach().double() @ dw.T
-    (gc,) = torch.autograd.grad(out, coeffs, grad_out.double())
+    (gc,) = torch.autograd.grad(out, c, grad_out.double())
     return out, gxb.double() + grad_out.double() @ dw.detach(), gc
 
 
@@ -455,3 +458,59 @@ def test_a_forward_only_layer_gets_the_delta_path_only(forward_only):
     with pytest.raises(TypeError, match="gptq layer cannot be dequantized"):
         get_peft_model(Pair(FakeGPTQ(linear(D_IN, 32)), linear(32, 10)),
                        LfmaConfig(target_modules=["a"], k=9, init="weight"))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "ao-int8"])
+@pytest.mark.parametrize("path", PATHS)
+def test_peft_layer_matches_the_oracle(kind, path):
+    """The PEFT layer on each quantized base: output, dL/dx and dL/dcoeffs against the base's own output
+    and dL/dx plus the float64 x dW^T (the native layer's check, through get_peft_model)."""
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from lfma_kernels.peft import LfmaConfig
+
+    model = get_peft_model(nn.Sequential(quantize(kind, linear())), LfmaConfig(target_modules=["0"], k=17,
+                                                                                  alpha=30.0, seed=0))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lfma_coeffs["default"].normal_()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 7, D_IN, generator=gen, requires_grad=True)
+    g = torch.randn(2, 7, D_OUT, generator=gen)
+    with planner.force(delta=path):
+        out = model(x)
+        gx, gc = torch.autograd.grad(out, (x, layer.lfma_coeffs["default"]), g)
+    want = oracle_of(layer.base_layer, layer.lfma_coeffs["default"], layer.lfma_rows["default"],
+                     layer.lfma_cols["default"], 30.0, x, g)
+    for got, expected in zip((out, gx, gc), want):
+        assert rel_err(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_forced_delta_paths_on_a_full_precision_base_match_the_fold(path, conv1d):
+    """On a float base the layer always folds; forced, it runs each delta path, which must give the
+    fold's output and gradients (float32, against the float32 fold)."""
+    base = linear()
+    if conv1d:
+        transformers = pytest.importorskip("transformers")
+        conv = transformers.pytorch_utils.Conv1D(D_OUT, D_IN)
+        with torch.no_grad():
+            conv.weight.copy_(base.weight.t())
+            conv.bias.copy_(base.bias)
+        base = conv
+    layer = lfma.LFMALinear(base, k=17, alpha=30.0)
+    with torch.no_grad():
+        layer.coeffs.normal_()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, D_IN, generator=gen, requires_grad=True)
+    g = torch.randn(6, D_OUT, generator=gen)
+    want = [layer(x)]
+    want += torch.autograd.grad(want[0], (x, layer.coeffs), g)
+    with planner.force(delta=path):
+        got = [layer(x)]
+        got += torch.autograd.grad(got[0], (x, layer.coeffs), g)
+        assert layer.plan(x).delta == path
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5

@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "CostTable", "CPU", "CUDA", "TABLES", "table_for", "DW_ALGORITHMS", "BACKWARD_PATHS", "ALGORITHMS_OF",
-    "force", "forced", "dw_algorithm", "grad_algorithm", "backward_path", "native_algorithm", "dw_costs",
+    "force", "forced", "forced_delta", "dw_algorithm", "grad_algorithm", "backward_path", "native_algorithm", "dw_costs",
     "grad_costs", "backward_costs", "DELTA_PATHS", "delta_costs", "delta_path", "choose_backend", "Plan", "Refusal",
     "QuantizedBase", "plan",
 ]
@@ -257,7 +257,8 @@ def force(*, dw: Optional[str] = None, grad: Optional[str] = None, backward: Opt
     * ``backward``: how a layer's backward gets ``dL/dcoeffs``: ``"dense"``, ``"gemm"`` or ``"fft"``
       (a backward that also needs ``dL/dW`` forms ``G`` anyway, and goes through it);
     * ``delta``: how a layer beside a quantized base gets its output: ``"fold"``, ``"rows"``,
-      ``"separable"`` or ``"dense"`` (``"fold"`` needs a base LFMA can dequantize).
+      ``"separable"`` or ``"dense"`` (``"fold"`` needs a base LFMA can dequantize); forced, it also
+      runs a full-precision layer that way (which otherwise always folds), to compare.
 
     A name this does not know raises ``ValueError`` here; one a backend does not have (``"hybrid"`` on
     torch) raises ``ValueError`` when that backend is called. Blocks nest; leaving one restores what
@@ -273,6 +274,11 @@ def force(*, dw: Optional[str] = None, grad: Optional[str] = None, backward: Opt
         yield
     finally:
         _FORCED.update(saved)
+
+
+def forced_delta() -> Optional[str]:
+    """The delta path forced right now, if any (read on every layer forward: one dict lookup)."""
+    return _FORCED["delta"]
 
 
 def forced() -> Dict[str, Optional[str]]:
