@@ -310,7 +310,7 @@ def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backen
     if quantization is not None:
         return quantized_linear(x, base, quantization, adapters, backend)
     if planner.forced_delta() is not None:  # the delta paths, forced on a full-precision base (to compare)
-        return quantized_linear(x, base, quantized.FULL_PRECISION, adapters, backend)
+        return quantized_linear(x, base, FULL_PRECISION, adapters, backend)
     if not training:
         cached = _eval_weight(base, adapters, backend, cache)
         if cached is not None:
@@ -319,6 +319,22 @@ def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backen
     a = _combined(adapters)
     return _impl(backend, x, a.rows.shape[0], w.shape).lfma_linear(x, w, tensor(base, "bias"), a.coeffs, a.rows,
                                                                    a.cols, a.alpha)
+
+
+class FullPrecision(Quantization):
+    """A plain float base run through the delta paths, when ``planner.force(delta=...)`` asks for them (to
+    compare the delta paths with the fold, which full-precision layers otherwise always use; the weight
+    gets no gradient through the forced "fold")."""
+    name = "full-precision"
+
+    def base_dequantizes(self, base, x, grad):
+        return True
+
+    def dequantize(self, base):
+        return logical_weight(base).detach()
+
+
+FULL_PRECISION = FullPrecision()
 
 
 def _delta_facts(x: torch.Tensor, base: nn.Module, quantization: Quantization, coeffs: torch.Tensor):
@@ -363,7 +379,7 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
     tokens = None if x is None else x.numel() // shape[1]
     quantization = quantized.recognise(base)
     if quantization is None and planner.forced_delta() is not None:
-        quantization = quantized.FULL_PRECISION
+        quantization = FULL_PRECISION
     if quantization is not None:
         like = x if x is not None else torch.empty(0, device=base_device(base))
         dtype, grad, dequantizes = _delta_facts(like, base, quantization, a.coeffs)

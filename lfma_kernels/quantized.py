@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["Quantization", "FullPrecision", "FULL_PRECISION", "ForwardOnly", "recognise", "check_weight", "merge_warning", "SUPPORTED"]
+__all__ = ["Quantization", "ForwardOnly", "recognise", "check_weight", "merge_warning", "SUPPORTED"]
 
 SUPPORTED = ("bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt", "nn.Linear with a torchao quantized weight "
              "(Int8WeightOnlyConfig, IntxWeightOnlyConfig)", "HQQ's HQQLinear")
@@ -182,30 +182,6 @@ def _unpack_for_cpu_inference(base: nn.Module) -> None:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
-
-
-class FullPrecision(Quantization):
-    """A plain float base run through the delta paths, when ``planner.force(delta=...)`` asks for them (to
-    compare the delta paths with the fold, which full-precision layers otherwise always use; the weight
-    gets no gradient through the forced "fold")."""
-    name = "full-precision"
-
-    def compute_dtype(self, base, x_dtype):
-        return x_dtype
-
-    def base_dequantizes(self, base, x, grad):
-        return True
-
-    def dequantize(self, base):
-        from .adapter import logical_weight  # the adapter core imports this module
-
-        return logical_weight(base).detach()
-
-    def requantize(self, base, weight):
-        raise TypeError("a full-precision layer merges in place")
-
-
-FULL_PRECISION = FullPrecision()
 
 
 class ForwardOnly(Quantization):

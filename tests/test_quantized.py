@@ -430,7 +430,6 @@ def forward_only(monkeypatch):
     original = utils.resolve_quantization_backend
     monkeypatch.setattr(utils, "resolve_quantization_backend", lambda base, **kw: (
         utils.ForwardOnlyQuantizationBackend("gptq") if isinstance(base, FakeGPTQ) else original(base, **kw)))
-    import lfma_kernels.peft  # noqa: F401
 
 
 def test_a_forward_only_layer_gets_the_delta_path_only(forward_only):
