@@ -35,6 +35,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "cpu_batch.h"
+#include "cpu_delta.h"
 #include "cpu_fft2.h"
 #include "cpu_hybrid.h"
 #include "cpu_plan.h"
@@ -142,6 +143,19 @@ at::Tensor coeff_grad_batch_cpu(const at::Tensor& x, const at::Tensor& grad_out,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lfma_ext::coeff_grad_batch", [&] {
     batch_fft_grad<scalar_t>(x, grad_out, rows.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>(), k, s,
                              out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor delta_rows_cpu(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows, const at::Tensor& cols,
+                          double alpha, int64_t d_out) {
+  const int64_t d_in = x.size(1), k = rows.size(0);
+  const double s = alpha / (static_cast<double>(d_out) * static_cast<double>(d_in));
+  at::Tensor out = at::zeros({x.size(0), d_out}, x.options());
+  if (k == 0 || x.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lfma_ext::delta_rows", [&] {
+    delta_rows<scalar_t>(x, coeffs.const_data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
+                         cols.const_data_ptr<int64_t>(), k, d_out, s, out);
   });
   return out;
 }

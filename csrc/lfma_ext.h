@@ -40,5 +40,9 @@ at::Tensor coeff_grad_cpu(const at::Tensor& grad_dw, const at::Tensor& rows, con
 // contiguous in the accumulation dtype, without forming G = grad_out^T x (row FFTs, see the kernel).
 at::Tensor coeff_grad_batch_cpu(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& rows,
                                 const at::Tensor& cols, double alpha);
+// x dW^T [T, d_out] from token rows x [T, d_in] (contiguous, the accumulation dtype) and coeffs [K, 2] in
+// the same dtype, without W: row FFTs (see cpu_delta.h). The delta path beside a quantized base layer.
+at::Tensor delta_rows_cpu(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows, const at::Tensor& cols,
+                          double alpha, int64_t d_out);
 
 }  // namespace lfma_ext

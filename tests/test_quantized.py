@@ -513,3 +513,39 @@ def test_forced_delta_paths_on_a_full_precision_base_match_the_fold(path, conv1d
         assert layer.plan(x).delta == path
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-5
+
+
+def _delta_ways():
+    from lfma_kernels.ops import delta_kernels, dispatch
+
+    ways = {"torch rows": delta_kernels.delta_rows, "torch separable": delta_kernels.delta_separable,
+            "torch dense": delta_kernels.delta_dense(dispatch.backend("torch").kernels.delta_weight)}
+    if "cpp" in FAST_BACKENDS:
+        ways["cpp rows"] = dispatch.backend("cpp").kernels.delta_rows
+    return ways
+
+
+@pytest.mark.parametrize("way", list(_delta_ways()))
+@pytest.mark.parametrize("shape, tokens", [((48, 80), 11), ((97, 64), 257), ((7, 5), 3), ((8, 8), 1), ((64, 97), 0),
+                                           ((33, 40), 1029)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_delta_kernels_and_their_adjoints(way, shape, tokens, dtype):
+    """x dW^T and g dW (the same map, rows and columns swapped) against the float64 dW, with repeated
+    positions, Nyquist and zero bins, and token counts spanning the C++ kernel's blocks (256)."""
+    from lfma_kernels.ops import delta_kernels
+
+    run = _delta_ways()[way]
+    gen = torch.Generator().manual_seed(tokens + shape[0])
+    k = 23
+    rows = torch.cat([torch.randint(0, shape[0], (k - 3,), generator=gen), torch.tensor([0, shape[0] // 2, 0])])
+    cols = torch.cat([torch.randint(0, shape[1], (k - 3,), generator=gen), torch.tensor([0, shape[1] // 2, 0])])
+    coeffs = torch.randn(k, 2, generator=gen, dtype=torch.float64)
+    x = torch.randn(tokens, shape[1], generator=gen, dtype=torch.float64)
+    g = torch.randn(tokens, shape[0], generator=gen, dtype=torch.float64)
+    dw = lfma.reference.delta_weight(coeffs, rows, cols, shape, 3.0)
+    got = run(x.to(dtype), coeffs.to(dtype), rows, cols, shape, 3.0)
+    got_adj = delta_kernels.adjoint(run)(g.to(dtype), coeffs.to(dtype), rows, cols, shape, 3.0)
+    assert got.shape == (tokens, shape[0]) and got_adj.shape == (tokens, shape[1])
+    if tokens:
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert rel_err(got, x @ dw.T) <= tol and rel_err(got_adj, g @ dw) <= tol

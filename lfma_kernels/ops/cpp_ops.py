@@ -60,6 +60,14 @@ def _coeff_grad_batch_fake(x, grad_out, rows, cols, alpha):
     return x.new_empty((rows.shape[0], 2), dtype=compute_dtype(torch.promote_types(x.dtype, grad_out.dtype)))
 
 
+@torch.library.register_fake("lfma_ext::delta_rows")
+def _delta_rows_fake(x, coeffs, rows, cols, alpha, d_out):
+    op = "lfma_ext::delta_rows"
+    check_matrix(op, "x", x)
+    check_frequencies(op, coeffs, rows, cols)
+    return x.new_empty((x.shape[0], d_out), dtype=compute_dtype(coeffs.dtype))
+
+
 def _backend(t: torch.Tensor) -> str:
     # The same kernels serve the cuda backend (cuda_ops): the dispatcher picks the CPU or CUDA kernel
     # of each lfma_ext op from the tensors' device (the CUDA kernels ignore algo=).
@@ -85,6 +93,10 @@ def _coeff_grad_batch_fft(x2d, g2d, rows, cols, shape, alpha, dtype) -> torch.Te
     return torch.ops.lfma_ext.coeff_grad_batch(x2d.to(dtype), g2d.to(dtype), rows, cols, alpha)
 
 
+def _delta_rows(x2d, coeffs, rows, cols, shape, alpha) -> torch.Tensor:
+    return torch.ops.lfma_ext.delta_rows(x2d, coeffs, rows, cols, alpha, shape[0])
+
+
 def algorithm_report(k: int, shape: Sequence[int], what: str, rows: Optional[torch.Tensor] = None,
                      cols: Optional[torch.Tensor] = None) -> Tuple[str, Dict[str, float], str]:
     """What the CPU kernels' cost model (csrc/cpu_plan.cpp) picks for ``what`` ("dw" or "grad") and
@@ -105,6 +117,8 @@ def algorithm_report(k: int, shape: Sequence[int], what: str, rows: Optional[tor
 
 # The three lfma_ext ops, which have CPU and CUDA kernels: the cuda backend (cuda_ops) is these.
 LFMA_EXT_KERNELS = Kernels(delta_weight=_delta_weight, folded_weight=_folded_weight, coeff_grad=_coeff_grad)
-# The cpp backend adds the CPU-only batch path (lfma_ext::coeff_grad_batch) and its algorithm report.
-KERNELS = LFMA_EXT_KERNELS._replace(coeff_grad_batch_fft=_coeff_grad_batch_fft, algorithm_report=algorithm_report)
+# The cpp backend adds the CPU-only batch path (lfma_ext::coeff_grad_batch), the delta path's rows way
+# (lfma_ext::delta_rows) and its algorithm report.
+KERNELS = LFMA_EXT_KERNELS._replace(coeff_grad_batch_fft=_coeff_grad_batch_fft, delta_rows=_delta_rows,
+                                    algorithm_report=algorithm_report)
 OPS = register_backend("cpp", KERNELS)

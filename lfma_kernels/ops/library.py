@@ -52,6 +52,9 @@ class Kernels(NamedTuple):
     # Optional: the backend's own "fft" batch path (same signature, torch_kernels.coeff_grad_batch_fft's
     # contract). None: torch_kernels' version. What it costs is in the planner's tables.
     coeff_grad_batch_fft: Optional[Callable[..., torch.Tensor]] = None
+    # Optional: the backend's own rows way of the delta path beside a quantized base, with
+    # delta_kernels.delta_rows's signature (x2d, coeffs, rows, cols, shape, alpha). None: the torch version.
+    delta_rows: Optional[Callable[..., torch.Tensor]] = None
     # Optional, for kernels that choose their algorithm themselves (cpp): what they would choose, with
     # their estimates, for planner.plan (planner.AlgorithmReport).
     algorithm_report: Optional[planner.AlgorithmReport] = None

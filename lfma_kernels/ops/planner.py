@@ -109,6 +109,8 @@ class CostTable:
     # gives up by running its own GEMM instead)
     dequantize_s: float = 0.0
     quantized_kernel_fraction: float = 1.0
+    # the delta path's rows way: gathers, products and scatters per (token, frequency), by backend
+    delta_pair_s: Mapping[str, float] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def order(self, dtype: torch.dtype) -> Tuple[str, ...]:
@@ -116,6 +118,9 @@ class CostTable:
 
     def batch_pair(self, backend: str) -> float:
         return self.batch_pair_s.get(backend, self.batch_pair_s["default"])
+
+    def delta_pair(self, backend: str) -> float:
+        return self.delta_pair_s.get(backend, self.delta_pair_s.get("default", self.batch_pair_s["default"]))
 
 
 # One float32 GEMM multiply-add on the project's 2-core CPU (AMD EPYC, torch 2.13 with MKL, 2 threads):
@@ -164,6 +169,11 @@ CPU = CostTable(
     # the float32 GEMM (AMD EPYC, 2026-12-03, a loop of 10 calls; not in RESULTS.md).
     dequantize_s=30 * _CPU_MAC_S,
     quantized_kernel_fraction=0.55,
+    # x dW^T by row FFTs at 768x768 and 1024 tokens (AMD EPYC, 2026-12-03, a loop of 10 calls; not in
+    # RESULTS.md): lfma_ext::delta_rows 1.4 / 1.9 / 3.1 ms at K = 58 / 176 / 943 (its row FFTs as
+    # row_fft_s, then ~170 multiply-adds per token and frequency: two gathered complex products and
+    # scatters); delta_kernels.delta_rows (torch) 4.1 / 6.2 / 12.5 ms (~1100: [K, tokens] temporaries).
+    delta_pair_s={"default": 1100 * _CPU_MAC_S, "cpp": 170 * _CPU_MAC_S},
     batch_pair_s={
         # torch_kernels.coeff_grad_batch_fft (every backend without a batch kernel of its own): a gather of
         # scattered rows and a batch of tiny products, 5-14 ns per (token, frequency) pair (768x768 at 4096
@@ -217,6 +227,7 @@ CUDA = CostTable(
     batch_gemm_mac_s=2.0 * _GPU_MAC_S,  # the CPU multiple, not measured on a GPU
     row_fft_s=7.0 * _GPU_MAC_S,         # the CPU multiple, not measured on a GPU
     dequantize_s=30 * _GPU_MAC_S,       # the CPU multiple, not measured on a GPU
+    delta_pair_s={"default": 1100 * _GPU_MAC_S},  # the CPU multiple, not measured on a GPU
     quantized_kernel_fraction=0.1,      # ESTIMATE: bitsandbytes' 4-bit GEMV reads 1/8 of a float32 weight
     batch_pair_s={"default": 1000 * _GPU_MAC_S, "cpp": 60 * _GPU_MAC_S},  # the CPU multiples
     # The fused kernel: 2*K*d_out*d_in multiply-adds in float32 IEEE tl.dot at ~20 T multiply-adds/s. The
@@ -396,7 +407,7 @@ def delta_costs(backend: str, device_type: str, tokens: int, k: int, shape: Sequ
     return {
         "fold": passes * fold,
         "rows": passes * tokens * (t.row_fft_s * (d_out * _log2(d_out) + d_in * _log2(d_in))
-                                   + t.batch_pair("default") * k),  # torch gathers and products (delta_kernels)
+                                   + t.delta_pair(backend) * k),
         "separable": passes * t.batch_gemm_mac_s * tokens * 2 * k * (d_out + d_in),
         "dense": passes * (dw + tokens * n * t.gemm_mac_s),
     }

@@ -34,7 +34,8 @@ class QuantizedOps(NamedTuple):
 
 
 def register_quantized(name: str, kernels: Kernels) -> QuantizedOps:
-    deltas = {"rows": delta_rows, "separable": delta_separable, "dense": delta_dense(kernels.delta_weight)}
+    deltas = {"rows": kernels.delta_rows or delta_rows, "separable": delta_separable,
+              "dense": delta_dense(kernels.delta_weight)}
 
     def coefficient_gradient(x2d, g2d, coeffs, rows, cols, shape, alpha):
         path = planner.backward_path(name, g2d.device.type, x2d.shape[0], rows.shape[0], shape)
