@@ -20,26 +20,18 @@ parameters, with a random ``dL/dout``) at ``--tokens`` tokens:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-try:
-    import lfma_kernels as lfma
-except ImportError:  # not installed: use the source tree this script lives in
-    sys.path.insert(0, os.path.dirname(_HERE))
-    import lfma_kernels as lfma
+from common import lfma  # first: puts lfma_kernels (and this folder) on the path
 
-import torch
-import torch.nn as nn
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-from lfma_kernels.ops import planner
-from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section
-from timing import interleaved_rounds, paired_ratio
+from lfma_kernels.ops import planner  # noqa: E402
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section  # noqa: E402
+from timing import interleaved_rounds, paired_ratio  # noqa: E402
 
 PATHS = ("fold", "rows", "separable", "dense")
 

@@ -26,7 +26,8 @@ from .quantized import Quantization
 from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
 
 __all__ = [
-    "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "base_device", "check_base", "check_target", "check_unsharded",
+    "Adapter", "EvalCacheHooks", "is_conv1d", "is_adaptable", "base_device", "set_submodule", "check_base",
+    "check_target", "check_unsharded",
     "check_loaded_positions", "check_backend_name", "loadable_backend", "module_names", "check_not_aliased",
     "tied_weight_names", "unchanged_by", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
     "dense_weight", "delta_weight", "folded_weight", "quantized_linear", "plan", "merge", "unmerge", "layer_k",
@@ -72,6 +73,12 @@ def _quantized_support() -> str:
     else:
         text += "; through PEFT, the layers it can only run forward (GPTQ, AWQ, AQLM, EETQ, INC)"
     return text
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def base_device(base: nn.Module) -> torch.device:

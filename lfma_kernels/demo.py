@@ -41,7 +41,8 @@ import torch.nn as nn
 from ._format import markdown_table
 from .baselines import FourierFTLinear, LoRALinear
 from .layers import LFMALinear
-from .model import LFMAConfig, _set_submodule, apply_lfma, lfma_layers
+from .adapter import set_submodule
+from .model import LFMAConfig, apply_lfma, lfma_layers
 
 # The model: small enough to train in seconds on 2 CPU cores, shaped like a real ViT.
 HIDDEN, LAYERS, HEADS, MLP = 64, 4, 4, 128
@@ -207,7 +208,7 @@ def setup_lora(model: nn.Module, budget: int, seed: int) -> str:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         for name in _target_names(model):
-            _set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha=r))
+            set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha=r))
         return "local LoRA"
     inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=targets), model)
     for name, p in model.named_parameters():
@@ -218,7 +219,7 @@ def setup_lora(model: nn.Module, budget: int, seed: int) -> str:
 def setup_fourierft(model: nn.Module, budget: int, seed: int) -> str:
     _freeze_all_but_head(model)
     for name in _target_names(model):
-        _set_submodule(model, name, FourierFTLinear(model.get_submodule(name), budget, alpha=ALPHA["fourierft"],
+        set_submodule(model, name, FourierFTLinear(model.get_submodule(name), budget, alpha=ALPHA["fourierft"],
                                                     seed=777 + seed))
     return _backend_of(model)
 

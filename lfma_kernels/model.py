@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_frequencies, check_options
-from .adapter import (base_device, base_shape, check_backend_name, check_not_aliased, check_target, is_adaptable, layer_k,
+from .adapter import (base_device, base_shape, set_submodule, check_backend_name, check_not_aliased, check_target, is_adaptable, layer_k,
                       loadable_backend, module_names, tied_weight_names)
 from .layers import LFMALinear
 from .selection import Frequencies
@@ -162,11 +162,6 @@ def _save_names(model: nn.Module, config: LFMAConfig) -> List[str]:
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def apply_lfma(model: nn.Module, config: LFMAConfig,
                frequencies: Optional[Dict[str, Frequencies]] = None) -> nn.Module:
     """Wrap every target ``nn.Linear`` or ``Conv1D`` in an ``LFMALinear`` in place and freeze everything but the
@@ -199,7 +194,7 @@ def apply_lfma(model: nn.Module, config: LFMAConfig,
             raise kind(f"layer {n!r}: {e}") from e
     model.requires_grad_(False)
     for n, layer in layers.items():
-        _set_submodule(model, n, layer)
+        set_submodule(model, n, layer)
         layer.coeffs.requires_grad_(True)
     for n in save_names:
         model.get_submodule(n).requires_grad_(True)
@@ -336,7 +331,7 @@ def unload_lfma(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the plain ``nn.Linear`` / ``Conv1D`` layers back; returns the model."""
     merge_lfma(model)
     for n, layer in lfma_layers(model).items():
-        _set_submodule(model, n, layer.base)
+        set_submodule(model, n, layer.base)
     if hasattr(model, "lfma_config"):
         del model.lfma_config
     return model

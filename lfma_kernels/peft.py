@@ -215,8 +215,7 @@ def _take_back(model: nn.Module, adapter_name: str, before: Dict[str, nn.Module]
         if before.get(name) is module:
             module.delete_adapter(adapter_name)
         else:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+            adapter.set_submodule(model, name, module.get_base_layer())
     for p, flag in flags.items():
         p.requires_grad_(flag)
 
@@ -225,8 +224,7 @@ def _unwrap_empty(model: nn.Module) -> None:
     """Put back the base layer of every LFMA layer left without adapters (a refused first load)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LfmaLayer) and not module.lfma_coeffs:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+            adapter.set_submodule(model, name, module.get_base_layer())
 
 
 def _pattern_key(patterns: Sequence[str], name: str) -> Optional[str]:

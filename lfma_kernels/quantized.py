@@ -251,16 +251,12 @@ def check_weight(base: nn.Module, what: str) -> Optional[Quantization]:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{what}: the base layer ({type(base).__name__}) has no weight tensor LFMA can read, and is not "
                         f"a quantized layer LFMA supports ({'; '.join(SUPPORTED)})")
-    plain = type(weight) in (torch.Tensor, nn.Parameter) or _is_dtensor(weight)
+    plain = type(weight) in (torch.Tensor, nn.Parameter)
     if not plain or not weight.dtype.is_floating_point:
         raise TypeError(f"{what}: the base layer's weight is a {type(weight).__name__} of dtype {weight.dtype}, not a "
                         f"plain floating-point tensor, and not a quantized format LFMA supports ({'; '.join(SUPPORTED)})")
     return None
 
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    dtensor = _module_class("torch.distributed.tensor", "DTensor")
-    return dtensor is not None and isinstance(t, dtensor)
 
 
 def merge_warning(quantization: Quantization) -> None:

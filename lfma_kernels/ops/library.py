@@ -404,13 +404,10 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     def composite_linear(x, weight, bias, coeffs, rows, cols, alpha) -> torch.Tensor:
         # torch.compile of a torch.func transform (compile(grad(f))): Dynamo inlines the Function and
-        # hands the ops the transforms' wrapped tensors, which custom ops refuse; the torch backend's
-        # dW in plain differentiable operations traces and transforms as it is (same values).
-        shape = tuple(weight.shape)
-        if planner.dw_algorithm("torch", x.device.type, rows.shape[0], shape) == "separable":
-            dw = torch_kernels.delta_weight_separable(coeffs, rows, cols, shape, alpha)
-        else:
-            dw = torch_kernels.delta_weight_fft(coeffs, rows, cols, shape, alpha)
+        # hands the ops the transforms' wrapped tensors, which custom ops refuse; the separable dW in
+        # plain differentiable operations traces and transforms as it is (same values; this rare case
+        # does not get the planner's choice of algorithm).
+        dw = torch_kernels.delta_weight_separable(coeffs, rows, cols, tuple(weight.shape), alpha)
         return F.linear(x, add_delta(weight, dw).to(x.dtype), bias)
 
     def delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
