@@ -51,6 +51,14 @@ def positive_int(value: object, what: str) -> int:
     return number
 
 
+def count(value: object, what: str) -> int:
+    """An int >= 0, as :func:`positive_int` takes them."""
+    number = _integer(value, what, "an int >= 0")
+    if number < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+    return number
+
+
 def real_number(value: object, what: str) -> float:
     """A plain Python float from an int or float, a numpy scalar or a 0-d real tensor or array (stored as
     plain numbers, so configs stay JSON-serialisable); never a bool. A float32 or float16 value becomes

@@ -30,7 +30,7 @@ __all__ = [
     "check_target", "check_unsharded",
     "check_loaded_positions", "check_backend_name", "loadable_backend", "module_names", "check_not_aliased",
     "tied_weight_names", "unchanged_by", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
-    "dense_weight", "delta_weight", "folded_weight", "quantized_linear", "plan", "merge", "unmerge", "layer_k",
+    "dense_weight", "delta_weight", "folded_weight", "folded_linear", "quantized_linear", "plan", "merge", "unmerge", "layer_k",
     "choose_frequencies",
 ]
 
@@ -223,13 +223,20 @@ class EvalCacheHooks:
 
     _cache: FoldedWeightCache
 
+    def _caches(self) -> tuple:
+        """Every cache of ``W + dW`` the layer keeps (each has ``clear()`` and ``enabled``)."""
+        return (self._cache,)
+
     def train(self, mode: bool = True):
-        self._cache.clear()
-        self._cache.enabled = cache_allowed(self)
+        allowed = cache_allowed(self)
+        for cache in self._caches():
+            cache.clear()
+            cache.enabled = allowed
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache.clear()
+        for cache in self._caches():
+            cache.clear()
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -318,7 +325,14 @@ def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backen
         return quantized_linear(x, base, quantization, adapters, backend)
     if planner.forced_delta() is not None:  # the delta paths, forced on a full-precision base (to compare)
         return quantized_linear(x, base, FULL_PRECISION, adapters, backend)
-    if not training:
+    return folded_linear(x, base, adapters, backend, None if training else cache)
+
+
+def folded_linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backend: str,
+                  cache: Optional[FoldedWeightCache]) -> torch.Tensor:
+    """``F.linear(x, W + sum(dW), b)`` on a full-precision base: the cached ``W + dW`` when it may serve
+    (``cache``, not ``None`` in eval), else ``W + dW`` folded for this call."""
+    if cache is not None:
         cached = _eval_weight(base, adapters, backend, cache)
         if cached is not None:
             return F.linear(x, cached, tensor(base, "bias"))

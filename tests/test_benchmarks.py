@@ -136,3 +136,19 @@ def test_bench_models_ratios_are_medians_of_per_round_ratios():
     lfma = [c.strip() for c in next(line for line in lines if line.startswith("| LFMA auto")).strip("|").split("|")]
     assert lfma[header.index("step / LoRA")] == "0.90x"  # per round 0.9, 0.95, 0.5; medians 9.5 / 10 = 0.95
     assert timing.paired_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 6.0]) == 2.0
+
+
+def test_bench_mixed_end_to_end(quiet_machine, tmp_path):
+    """A tiny mixed-adapter-batch run: every variant timed for each adapter count, the kept W + dW reported."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import bench_mixed
+
+    out = tmp_path / "RESULTS.md"
+    assert bench_mixed.main(["--models", "GPT-2", "--layers", "1", "--batch", "2", "--seq", "4", "--adapters", "1,2",
+                             "--repeats", "2", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "<!-- section: mixed cpu seq 4 -->" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == 8 and all("-" not in line.split("|")[4] for line in rows)  # 2 counts x 4 variants
+    assert sum(bench_mixed.LFMA in line for line in rows) == 4

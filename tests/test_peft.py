@@ -811,12 +811,6 @@ def test_a_module_registered_under_two_names_is_refused():
     assert type(model.lin0) is nn.Linear and model.alias is model.lin0
 
 
-def test_mixed_adapter_batches_are_refused_not_ignored():
-    model = add_second(randomize(peft_model("mlp"))).eval()
-    with pytest.raises(ValueError, match="mixed-adapter batches"):
-        model(inputs("mlp"), adapter_names=["default", "other", "__base__", "other"])
-
-
 def test_per_sample_gradients_through_the_peft_model():
     """torch.func over a PeftModel: vmap(grad) over the samples equals a loop of ordinary backward
     passes, every LFMA coefficient included."""

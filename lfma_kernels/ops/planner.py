@@ -29,7 +29,7 @@ import torch
 __all__ = [
     "CostTable", "CPU", "CUDA", "TABLES", "table_for", "DW_ALGORITHMS", "BACKWARD_PATHS", "ALGORITHMS_OF",
     "force", "forced", "forced_delta", "dw_algorithm", "grad_algorithm", "backward_path", "native_algorithm", "dw_costs",
-    "grad_costs", "backward_costs", "DELTA_PATHS", "delta_costs", "delta_path", "choose_backend", "Plan", "Refusal",
+    "grad_costs", "backward_costs", "DELTA_PATHS", "delta_costs", "delta_path", "mixed_costs", "mixed_path", "choose_backend", "Plan", "Refusal",
     "QuantizedBase", "plan",
 ]
 
@@ -111,6 +111,9 @@ class CostTable:
     quantized_kernel_fraction: float = 1.0
     # the delta path's rows way: gathers, products and scatters per (token, frequency), by backend
     delta_pair_s: Mapping[str, float] = field(default_factory=dict)
+    # a mixed-adapter batch's fold: one more GEMM call over a whole weight for one adapter's rows, per
+    # weight entry beyond its multiply-adds (a GEMM over few rows is bound by reading the weight)
+    weight_pass_s: float = 0.0
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def order(self, dtype: torch.dtype) -> Tuple[str, ...]:
@@ -174,6 +177,10 @@ CPU = CostTable(
     # row_fft_s, then ~170 multiply-adds per token and frequency: two gathered complex products and
     # scatters); delta_kernels.delta_rows (torch) 4.1 / 6.2 / 12.5 ms (~1100: [K, tokens] temporaries).
     delta_pair_s={"default": 1100 * _CPU_MAC_S, "cpp": 170 * _CPU_MAC_S},
+    # F.linear over a 768x768 / 2304x768 / 3072x768 float32 weight took 56 / 127 / 172 us for one row
+    # (8-9 multiply-adds per weight entry) and 203 / 553 / 949 us for 16 (AMD EPYC, 2026-12-03, median of
+    # 30 calls): a GEMM call of its own for a few rows costs ~15 multiply-adds per entry before its own.
+    weight_pass_s=15 * _CPU_MAC_S,
     batch_pair_s={
         # torch_kernels.coeff_grad_batch_fft (every backend without a batch kernel of its own): a gather of
         # scattered rows and a batch of tiny products, 5-14 ns per (token, frequency) pair (768x768 at 4096
@@ -228,6 +235,7 @@ CUDA = CostTable(
     row_fft_s=7.0 * _GPU_MAC_S,         # the CPU multiple, not measured on a GPU
     dequantize_s=30 * _GPU_MAC_S,       # the CPU multiple, not measured on a GPU
     delta_pair_s={"default": 1100 * _GPU_MAC_S},  # the CPU multiple, not measured on a GPU
+    weight_pass_s=20 * _GPU_MAC_S,  # ESTIMATE: a float32 weight read at ~4 TB/s, ~1 ps per entry
     quantized_kernel_fraction=0.1,      # ESTIMATE: bitsandbytes' 4-bit GEMV reads 1/8 of a float32 weight
     batch_pair_s={"default": 1000 * _GPU_MAC_S, "cpp": 60 * _GPU_MAC_S},  # the CPU multiples
     # The fused kernel: 2*K*d_out*d_in multiply-adds in float32 IEEE tl.dot at ~20 T multiply-adds/s. The
@@ -426,6 +434,34 @@ def delta_path(backend: str, device_type: str, tokens: int, k: int, shape: Seque
     if not can_dequantize:
         costs.pop("fold")
     return _cheapest(costs)
+
+
+def mixed_costs(backend: str, device_type: str, tokens: int, k: int, shape: Sequence[int], *,
+                fold: Optional[bool]) -> Dict[str, float]:
+    """Estimated seconds one adapter's rows of a mixed-adapter batch (``tokens`` of them, no gradient) add to
+    a GEMM of the base weight over those rows: a delta path beside the base layer's output, or ``"fold"``,
+    a GEMM of their own with the adapter's ``W + dW``, which reads the whole weight once more (``fold``:
+    True, that ``W + dW`` is kept from an earlier call; False, built now; None, no fold: a quantized base)."""
+    costs = delta_costs(backend, device_type, tokens, k, shape, training=False, base_dequantizes=True)
+    del costs["fold"]
+    if fold is not None:
+        t = table_for(device_type)
+        build = 0.0 if fold else min(_costs("torch", t, k, shape, gradient=False).values())
+        costs["fold"] = shape[0] * shape[1] * t.weight_pass_s + build
+    return costs
+
+
+def mixed_path(backend: str, device_type: str, tokens: int, k: int, shape: Sequence[int], *,
+               fold: Optional[bool]) -> str:
+    """How one adapter's rows of a mixed-adapter batch get their output (:func:`mixed_costs`); a forced
+    delta path (:func:`force`) applies here too."""
+    forced_name = _FORCED["delta"]
+    if forced_name is not None:
+        if forced_name == "fold" and fold is None:
+            raise ValueError("planner.force(delta='fold'): a mixed-adapter batch beside a quantized base takes "
+                             "the delta paths (its base layer runs once for every sample)")
+        return forced_name
+    return _cheapest(mixed_costs(backend, device_type, tokens, k, shape, fold=fold))
 
 
 def _cuda_kernels_fit(t: CostTable, k: int, shape: Sequence[int]) -> bool:

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .. import adapter
 from ..eval_cache import FoldedWeightCache
 from ..ops import dispatch
+from . import mixed_batch
 from .config import LfmaConfig
 
 __all__ = ["LfmaLayer", "LfmaLinear"]
@@ -39,6 +40,7 @@ class LfmaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: List[str] = []
         self._cache = FoldedWeightCache()
+        self._folds = mixed_batch.FoldPool()  # each adapter's W + dW for mixed-adapter batches
         self.kwargs = kwargs
         self.out_features, self.in_features = adapter.base_shape(base_layer)
 
@@ -58,6 +60,7 @@ class LfmaLayer(BaseTunerLayer):
         self.lfma_alpha[adapter_name] = float(config.alpha)
         self.lfma_backend[adapter_name] = config.backend
         self._cache.clear()
+        self._folds.drop(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -101,12 +104,21 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         self.register_load_state_dict_post_hook(LfmaLinear._shapes_are_optional)
         self.update_layer(adapter_name, k, config, seed)
 
+    def _caches(self) -> tuple:
+        return (self._cache, self._folds)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         base = self.base_layer
+        if adapter_names is not None:
+            self._check_mixed_batch(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return base(x, *args, **kwargs)
+        if adapter_names is not None:
+            return mixed_batch.linear(x, base, mixed_batch.groups_of(adapter_names, lambda n, s: self._group(n, s, x)),
+                                      self._folds, self._quantization, lambda rows: base(rows, *args, **kwargs))
         if self.merged:
             return base(x, *args, **kwargs)
         names = self.active_adapters
@@ -114,6 +126,21 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         if not adapters:
             return base(x, *args, **kwargs)
         return adapter.linear(x, base, adapters, self._backend(names), self._cache, self.training, self._quantization)
+
+    def _check_mixed_batch(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
+        """PEFT's LoRA checks of ``adapter_names=`` (one name per sample; no merged adapter), its messages."""
+        if len(x) != len(adapter_names):
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {len(x)} respectively.")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+
+    def _group(self, name: str, samples: List[int], x: torch.Tensor) -> Optional[mixed_batch.Group]:
+        if name not in self.lfma_coeffs:
+            return None
+        return mixed_batch.Group(name, self._adapters([name])[0], self.lfma_backend[name], samples,
+                                 torch.tensor(samples, dtype=torch.int64, device=x.device))
 
     def plan(self, x: Optional[torch.Tensor] = None):
         """What a forward with input ``x`` over the active adapters runs and why (see
@@ -198,6 +225,7 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._cache.clear()
+        self._folds.drop(adapter_name)
         super().delete_adapter(adapter_name)
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import re
+from functools import partial
 import warnings
 from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence
@@ -10,9 +11,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from .. import adapter
+from .._checks import count
 from .config import DEFAULT_K, LfmaConfig
 from .layer import LfmaLayer, LfmaLinear
 
@@ -55,6 +58,25 @@ def _unwrap_empty(model: nn.Module) -> None:
             adapter.set_submodule(model, name, module.get_base_layer())
 
 
+def _names_pre_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: List[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _add_names_hooks(modules, adapter_names: List[str]) -> list:
+    """Hand ``adapter_names`` to the forward of every LFMA layer and ``modules_to_save`` wrapper among
+    ``modules``; the hooks' handles."""
+    return [m.register_forward_pre_hook(partial(_names_pre_hook, adapter_names=adapter_names), with_kwargs=True)
+            for m in modules if isinstance(m, (LfmaLayer, AuxiliaryTrainingWrapper))]
+
+
+def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
+    """The model's encoder, if it has one apart from itself (transformers 5 returns the model itself)."""
+    get = getattr(model, "get_encoder", None)
+    encoder = get() if callable(get) else None
+    return None if encoder is model else encoder
+
+
 def _pattern_key(patterns: Sequence[str], name: str) -> Optional[str]:
     """The first pattern that is ``name`` itself or matches its trailing components (PEFT's
     ``rank_pattern`` rule)."""
@@ -94,14 +116,49 @@ class LfmaModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """PeftModel runs its forward and ``generate`` inside this. ``adapter_names=`` (a mixed-adapter
-        batch, one adapter per sample) is refused rather than ignored: without this hook PEFT drops the
-        argument and every sample would get the active adapters."""
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError("LFMA does not serve mixed-adapter batches (adapter_names=) yet; run the samples of "
-                             "each adapter separately, after model.set_adapter(name)")
+        """PeftModel runs its forward and ``generate`` inside this. ``adapter_names=`` (one adapter name per
+        sample, ``"__base__"`` for none: a mixed-adapter batch) reaches every LFMA layer and
+        ``modules_to_save`` wrapper through forward pre-hooks, as PEFT's LoRA does: refused in training
+        mode and for names no layer has; under beam search (``num_beams > 1``) each name is repeated per
+        beam, except in an encoder, which sees each input once."""
         self.__dict__.get("_lfma_awaiting_state", set()).clear()  # in use: a later refused load deletes nothing
-        yield
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+        known = set().union(*(m.lfma_coeffs.keys() for m in self.modules() if isinstance(m, LfmaLayer)))
+        unknown = {n for n in adapter_names if n != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        per_sample = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            per_sample = [n for n in adapter_names for _ in range(num_beams)]
+        handles = _add_names_hooks(self.modules(), per_sample)
+        encoder = _get_encoder(self.model)
+        if encoder is not None and per_sample != list(adapter_names):
+            # Registered after the others, so these run last: the encoder's layers see each input once.
+            handles += _add_names_hooks(encoder.modules(), list(adapter_names))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def set_mixed_batch_folds(self, max_adapters: int) -> None:
+        """How many adapters' ``W + dW`` each full-precision layer keeps for mixed-adapter batches
+        (default 4; each costs the memory of the layer's weight, as a merged copy would). An adapter with
+        many samples in a batch runs as one GEMM with its own ``W + dW``, kept between calls up to this
+        many adapters and built for the call beyond them; 0 keeps none."""
+        max_adapters = count(max_adapters, "set_mixed_batch_folds: max_adapters")
+        for module in self.modules():
+            if isinstance(module, LfmaLayer):
+                module._folds.clear()
+                module._folds.capacity = max_adapters
 
     def _check_targets(self, model: nn.Module, config: LfmaConfig) -> None:
         if config.target_modules is None:  # the architecture's defaults, as inject_adapter resolves them

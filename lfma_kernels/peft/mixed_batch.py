@@ -1,0 +1,138 @@
+"""Mixed-adapter batches (PEFT's ``adapter_names=``): each sample through its own adapter, or none.
+
+The samples of one adapter go together: one call per adapter present in the batch, never one per
+sample. For each adapter the planner chooses (:func:`lfma_kernels.ops.planner.mixed_path`):
+
+- a delta path (``rows``, ``separable`` or ``dense``): ``x dW^T`` on the adapter's samples, added to the
+  base layer's output, which runs once for every sample not folded (quantized bases always go this way);
+- ``fold`` (full-precision bases): one GEMM of the adapter's samples with its own ``W + dW``. Kept
+  between calls, like the eval cache and invalidated the same way, for at most ``FoldPool.capacity``
+  adapters per layer; built for the call beyond that.
+
+The delta paths cost per row and the fold one pass over the weight: decoding (a few rows per adapter)
+takes a delta path, a prompt of many rows the fold, whose cost is then that of the merged adapter.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from .. import adapter
+from ..eval_cache import FoldedWeightCache
+from ..ops import dispatch, planner
+from ..quantized import Quantization
+
+__all__ = ["Group", "FoldPool", "DEFAULT_FOLDS", "groups_of", "linear"]
+
+# Adapters whose W + dW a layer keeps for mixed batches: each costs the memory of the layer's weight,
+# as a merged copy would (set per model: LfmaModel.set_mixed_batch_folds).
+DEFAULT_FOLDS = 4
+
+
+class Group(NamedTuple):
+    name: str
+    adapter: adapter.Adapter
+    backend: str
+    samples: List[int]   # its samples' places in the batch ...
+    index: torch.Tensor  # ... as int64 on the input's device
+
+
+class FoldPool:
+    """Each adapter's kept ``W + dW`` for mixed batches: at most ``capacity`` adapters, those first served
+    by the fold (no eviction: a stream of batches cycling through more adapters than fit would otherwise
+    rebuild at every call). Emptied as the layer's eval cache is (a mode switch, a device or dtype move)
+    and when an adapter is deleted or the capacity changes."""
+
+    __slots__ = ("_caches", "capacity", "enabled", "__weakref__")
+
+    def __init__(self, capacity: int = DEFAULT_FOLDS) -> None:
+        self._caches: Dict[str, FoldedWeightCache] = {}
+        self.capacity = capacity
+        self.enabled = True  # False: the layer may not keep caches now (adapter.cache_allowed)
+
+    def kept(self, name: str) -> Optional[bool]:
+        """True: ``name`` has a cache here; False: it would get one; None: no room (or none allowed)."""
+        if not self.enabled:
+            return None
+        if name in self._caches:
+            return True
+        return False if len(self._caches) < self.capacity else None
+
+    def cache(self, name: str) -> Optional[FoldedWeightCache]:
+        if self.kept(name) is None:
+            return None
+        return self._caches.setdefault(name, FoldedWeightCache())
+
+    def drop(self, name: str) -> None:
+        self._caches.pop(name, None)
+
+    def clear(self) -> None:
+        self._caches.clear()
+
+    def __reduce__(self):
+        return (FoldPool, (self.capacity,))  # copied or pickled empty, as FoldedWeightCache
+
+
+def groups_of(adapter_names: Sequence[str], adapters: Callable[[str, List[int]], Optional[Group]]) -> List[Group]:
+    """The samples of each adapter named in ``adapter_names`` that this layer has (``adapters(name, samples)``
+    builds its group, or ``None``); ``"__base__"`` and adapters the layer lacks get the base layer alone."""
+    samples: Dict[str, List[int]] = {}
+    for i, name in enumerate(adapter_names):
+        samples.setdefault(name, []).append(i)
+    groups = []
+    for name, rows in samples.items():
+        group = None if name == "__base__" else adapters(name, rows)
+        if group is not None:
+            groups.append(group)
+    return groups
+
+
+def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool: FoldPool,
+           quantization: Optional[Quantization], run_base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The output of a mixed batch: ``run_base(x[i])`` for samples of no adapter, plus each group's own
+    adapter on its samples (``x`` is ``[samples, ..., d_in]``)."""
+    shape = adapter.base_shape(base)
+    per_sample = x[0].numel() // shape[1] if x.shape[0] else 0
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(g.adapter.coeffs.requires_grad for g in groups))
+    q = quantization if quantization is not None else adapter.FULL_PRECISION
+    dtype = q.compute_dtype(base, x.dtype)
+    folds, deltas = [], []
+    for g in groups:
+        k = g.adapter.rows.shape[0]
+        # A kept W + dW serves no forward that needs a gradient through it (adapter.linear rebuilds it then).
+        fold = None if quantization is not None else (False if grad else pool.kept(g.name) is not None)
+        impl = dispatch.resolve(g.backend, x.device, dtype, k, shape)
+        path = planner.mixed_path(impl.name, x.device.type, len(g.samples) * per_sample, k, shape, fold=fold)
+        (folds if path == "fold" else deltas).append((g, impl, path))
+    if folds:
+        out = _folded(x, base, folds, pool, run_base)
+    else:
+        out = run_base(x)
+    if deltas:
+        q.prepare(base, grad)
+    for g, impl, path in deltas:
+        a = g.adapter
+        delta = impl.delta_linear(x.index_select(0, g.index).to(dtype), a.coeffs, a.rows, a.cols, a.alpha, shape,
+                                  path)
+        out.index_add_(0, g.index, delta.to(out.dtype))
+    return out
+
+
+def _folded(x: torch.Tensor, base: torch.nn.Module, folds, pool: FoldPool,
+            run_base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Each folded group's samples through its own ``W + dW``, every other sample through the base layer."""
+    folded = set()
+    pieces = []
+    for g, impl, _ in folds:
+        folded.update(g.samples)
+        pieces.append((g.index, adapter.folded_linear(x.index_select(0, g.index), base, [g.adapter], impl.name,
+                                                      pool.cache(g.name))))
+    if len(folded) < x.shape[0]:
+        rest = torch.tensor([i for i in range(x.shape[0]) if i not in folded], device=x.device)
+        pieces.append((rest, run_base(x.index_select(0, rest))))
+    first = pieces[0][1]
+    out = first.new_empty((x.shape[0], *first.shape[1:]))
+    for samples, piece in pieces:
+        out.index_copy_(0, samples, piece)
+    return out
