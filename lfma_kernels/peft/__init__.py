@@ -29,9 +29,11 @@ from __future__ import annotations
 from .config import DEFAULT_K, SUPPORTED_PEFT, LfmaConfig
 from .layer import LfmaLayer, LfmaLinear
 from .model import LfmaModel
+from .lora_export import LayerRank, convert_to_lora, lora_ranks, save_as_lora
 from peft.utils import PeftType, register_peft_method  # after .config, which checks PEFT's version first
 
-__all__ = ["LfmaConfig", "LfmaModel", "LfmaLayer", "LfmaLinear", "SUPPORTED_PEFT", "DEFAULT_K"]
+__all__ = ["LfmaConfig", "LfmaModel", "LfmaLayer", "LfmaLinear", "SUPPORTED_PEFT", "DEFAULT_K", "convert_to_lora",
+           "save_as_lora", "lora_ranks", "LayerRank"]
 
 
 def _register() -> None:

@@ -84,6 +84,11 @@ class LfmaLayer(BaseTunerLayer):
         """The first named adapter's backend (adapters of one layer normally share one)."""
         return next((self.lfma_backend[n] for n in names if n in self.lfma_backend), "auto")
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's ``convert_to_lora`` may convert this layer (an SVD of :meth:`get_delta_weight`);
+        ``lfma_kernels.peft.convert_to_lora`` does it exactly, from small factors."""
+        return True
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """What merging ``adapter_name`` adds to the base layer's stored weight: ``dW``, or ``dW^T``
         for a ``Conv1D`` (PEFT's LoRA convention), in float32, differentiable."""
