@@ -12,6 +12,9 @@
 //       from x [T, d_in] and grad_out [T, d_out] without forming G (CPU only)
 //   lfma_ext::delta_rows(x, coeffs, rows, cols, alpha, d_out) -> x dW^T [T, d_out] from x [T, d_in] without W,
 //       by row FFTs (CPU only; the delta path beside a quantized base, lfma_kernels/ops/delta_kernels.py)
+//   lfma_ext::delta_rows_grouped(x, coeffs, rows, cols, k_counts, t_counts, alphas, d_out) -> the same for
+//       several adapters in one call: x's rows grouped by adapter (t_counts), their frequencies concatenated
+//       (k_counts), one alpha each (CPU only; a mixed-adapter batch, lfma_kernels/peft/mixed_batch.py)
 //   lfma_ext::choose_algo(k, d_out, d_in, inverse, terms=-1, columns=-1) -> int: what algo=-1 picks
 //       on CPU for K frequencies forming `terms` distinct hybrid terms in `columns` columns
 //   lfma_ext::algo_costs(k, d_out, d_in, inverse, terms=-1, columns=-1) -> float[3]: its estimates (ns)
@@ -91,6 +94,33 @@ at::Tensor delta_rows_cpu_op(const at::Tensor& x, const at::Tensor& coeffs, cons
   return delta_rows_cpu(x.to(t).contiguous(), f.coeffs, f.rows, f.cols, alpha, d_out);
 }
 
+at::Tensor delta_rows_grouped_cpu_op(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows,
+                                     const at::Tensor& cols, at::IntArrayRef k_counts, at::IntArrayRef t_counts,
+                                     at::ArrayRef<double> alphas, int64_t d_out) {
+  const char* op = "lfma_ext::delta_rows_grouped";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, d_in], got shape ", x.sizes());
+  TORCH_CHECK(is_real_float(x.scalar_type()), op, ": x must be float16, bfloat16, float32 or float64, got ",
+              x.scalar_type());
+  check_size(op, d_out, x.size(1));
+  const Frequencies f = check_frequencies(op, coeffs, rows, cols, x.device());
+  check_range_cpu(op, f, d_out, x.size(1));
+  TORCH_CHECK(k_counts.size() == t_counts.size() && k_counts.size() == alphas.size(), op,
+              ": k_counts, t_counts and alphas need one entry per adapter, got ", k_counts.size(), ", ",
+              t_counts.size(), " and ", alphas.size());
+  int64_t k_total = 0, t_total = 0;
+  for (size_t g = 0; g < k_counts.size(); ++g) {
+    TORCH_CHECK(k_counts[g] >= 0 && t_counts[g] >= 0, op, ": negative count for adapter ", g);
+    k_total += k_counts[g];
+    t_total += t_counts[g];
+  }
+  TORCH_CHECK(k_total == f.rows.size(0), op, ": k_counts add up to ", k_total, " but there are ", f.rows.size(0),
+              " frequencies");
+  TORCH_CHECK(t_total == x.size(0), op, ": t_counts add up to ", t_total, " but x has ", x.size(0), " rows");
+  const at::ScalarType t = f.coeffs.scalar_type();
+  return delta_rows_grouped_cpu(x.to(t).contiguous(), f.coeffs, f.rows, f.cols, k_counts.vec(), t_counts.vec(),
+                                alphas.vec(), d_out);
+}
+
 int64_t choose_algo_op(int64_t k, int64_t d_out, int64_t d_in, bool inverse, int64_t terms, int64_t columns) {
   TORCH_CHECK(k >= 0 && d_out >= 1 && d_in >= 1, "lfma_ext::choose_algo: need k >= 0 and positive sizes, got k = ",
               k, ", ", d_out, " x ", d_in);
@@ -130,6 +160,8 @@ TORCH_LIBRARY(lfma_ext, m) {
   m.def("coeff_grad(Tensor grad_dw, Tensor rows, Tensor cols, float alpha, int algo=-1) -> Tensor", tags);
   m.def("coeff_grad_batch(Tensor x, Tensor grad_out, Tensor rows, Tensor cols, float alpha) -> Tensor", tags);
   m.def("delta_rows(Tensor x, Tensor coeffs, Tensor rows, Tensor cols, float alpha, int d_out) -> Tensor", tags);
+  m.def("delta_rows_grouped(Tensor x, Tensor coeffs, Tensor rows, Tensor cols, int[] k_counts, int[] t_counts, "
+        "float[] alphas, int d_out) -> Tensor", tags);
   // The CPU cost model, for the planner's reports, benchmarks and tests: the algorithm algo=-1 resolves
   // to, its estimates (ns: separable, hybrid, fft2), and the terms/columns a call would count.
   m.def("choose_algo(int k, int d_out, int d_in, bool inverse, int terms=-1, int columns=-1) -> int",
@@ -145,6 +177,7 @@ TORCH_LIBRARY_IMPL(lfma_ext, CPU, m) {
   m.impl("coeff_grad", &coeff_grad_cpu_op);
   m.impl("coeff_grad_batch", &coeff_grad_batch_cpu_op);
   m.impl("delta_rows", &delta_rows_cpu_op);
+  m.impl("delta_rows_grouped", &delta_rows_grouped_cpu_op);
 }
 
 }  // namespace lfma_ext

@@ -160,4 +160,20 @@ at::Tensor delta_rows_cpu(const at::Tensor& x, const at::Tensor& coeffs, const a
   return out;
 }
 
+at::Tensor delta_rows_grouped_cpu(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows,
+                                  const at::Tensor& cols, const std::vector<int64_t>& k_counts,
+                                  const std::vector<int64_t>& t_counts, const std::vector<double>& alphas,
+                                  int64_t d_out) {
+  const int64_t d_in = x.size(1);
+  std::vector<double> s;
+  for (double alpha : alphas) s.push_back(alpha / (static_cast<double>(d_out) * static_cast<double>(d_in)));
+  at::Tensor out = at::zeros({x.size(0), d_out}, x.options());
+  if (x.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lfma_ext::delta_rows_grouped", [&] {
+    delta_rows_grouped<scalar_t>(x, coeffs.const_data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
+                                 cols.const_data_ptr<int64_t>(), k_counts, t_counts, s, d_out, out);
+  });
+  return out;
+}
+
 }  // namespace lfma_ext

@@ -44,5 +44,11 @@ at::Tensor coeff_grad_batch_cpu(const at::Tensor& x, const at::Tensor& grad_out,
 // the same dtype, without W: row FFTs (see cpu_delta.h). The delta path beside a quantized base layer.
 at::Tensor delta_rows_cpu(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows, const at::Tensor& cols,
                           double alpha, int64_t d_out);
+// The same for several adapters at once: x's rows grouped by adapter (t_counts[g] rows each), their
+// frequencies concatenated (k_counts[g] each), one alpha each (see cpu_delta.h).
+at::Tensor delta_rows_grouped_cpu(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows,
+                                  const at::Tensor& cols, const std::vector<int64_t>& k_counts,
+                                  const std::vector<int64_t>& t_counts, const std::vector<double>& alphas,
+                                  int64_t d_out);
 
 }  // namespace lfma_ext

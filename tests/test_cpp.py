@@ -288,6 +288,37 @@ def test_lfma_linear_gradcheck(with_bias, algo, gen):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("shape", [(48, 80), (97, 64), (7, 5)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_delta_rows_grouped_matches_oracle(shape, dtype, tol, gen):
+    """Several adapters' x dW^T in one call (a mixed batch while decoding): groups of 1 token (entries as they
+    come), several tokens (merged), none; a full-spectrum selection (conjugate pairs) and Nyquist rows."""
+    d_out, d_in = shape
+    groups = [(1, 5, False), (3, 40, False), (0, 7, False), (4, min(60, d_out * d_in), True), (1, 1, True)]
+    adapters, xs = [], []
+    for tokens, k, full in groups:
+        if full:
+            f = lfma.select_frequencies(torch.randn(shape, generator=gen), k)
+            rows, cols = f.rows, f.cols
+        else:
+            rows = torch.randint(0, d_out, (k,), generator=gen)
+            rows[0] = d_out // 2
+            cols = torch.randint(0, d_in, (k,), generator=gen)
+        adapters.append((torch.randn(k, 2, generator=gen, dtype=dtype), rows, cols, float(k) / 3))
+        xs.append(torch.randn(tokens, d_in, generator=gen, dtype=dtype))
+    out = ops.delta_rows_grouped(torch.cat(xs), torch.cat([a[0] for a in adapters]),
+                                 torch.cat([a[1] for a in adapters]), torch.cat([a[2] for a in adapters]),
+                                 [len(a[1]) for a in adapters], [len(x) for x in xs], [a[3] for a in adapters], d_out)
+    want = torch.cat([x.double() @ lfma.reference.delta_weight(c.double(), r, v, shape, alpha).T
+                      for x, (c, r, v, alpha) in zip(xs, adapters)])
+    assert out.dtype == dtype and rel_err(out, want) <= tol
+    torch.library.opcheck(ops.delta_rows_grouped.default, (torch.cat(xs), torch.cat([a[0] for a in adapters]),
+                                                           torch.cat([a[1] for a in adapters]),
+                                                           torch.cat([a[2] for a in adapters]),
+                                                           [len(a[1]) for a in adapters], [len(x) for x in xs],
+                                                           [a[3] for a in adapters], d_out))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_raw_ops(dtype, gen):
     """Schema, fake implementation and AOT dispatch of the C++ ops (no autograd of their own)."""
@@ -387,6 +418,10 @@ def _good():
     (lambda c, r, v, w: ops.coeff_grad_batch(w[:, :0], w, r, v, 1.0), "d_out and d_in must be positive"),
     (lambda c, r, v, w: ops.coeff_grad_batch(w, w[:, :7], r, v, 1.0), r"rows must lie in \[0, d_out = 7\)"),
     (lambda c, r, v, w: ops.coeff_grad_batch(w[:, :9], w, r, v, 1.0), r"cols must lie in \[0, d_in = 9\)"),
+    (lambda c, r, v, w: ops.delta_rows_grouped(w, c, r, v, [2], [8], [1.0], 8), "k_counts add up to 2"),
+    (lambda c, r, v, w: ops.delta_rows_grouped(w, c, r, v, [len(r)], [7], [1.0], 8), "t_counts add up to 7"),
+    (lambda c, r, v, w: ops.delta_rows_grouped(w, c, r, v, [len(r)], [8], [], 8), "one entry per adapter"),
+    (lambda c, r, v, w: ops.delta_rows_grouped(w, c, r, v, [len(r)], [8], [1.0], 7), r"rows must lie in \[0, d_out = 7\)"),
 ])
 def test_binding_errors(call, message):
     c, r, v, w = _good()

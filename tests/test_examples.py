@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -63,3 +64,20 @@ def test_readme_quantized_snippet_runs_verbatim(tmp_path, monkeypatch):
     assert all("lfma_" in n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None)
     assert type(model.base_model.model.transformer.h[0].attn.c_attn.base_layer).__name__ == "Linear4bit"
     assert type(namespace["merged"].transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+
+
+def test_readme_serving_snippet_runs_verbatim(tmp_path, monkeypatch):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"<!-- readme-serving-snippet.*?-->\n```python\n(.*?)```", readme, re.S)
+    assert block, "the README's serving snippet (and its marker) is missing"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    model, as_lora, ids = namespace["model"], namespace["as_lora"], namespace["ids"]
+    assert namespace["tokens"].shape == (4, 24)
+    with torch.no_grad():
+        model.set_adapter("fr")
+        want = model(input_ids=ids).logits
+        assert torch.allclose(namespace["logits"][[0, 3]], want[[0, 3]], rtol=1e-5, atol=1e-5)
+        assert torch.allclose(as_lora.eval()(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert type(as_lora.peft_config["default"]).__name__ == "LoraConfig"

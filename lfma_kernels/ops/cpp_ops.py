@@ -68,6 +68,17 @@ def _delta_rows_fake(x, coeffs, rows, cols, alpha, d_out):
     return x.new_empty((x.shape[0], d_out), dtype=compute_dtype(coeffs.dtype))
 
 
+@torch.library.register_fake("lfma_ext::delta_rows_grouped")
+def _delta_rows_grouped_fake(x, coeffs, rows, cols, k_counts, t_counts, alphas, d_out):
+    op = "lfma_ext::delta_rows_grouped"
+    check_matrix(op, "x", x)
+    check_frequencies(op, coeffs, rows, cols)
+    torch._check(len(k_counts) == len(t_counts) == len(alphas),
+                 lambda: f"{op}: k_counts, t_counts and alphas need one entry per adapter")
+    torch._check(sum(t_counts) == x.shape[0], lambda: f"{op}: t_counts add up to {sum(t_counts)}, x has {x.shape[0]} rows")
+    return x.new_empty((x.shape[0], d_out), dtype=compute_dtype(coeffs.dtype))
+
+
 def _backend(t: torch.Tensor) -> str:
     # The same kernels serve the cuda backend (cuda_ops): the dispatcher picks the CPU or CUDA kernel
     # of each lfma_ext op from the tensors' device (the CUDA kernels ignore algo=).
@@ -97,6 +108,13 @@ def _delta_rows(x2d, coeffs, rows, cols, shape, alpha) -> torch.Tensor:
     return torch.ops.lfma_ext.delta_rows(x2d, coeffs, rows, cols, alpha, shape[0])
 
 
+def _delta_rows_grouped(x2d, adapters, tokens, shape) -> torch.Tensor:
+    return torch.ops.lfma_ext.delta_rows_grouped(
+        x2d, torch.cat([a.coeffs for a in adapters]), torch.cat([a.rows for a in adapters]),
+        torch.cat([a.cols for a in adapters]), [int(a.rows.shape[0]) for a in adapters], list(tokens),
+        [float(a.alpha) for a in adapters], shape[0])
+
+
 def algorithm_report(k: int, shape: Sequence[int], what: str, rows: Optional[torch.Tensor] = None,
                      cols: Optional[torch.Tensor] = None) -> Tuple[str, Dict[str, float], str]:
     """What the CPU kernels' cost model (csrc/cpu_plan.cpp) picks for ``what`` ("dw" or "grad") and
@@ -118,7 +136,7 @@ def algorithm_report(k: int, shape: Sequence[int], what: str, rows: Optional[tor
 # The three lfma_ext ops, which have CPU and CUDA kernels: the cuda backend (cuda_ops) is these.
 LFMA_EXT_KERNELS = Kernels(delta_weight=_delta_weight, folded_weight=_folded_weight, coeff_grad=_coeff_grad)
 # The cpp backend adds the CPU-only batch path (lfma_ext::coeff_grad_batch), the delta path's rows way
-# (lfma_ext::delta_rows) and its algorithm report.
+# (lfma_ext::delta_rows, and delta_rows_grouped for several adapters at once) and its algorithm report.
 KERNELS = LFMA_EXT_KERNELS._replace(coeff_grad_batch_fft=_coeff_grad_batch_fft, delta_rows=_delta_rows,
-                                    algorithm_report=algorithm_report)
+                                    delta_rows_grouped=_delta_rows_grouped, algorithm_report=algorithm_report)
 OPS = register_backend("cpp", KERNELS)

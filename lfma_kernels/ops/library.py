@@ -55,6 +55,10 @@ class Kernels(NamedTuple):
     # Optional: the backend's own rows way of the delta path beside a quantized base, with
     # delta_kernels.delta_rows's signature (x2d, coeffs, rows, cols, shape, alpha). None: the torch version.
     delta_rows: Optional[Callable[..., torch.Tensor]] = None
+    # Optional: several adapters' rows way in one call, no autograd (a mixed-adapter batch while
+    # decoding): (x2d with rows grouped by adapter, [Adapter, ...], [rows of each], shape). None: one
+    # delta_rows call per adapter.
+    delta_rows_grouped: Optional[Callable[..., torch.Tensor]] = None
     # Optional, for kernels that choose their algorithm themselves (cpp): what they would choose, with
     # their estimates, for planner.plan (planner.AlgorithmReport).
     algorithm_report: Optional[planner.AlgorithmReport] = None

@@ -111,12 +111,36 @@ def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool
         out = run_base(x)
     if deltas:
         q.prepare(base, grad)
+    if not grad:
+        deltas = _grouped(x, out, deltas, dtype, shape)
     for g, impl, path in deltas:
         a = g.adapter
         delta = impl.delta_linear(x.index_select(0, g.index).to(dtype), a.coeffs, a.rows, a.cols, a.alpha, shape,
                                   path)
         out.index_add_(0, g.index, delta.to(out.dtype))
     return out
+
+
+# At most this many rows of several adapters go through one grouped rows call (the spectra of all of
+# them are held at once; past a few hundred rows the per-adapter calls' fixed costs no longer matter).
+GROUPED_ROWS = 256
+
+
+def _grouped(x: torch.Tensor, out: torch.Tensor, deltas, dtype: torch.dtype, shape) -> list:
+    """Add, in one kernel call, the rows way of every delta group whose backend has a grouped kernel
+    (decoding: a few rows per adapter, where one call per adapter would cost more than its work);
+    return the groups left for one call each."""
+    batchable = [d for d in deltas if d[2] == "rows" and d[1].kernels is not None
+                 and d[1].kernels.delta_rows_grouped is not None and d[1].name == deltas[0][1].name]
+    per_sample = x[0].numel() // shape[1]
+    if len(batchable) < 2 or sum(len(g.samples) for g, _, _ in batchable) * per_sample > GROUPED_ROWS:
+        return deltas
+    index = torch.cat([g.index for g, _, _ in batchable])
+    rows = x.index_select(0, index).to(dtype).reshape(-1, shape[1])
+    delta = batchable[0][1].kernels.delta_rows_grouped(rows, [g.adapter for g, _, _ in batchable],
+                                                       [len(g.samples) * per_sample for g, _, _ in batchable], shape)
+    out.index_add_(0, index, delta.reshape(len(index), *out.shape[1:]).to(out.dtype))
+    return [d for d in deltas if not any(d is b for b in batchable)]
 
 
 def _folded(x: torch.Tensor, base: torch.nn.Module, folds, pool: FoldPool,
