@@ -298,3 +298,19 @@ def test_no_import_cycle_inside_the_package():
             visit(name)
     assert "lfma_kernels.ops.torch_ops" not in graph["lfma_kernels.ops.library"]
     assert not graph["lfma_kernels.ops.planner"], "the planner imports nothing from the package"
+
+
+def test_mixed_batch_paths():
+    """One adapter's rows of a mixed batch (CPU table): a few rows take the rows way, many rows the fold when
+    its W + dW is kept (one more pass over the weight), a quantized base never folds, and an adapter that has
+    the whole batch folds for free (no base GEMM runs beside it)."""
+    shape = (768, 768)
+    assert planner.mixed_path("cpp", "cpu", 1, 943, shape, fold=True) == "rows"
+    assert planner.mixed_path("cpp", "cpu", 256, 943, shape, fold=True) == "fold"
+    assert planner.mixed_path("cpp", "cpu", 256, 943, shape, fold=False) == "rows"  # no room: built each call
+    assert planner.mixed_path("cpp", "cpu", 4096, 943, shape, fold=None) != "fold"
+    assert planner.mixed_path("cpp", "cpu", 1, 943, shape, fold=True, whole_batch=True) == "fold"
+    with planner.force(delta="separable"):
+        assert planner.mixed_path("cpp", "cpu", 1, 943, shape, fold=True) == "separable"
+    with planner.force(delta="fold"), pytest.raises(ValueError, match="beside a quantized base"):
+        planner.mixed_path("cpp", "cpu", 1, 943, shape, fold=None)

@@ -437,22 +437,23 @@ def delta_path(backend: str, device_type: str, tokens: int, k: int, shape: Seque
 
 
 def mixed_costs(backend: str, device_type: str, tokens: int, k: int, shape: Sequence[int], *,
-                fold: Optional[bool]) -> Dict[str, float]:
+                fold: Optional[bool], whole_batch: bool = False) -> Dict[str, float]:
     """Estimated seconds one adapter's rows of a mixed-adapter batch (``tokens`` of them, no gradient) add to
     a GEMM of the base weight over those rows: a delta path beside the base layer's output, or ``"fold"``,
-    a GEMM of their own with the adapter's ``W + dW``, which reads the whole weight once more (``fold``:
-    True, that ``W + dW`` is kept from an earlier call; False, built now; None, no fold: a quantized base)."""
+    a GEMM of their own with the adapter's ``W + dW``, which reads the whole weight once more unless its
+    rows are the ``whole_batch`` (then no base GEMM runs besides it; ``fold``: True, that ``W + dW`` is
+    kept from an earlier call; False, built now; None, no fold: a quantized base)."""
     costs = delta_costs(backend, device_type, tokens, k, shape, training=False, base_dequantizes=True)
     del costs["fold"]
     if fold is not None:
         t = table_for(device_type)
         build = 0.0 if fold else min(_costs("torch", t, k, shape, gradient=False).values())
-        costs["fold"] = shape[0] * shape[1] * t.weight_pass_s + build
+        costs["fold"] = (0.0 if whole_batch else shape[0] * shape[1] * t.weight_pass_s) + build
     return costs
 
 
 def mixed_path(backend: str, device_type: str, tokens: int, k: int, shape: Sequence[int], *,
-               fold: Optional[bool]) -> str:
+               fold: Optional[bool], whole_batch: bool = False) -> str:
     """How one adapter's rows of a mixed-adapter batch get their output (:func:`mixed_costs`); a forced
     delta path (:func:`force`) applies here too."""
     forced_name = _FORCED["delta"]
@@ -461,7 +462,7 @@ def mixed_path(backend: str, device_type: str, tokens: int, k: int, shape: Seque
             raise ValueError("planner.force(delta='fold'): a mixed-adapter batch beside a quantized base takes "
                              "the delta paths (its base layer runs once for every sample)")
         return forced_name
-    return _cheapest(mixed_costs(backend, device_type, tokens, k, shape, fold=fold))
+    return _cheapest(mixed_costs(backend, device_type, tokens, k, shape, fold=fold, whole_batch=whole_batch))
 
 
 def _cuda_kernels_fit(t: CostTable, k: int, shape: Sequence[int]) -> bool:

@@ -103,7 +103,8 @@ def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool
         # A kept W + dW serves no forward that needs a gradient through it (adapter.linear rebuilds it then).
         fold = None if quantization is not None else (False if grad else pool.kept(g.name) is not None)
         impl = dispatch.resolve(g.backend, x.device, dtype, k, shape)
-        path = planner.mixed_path(impl.name, x.device.type, len(g.samples) * per_sample, k, shape, fold=fold)
+        path = planner.mixed_path(impl.name, x.device.type, len(g.samples) * per_sample, k, shape, fold=fold,
+                                  whole_batch=len(g.samples) == x.shape[0])
         (folds if path == "fold" else deltas).append((g, impl, path))
     if folds:
         out = _folded(x, base, folds, pool, run_base)
