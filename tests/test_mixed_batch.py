@@ -232,3 +232,15 @@ def test_mixed_batch_on_quantized_bases(kind):
                 assert rel_err(model(x, adapter_names=NAMES), want) <= 1e-5, path
         with planner.force(delta="fold"), pytest.raises(ValueError, match="beside a quantized base"):
             model(x, adapter_names=NAMES)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_model(dtype):
+    model = two_adapters().to(dtype)
+    x = inputs("mlp", n=len(NAMES)).to(dtype)
+    with torch.no_grad():
+        want = one_at_a_time(model, x, NAMES)
+        for path in [None] + PATHS:
+            with planner.force(delta=path) if path else warnings.catch_warnings():
+                got = model(x, adapter_names=NAMES)
+            assert got.dtype == dtype and rel_err(got, want) <= 1e-2, path

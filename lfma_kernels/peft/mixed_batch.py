@@ -97,10 +97,11 @@ def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool
     grad = torch.is_grad_enabled() and (x.requires_grad or any(g.adapter.coeffs.requires_grad for g in groups))
     q = quantization if quantization is not None else adapter.FULL_PRECISION
     dtype = q.compute_dtype(base, x.dtype)
+    q.prepare(base, grad)  # before the base layer runs (bitsandbytes' CPU repacking, see quantized.py)
     folds, deltas = [], []
     for g in groups:
         k = g.adapter.rows.shape[0]
-        # A kept W + dW serves no forward that needs a gradient through it (adapter.linear rebuilds it then).
+        # A kept W + dW serves no forward that needs a gradient through it (folded_linear rebuilds it then).
         fold = None if quantization is not None else (False if grad else pool.kept(g.name) is not None)
         impl = dispatch.resolve(g.backend, x.device, dtype, k, shape)
         path = planner.mixed_path(impl.name, x.device.type, len(g.samples) * per_sample, k, shape, fold=fold,
@@ -110,8 +111,6 @@ def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool
         out = _folded(x, base, folds, pool, run_base)
     else:
         out = run_base(x)
-    if deltas:
-        q.prepare(base, grad)
     if not grad:
         deltas = _grouped(x, out, deltas, dtype, shape)
     for g, impl, path in deltas:
