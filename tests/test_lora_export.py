@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -197,3 +198,50 @@ def test_layers_lacking_the_adapter_are_skipped_and_layers_sharing_one_are_one()
     randomize(model, "lin0_only", seed=6)
     config, state = convert_to_lora(model, adapter_name="lin0_only")
     assert set(config.rank_pattern) == {"lin0"} and all(".lin0." in k for k in state)
+
+
+class NormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.bn, self.out = nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.bn(self.lin0(x)))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_modules_to_save_carry_their_buffers(native, tmp_path):
+    """A norm's running statistics are state PEFT's loader expects (and the outputs need)."""
+    torch.manual_seed(0)
+    if native:
+        model = lfma.apply_lfma(NormNet(), lfma.LFMAConfig(["lin0"], k=9, alpha=40.0, modules_to_save=["bn"]))
+    else:
+        model = get_peft_model(NormNet(), LfmaConfig(target_modules=["lin0"], k=9, alpha=40.0, seed=0,
+                                                     modules_to_save=["bn"]))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 12) * 3 + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "coeffs" in n:
+                p.normal_()
+    model.eval()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        want = model(x)
+    save_as_lora(tmp_path, model)
+    torch.manual_seed(0)
+    lora = PeftModel.from_pretrained(NormNet(), tmp_path).eval()
+    with torch.no_grad():
+        assert rel_err(lora(x), want) <= 1e-5
+
+
+def test_config_r_is_the_largest_rank_and_numpy_ranks_work():
+    import numpy as np
+
+    model = gpt2_lfma()
+    config, _ = convert_to_lora(model)
+    assert config.r == config.lora_alpha == max(config.rank_pattern.values()) > 1  # what LoRA servers check
+    config, state = convert_to_lora(model, rank=np.int64(6))
+    assert config.r == 6 and all(v.shape[0] == 6 for k, v in state.items() if "lora_A" in k)
+    assert convert_to_lora(model, rank=np.float32(0.5))[0].rank_pattern

@@ -244,3 +244,42 @@ def test_half_precision_base_model(dtype):
             with planner.force(delta=path) if path else warnings.catch_warnings():
                 got = model(x, adapter_names=NAMES)
             assert got.dtype == dtype and rel_err(got, want) <= 1e-2, path
+
+
+def test_fold_setting_reaches_layers_built_later_and_clear_cache():
+    model = two_adapters()
+    model.set_mixed_batch_folds(0)
+    model.add_adapter("head_only", LfmaConfig(target_modules=["head"], k=3, seed=1))
+    assert all(layer._folds.capacity == 0 for layer in model.modules() if isinstance(layer, LfmaLayer))
+    model.set_mixed_batch_folds(2)
+    x = inputs("mlp", n=64)
+    with torch.no_grad():
+        model(x, adapter_names=["default", "other"] * 32)
+        layer = model.base_model.model.lin0
+        assert layer._folds._caches and layer._folds._caches["default"]._entry is not None
+        layer.clear_cache()
+        assert not layer._folds._caches and layer._cache._entry is None
+
+
+def test_names_are_checked_with_a_clear_message():
+    model = two_adapters()
+    x = inputs("mlp", n=2)
+    with pytest.raises(TypeError, match="must all be str, got 1"):
+        model(x, adapter_names=["default", 1])
+    with pytest.raises(TypeError, match="expected a list of str"):
+        model(x, adapter_names=(n for n in ["default", "other"]))
+
+
+def test_generate_with_sampled_return_sequences_and_a_generation_config():
+    model = gpt2_two_adapters()
+    names = ["default", "b"]
+    ids = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, adapter_names=names, do_sample=True, num_return_sequences=2,
+                             max_new_tokens=3, pad_token_id=0)
+        assert out.shape == (4, 6)
+        config = transformers.GenerationConfig(num_beams=2, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        beams = model.generate(input_ids=ids, adapter_names=names, generation_config=config)
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            assert torch.equal(beams[i:i + 1], model.generate(input_ids=ids[i:i + 1], generation_config=config))

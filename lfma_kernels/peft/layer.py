@@ -112,6 +112,12 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
     def _caches(self) -> tuple:
         return (self._cache, self._folds)
 
+    def clear_cache(self) -> None:
+        """Drop every kept ``W + dW`` (the eval cache and the mixed batches' ones): after writing
+        through ``tensor.data`` outside an optimizer step, which no version counter sees."""
+        for cache in self._caches():
+            cache.clear()
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
         base = self.base_layer
@@ -123,7 +129,8 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
             return base(x, *args, **kwargs)
         if adapter_names is not None:
             return mixed_batch.linear(x, base, mixed_batch.groups_of(adapter_names, lambda n, s: self._group(n, s, x)),
-                                      self._folds, self._quantization, lambda rows: base(rows, *args, **kwargs))
+                                      self._folds, self._cache, self._quantization,
+                                      lambda rows: base(rows, *args, **kwargs))
         if self.merged:
             return base(x, *args, **kwargs)
         names = self.active_adapters

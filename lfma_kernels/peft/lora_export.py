@@ -18,6 +18,7 @@ exact rank, the rank exported and the relative error of ``dW`` at that rank.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import pathlib
 import warnings
@@ -28,6 +29,7 @@ import torch.nn as nn
 
 from .. import adapter
 from ..layers import LFMALinear
+from ..model import _save_names
 from .layer import LfmaLayer
 
 if TYPE_CHECKING:
@@ -56,8 +58,9 @@ def _factors(a: adapter.Adapter, shape: Tuple[int, int]) -> Tuple[torch.Tensor, 
     """``(A, B)`` in float64 with ``dW = A B^T``: grouped by column frequency, or by row frequency (the
     transposed problem) when that gives fewer columns."""
     d_out, d_in = shape
-    c = torch.complex(*a.coeffs.detach().double().unbind(-1))
-    rows, cols = a.rows.long(), a.cols.long()
+    # On the CPU: the factors are small, and float64/complex128 are not on every device (MPS).
+    c = torch.complex(*a.coeffs.detach().cpu().double().unbind(-1))
+    rows, cols = a.rows.cpu().long(), a.cols.cpu().long()
     by_rows = _groups(rows, d_out) < _groups(cols, d_in)
     if by_rows:  # dW^T has the roles of rows and columns swapped
         rows, cols, d_out, d_in = cols, rows, d_in, d_out
@@ -117,8 +120,9 @@ def _rank_for(rank: Rank, s: torch.Tensor, shape: Tuple[int, int], name: str) ->
 def _check_rank(rank: Rank) -> Rank:
     if rank is None:
         return None
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+    if isinstance(rank, bool) or not isinstance(rank, (numbers.Integral, numbers.Real)):
         raise TypeError(f"rank must be None, an int or a float in (0, 1], got {rank!r}")
+    rank = int(rank) if isinstance(rank, numbers.Integral) else float(rank)
     if isinstance(rank, float) and not 0 < rank <= 1:
         raise ValueError(f"If rank is a float, it is interpreted as a threshold. It must be between 0 and 1 but got "
                          f"{rank}.")
@@ -199,6 +203,7 @@ def convert_to_lora(model: nn.Module, rank: Rank = None, adapter_name: str = "de
     layer's ``dW`` (relative) warns with the worst layer; :func:`lora_ranks` lists them all."""
     from peft import LoraConfig
 
+    rank = _check_rank(rank)
     config = _config_of(model, adapter_name)
     bias = getattr(config, "bias", "none")
     if bias != "none":
@@ -226,9 +231,12 @@ def convert_to_lora(model: nn.Module, rank: Rank = None, adapter_name: str = "de
                       f" (layer {worst[0]!r}, exact rank {worst[1].exact}, exported {worst[1].exported}); "
                       "lfma_kernels.peft.lora_ranks lists every layer, rank=None exports exactly", UserWarning,
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
-    uniform = isinstance(rank, int) and not isinstance(rank, bool)
+    uniform = isinstance(rank, int)
+    # r is the largest rank exported, not PEFT's placeholder 1: LoRA servers check r against their
+    # maximum (vLLM's max_lora_rank) before they read rank_pattern.
+    largest = max(ranks.values())
     lora_config = LoraConfig(
-        r=rank if uniform else 1, lora_alpha=rank if uniform else 1, target_modules=set(ranks),
+        r=largest, lora_alpha=largest, target_modules=set(ranks),
         rank_pattern={} if uniform else dict(ranks), alpha_pattern={} if uniform else dict(ranks),
         fan_in_fan_out=fan_in_fan_out, base_model_name_or_path=getattr(config, "base_model_name_or_path", None),
         modules_to_save=_modules_to_save(model, config, adapter_name, state_dict))
@@ -237,21 +245,21 @@ def convert_to_lora(model: nn.Module, rank: Rank = None, adapter_name: str = "de
 
 def _modules_to_save(model: nn.Module, config, adapter_name: str, state_dict: Dict[str, torch.Tensor]
                      ) -> Optional[List[str]]:
-    """Carry the adapter's ``modules_to_save``: their names into the config and their weights into
-    ``state_dict`` under the keys PEFT's LoRA loads them from."""
+    """Carry the adapter's ``modules_to_save``: their names into the config and their whole state (buffers
+    such as a norm's running statistics too) into ``state_dict``, under the keys PEFT's LoRA loads."""
     names = list(getattr(config, "modules_to_save", None) or [])
     if not names:
         return None
     from peft.utils.other import ModulesToSaveWrapper
 
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for param_name, param in module.modules_to_save[adapter_name].named_parameters():
-                state_dict[f"{name}.{param_name}"] = param.detach().clone()
-        elif not isinstance(module, ModulesToSaveWrapper) and hasattr(model, "lfma_config") and name and any(
-                name == s or name.endswith("." + s) for s in names):
-            for param_name, param in module.named_parameters():
-                state_dict[f"{_PEFT_PREFIX}{name}.{param_name}"] = param.detach().clone()
+    if hasattr(model, "lfma_config"):  # native: the modules themselves, as save_lfma finds them
+        owners = {_PEFT_PREFIX + name: model.get_submodule(name) for name in _save_names(model, config)}
+    else:
+        owners = {name: module.modules_to_save[adapter_name] for name, module in model.named_modules()
+                  if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save}
+    for name, module in owners.items():
+        for key, tensor in module.state_dict().items():
+            state_dict[f"{name}.{key}"] = tensor.detach().clone()
     return names
 
 

@@ -89,9 +89,12 @@ def groups_of(adapter_names: Sequence[str], adapters: Callable[[str, List[int]],
 
 
 def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool: FoldPool,
-           quantization: Optional[Quantization], run_base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+           eval_cache: FoldedWeightCache, quantization: Optional[Quantization],
+           run_base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The output of a mixed batch: ``run_base(x[i])`` for samples of no adapter, plus each group's own
-    adapter on its samples (``x`` is ``[samples, ..., d_in]``)."""
+    adapter on its samples (``x`` is ``[samples, ..., d_in]``). An adapter that has the whole batch keeps
+    its ``W + dW`` in the layer's ``eval_cache`` (the one a forward without names would use), others in
+    ``pool``."""
     shape = adapter.base_shape(base)
     per_sample = x[0].numel() // shape[1] if x.shape[0] else 0
     grad = torch.is_grad_enabled() and (x.requires_grad or any(g.adapter.coeffs.requires_grad for g in groups))
@@ -102,17 +105,19 @@ def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool
     for g in groups:
         k = g.adapter.rows.shape[0]
         # A kept W + dW serves no forward that needs a gradient through it (folded_linear rebuilds it then).
-        fold = None if quantization is not None else (False if grad else pool.kept(g.name) is not None)
+        whole = len(g.samples) == x.shape[0]
+        kept = eval_cache.enabled if whole else pool.kept(g.name) is not None
+        fold = None if quantization is not None else (kept and not grad)
         impl = dispatch.resolve(g.backend, x.device, dtype, k, shape)
         path = planner.mixed_path(impl.name, x.device.type, len(g.samples) * per_sample, k, shape, fold=fold,
-                                  whole_batch=len(g.samples) == x.shape[0])
+                                  whole_batch=whole)
         (folds if path == "fold" else deltas).append((g, impl, path))
     if folds:
-        out = _folded(x, base, folds, pool, run_base)
+        out = _folded(x, base, folds, (None, None) if grad else (pool, eval_cache), run_base)
     else:
         out = run_base(x)
     if not grad:
-        deltas = _grouped(x, out, deltas, dtype, shape)
+        deltas = _grouped(x, out, deltas, dtype, shape, per_sample)
     for g, impl, path in deltas:
         a = g.adapter
         delta = impl.delta_linear(x.index_select(0, g.index).to(dtype), a.coeffs, a.rows, a.cols, a.alpha, shape,
@@ -126,13 +131,12 @@ def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool
 GROUPED_ROWS = 256
 
 
-def _grouped(x: torch.Tensor, out: torch.Tensor, deltas, dtype: torch.dtype, shape) -> list:
+def _grouped(x: torch.Tensor, out: torch.Tensor, deltas, dtype: torch.dtype, shape, per_sample: int) -> list:
     """Add, in one kernel call, the rows way of every delta group whose backend has a grouped kernel
     (decoding: a few rows per adapter, where one call per adapter would cost more than its work);
     return the groups left for one call each."""
     batchable = [d for d in deltas if d[2] == "rows" and d[1].kernels is not None
                  and d[1].kernels.delta_rows_grouped is not None and d[1].name == deltas[0][1].name]
-    per_sample = x[0].numel() // shape[1]
     if len(batchable) < 2 or sum(len(g.samples) for g, _, _ in batchable) * per_sample > GROUPED_ROWS:
         return deltas
     index = torch.cat([g.index for g, _, _ in batchable])
@@ -143,15 +147,18 @@ def _grouped(x: torch.Tensor, out: torch.Tensor, deltas, dtype: torch.dtype, sha
     return [d for d in deltas if not any(d is b for b in batchable)]
 
 
-def _folded(x: torch.Tensor, base: torch.nn.Module, folds, pool: FoldPool,
-            run_base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Each folded group's samples through its own ``W + dW``, every other sample through the base layer."""
+def _folded(x: torch.Tensor, base: torch.nn.Module, folds, caches, run_base: Callable[[torch.Tensor], torch.Tensor]
+            ) -> torch.Tensor:
+    """Each folded group's samples through its own ``W + dW`` (kept in ``caches``: the pool and the eval
+    cache, or ``(None, None)`` when a gradient flows through it), every other sample through the base layer."""
+    pool, eval_cache = caches
     folded = set()
     pieces = []
     for g, impl, _ in folds:
         folded.update(g.samples)
+        cache = None if pool is None else eval_cache if len(g.samples) == x.shape[0] else pool.cache(g.name)
         pieces.append((g.index, adapter.folded_linear(x.index_select(0, g.index), base, [g.adapter], impl.name,
-                                                      pool.cache(g.name))))
+                                                      cache)))
     if len(folded) < x.shape[0]:
         rest = torch.tensor([i for i in range(x.shape[0]) if i not in folded], device=x.device)
         pieces.append((rest, run_base(x.index_select(0, rest))))

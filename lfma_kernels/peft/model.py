@@ -70,6 +70,19 @@ def _add_names_hooks(modules, adapter_names: List[str]) -> list:
             for m in modules if isinstance(m, (LfmaLayer, AuxiliaryTrainingWrapper))]
 
 
+def _copies_per_input(kwargs: dict) -> int:
+    """How many rows ``generate`` makes of each input: ``num_beams`` under beam search, else
+    ``num_return_sequences`` (given directly or in a ``generation_config``); 1 for a forward. PEFT's LoRA
+    reads ``num_beams`` alone."""
+    config = kwargs.get("generation_config")
+
+    def setting(name: str) -> int:
+        value = kwargs.get(name, getattr(config, name, None))
+        return value if isinstance(value, int) and value > 1 else 1
+    beams = setting("num_beams")
+    return beams if beams > 1 else setting("num_return_sequences")
+
+
 def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
     """The model's encoder, if it has one apart from itself (transformers 5 returns the model itself)."""
     get = getattr(model, "get_encoder", None)
@@ -128,16 +141,19 @@ class LfmaModel(BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+        wrong = next((n for n in adapter_names if not isinstance(n, str)), None)
+        if wrong is not None:
+            raise TypeError(f"adapter_names must all be str, got {wrong!r} of type {type(wrong).__name__}")
         known = set().union(*(m.lfma_coeffs.keys() for m in self.modules() if isinstance(m, LfmaLayer)))
         unknown = {n for n in adapter_names if n != "__base__"} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
         per_sample = list(adapter_names)
-        num_beams = kwargs.get("num_beams")
-        if isinstance(num_beams, int) and num_beams > 1:
-            per_sample = [n for n in adapter_names for _ in range(num_beams)]
+        copies = _copies_per_input(kwargs)
+        if copies > 1:
+            per_sample = [n for n in adapter_names for _ in range(copies)]
         handles = _add_names_hooks(self.modules(), per_sample)
         encoder = _get_encoder(self.model)
         if encoder is not None and per_sample != list(adapter_names):
@@ -155,6 +171,7 @@ class LfmaModel(BaseTuner):
         many samples in a batch runs as one GEMM with its own ``W + dW``, kept between calls up to this
         many adapters and built for the call beyond them; 0 keeps none."""
         max_adapters = count(max_adapters, "set_mixed_batch_folds: max_adapters")
+        self.__dict__["_lfma_mixed_folds"] = max_adapters  # for layers built later too
         for module in self.modules():
             if isinstance(module, LfmaLayer):
                 module._folds.clear()
@@ -212,6 +229,7 @@ class LfmaModel(BaseTuner):
             new_module = LfmaLinear(target, adapter_name, lfma_config, k, seed)
         except ValueError as e:
             raise ValueError(f"layer {current_key!r}: {e}") from e
+        new_module._folds.capacity = self.__dict__.get("_lfma_mixed_folds", new_module._folds.capacity)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
