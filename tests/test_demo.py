@@ -1,4 +1,4 @@
-"""The demo's --quick smoke run: every method trains, and the outputs the README promises appear."""
+"""The demo's --quick smoke run: every method trains, and the outputs docs/demo.md describes appear."""
 import json
 
 import pytest

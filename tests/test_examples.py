@@ -1,4 +1,4 @@
-"""The scripts people copy: examples/ (shortened) and the README's PEFT snippet, run as written."""
+"""The scripts people copy: examples/ (shortened) and the README's snippets, run as written."""
 import os
 import re
 import subprocess
@@ -81,3 +81,21 @@ def test_readme_serving_snippet_runs_verbatim(tmp_path, monkeypatch):
         assert torch.allclose(namespace["logits"][[0, 3]], want[[0, 3]], rtol=1e-5, atol=1e-5)
         assert torch.allclose(as_lora.eval()(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     assert type(as_lora.peft_config["default"]).__name__ == "LoraConfig"
+
+
+def test_readme_quickstart_snippet_runs_verbatim(tmp_path, monkeypatch):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"<!-- readme-quickstart-snippet.*?-->\n```python\n(.*?)```", readme, re.S)
+    assert block, "the README's quick-start snippet (and its marker) is missing"
+    assert readme[:block.start()].count("\n") < 60  # a working snippet within the first 60 lines
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    assert namespace["layer"].merged and (tmp_path / "adapter" / "lfma_config.json").is_file()
+
+
+def test_readme_is_a_guide_and_its_links_resolve():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert readme.count("\n") < 250
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        assert os.path.exists(os.path.join(ROOT, target)), target

@@ -147,11 +147,11 @@ def test_explain_reports_what_the_cpp_kernels_choose(gen):
         assert lfma.explain((768, 768), 176, backend="cpp").dw == "fft"
 
 
-def test_readme_explain_block_is_current():
-    """The README's lfma.explain output (lines with "..." elided) is what lfma.explain prints now."""
+def test_docs_explain_block_is_current():
+    """docs/backends.md's lfma.explain output (lines with "..." elided) is what lfma.explain prints now."""
     if "cpp" not in lfma.available_backends():
-        pytest.skip("the README's plans are the cpp backend's")
-    text = (PACKAGE.parent / "README.md").read_text()
+        pytest.skip("the documented plans are the cpp backend's")
+    text = (PACKAGE.parent / "docs" / "backends.md").read_text()
     block = text.split("<!-- readme-explain")[1].split("```text\n")[1].split("```")[0]
     chunks = block.split(">>> ")[1:]
     assert len(chunks) == 2
