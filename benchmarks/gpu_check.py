@@ -23,6 +23,8 @@ script's loop counts (no GPU has run them yet), and `cap` the most a step may ta
   tests-triton     ~120 s  (cap 240) tests/test_triton.py on CUDA: the Triton kernels at paper
                            sizes, bf16/fp16, Inductor (conftest sets TRITON_INTERPRET=1 only where
                            there is no GPU); compiles and caches the kernels the benchmarks reuse
+  calibrate         ~20 s  (cap 60)  lfma-calibrate --device cuda --quick: this GPU's cost constants,
+                           which the planner of the later steps uses; a copy in OUT
   tests-cuda-ext    ~20 s  (cap 90)  tests/test_cpp.py -k cuda: the CUDA extension against the oracle
   bench-gpu        ~100 s  (cap 170) bench_gpu.py --quick: 768x768 and 1024x1024 at four ratios,
                            delta_weight / training step / eval against the paper and the floor;
@@ -37,7 +39,7 @@ script's loop counts (no GPU has run them yet), and `cap` the most a step may ta
   bench-cpp         ~30 s  (cap 90)  bench_cpp.py --device cuda: backend cuda against triton
   tests-all           rest           the whole suite (the CPU tests again, on this torch)
 
-The estimates up to bench-cpp add up to ~425 s, so the default budget of 450 s usually ends at
+The estimates up to bench-cpp add up to ~445 s, so the default budget of 450 s usually ends at
 tests-all, and the whole run fits an 8-minute slot.
 
 Correctness comes first (short, and a wrong kernel makes every timing moot), then the Triton
@@ -81,6 +83,7 @@ from report import machine_info, markdown_table, write_section  # noqa: E402
 
 PY = sys.executable
 RESULTS, CONSTANTS, CHART, LOGS = "RESULTS_GPU.md", "gpu_constants.json", "models_gpu.png", "logs"
+CALIBRATION = "calibration-cuda.json"  # lfma-calibrate --quick on the GPU
 SECTION = "gpu check"
 SCRIPTS = ("bench_gpu", "bench_models", "bench_cpp", "crossover")  # imported by --dry-run
 PARTIAL_JSON = {"triton_backend": "crossover_triton.json", "torch_backend": "crossover_torch.json"}
@@ -120,6 +123,10 @@ def plan() -> List[Step]:
     return [
         Step("build", 60, 240, 0, lambda out, t: [PY, "setup.py", "build_ext", "--inplace"], background=True),
         Step("tests-triton", 120, 240, 30, lambda out, t: _pytest("tests/test_triton.py")),
+        # Before the benchmarks: the planner of every later step uses this GPU's constants; OUT keeps a
+        # copy, to become the shipped CUDA table.
+        Step("calibrate", 20, 60, 20, lambda out, t: [PY, "-m", "lfma_kernels.calibrate", "--device", "cuda",
+                                                       "--quick", "--copy", _in(out, CALIBRATION)], after_build=True),
         Step("tests-cuda-ext", 20, 90, 20, lambda out, t: _pytest("tests/test_cpp.py", "-k", "cuda"),
              after_build=True),
         # The scripts' own budgets end them (keeping what they measured) before the timeout kills them.

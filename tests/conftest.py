@@ -12,6 +12,10 @@ import torch.nn as nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The planner's shipped tables, whatever a developer's lfma-calibrate wrote for this machine
+# (tests/test_calibration.py turns calibration on where it tests it).
+os.environ["LFMA_CALIBRATION"] = "off"
+
 import lfma_kernels as lfma  # noqa: E402
 from lfma_kernels.ops import dispatch  # noqa: E402
 

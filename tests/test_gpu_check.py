@@ -17,7 +17,7 @@ sys.path.insert(0, BENCH)
 
 import gpu_check  # noqa: E402
 
-STEPS = ["build", "tests-triton", "tests-cuda-ext", "bench-gpu", "crossover-triton", "models", "crossover-torch",
+STEPS = ["build", "tests-triton", "calibrate", "tests-cuda-ext", "bench-gpu", "crossover-triton", "models", "crossover-torch",
          "bench-cpp", "tests-all"]
 
 
@@ -35,7 +35,8 @@ def test_dry_run_lists_the_steps_and_imports_every_script(tmp_path):
     for command in ["setup.py build_ext --inplace", "pytest -q -rs -p no:cacheprovider tests/test_triton.py",
                     "tests/test_cpp.py -k cuda", "bench_gpu.py --quick", "bench_gpu.py --crossover",
                     "bench_models.py --device cuda --dtype bfloat16 --layers 12 --batch 32",
-                    "crossover.py --device cuda", "bench_cpp.py --device cuda"]:
+                    "crossover.py --device cuda", "bench_cpp.py --device cuda",
+                    "-m lfma_kernels.calibrate --device cuda --quick --copy"]:
         assert command in proc.stdout, command
     for script in gpu_check.SCRIPTS:
         assert f"imported benchmarks/{script}.py" in proc.stdout

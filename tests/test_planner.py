@@ -297,7 +297,9 @@ def test_no_import_cycle_inside_the_package():
         if name not in state:
             visit(name)
     assert "lfma_kernels.ops.torch_ops" not in graph["lfma_kernels.ops.library"]
-    assert not graph["lfma_kernels.ops.planner"], "the planner imports nothing from the package"
+    # The planner imports nothing from the package but the calibration file reader, which imports nothing.
+    assert graph["lfma_kernels.ops.planner"] <= {"lfma_kernels.ops", "lfma_kernels.ops.calibration"}
+    assert not graph["lfma_kernels.ops.calibration"] - {"lfma_kernels.ops"}
 
 
 def test_mixed_batch_paths():

@@ -20,11 +20,14 @@ this device?) are passed in by :mod:`.dispatch`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+
+from . import calibration
 
 __all__ = [
     "CostTable", "CPU", "CUDA", "TABLES", "table_for", "DW_ALGORITHMS", "BACKWARD_PATHS", "ALGORITHMS_OF",
@@ -250,11 +253,55 @@ CUDA = CostTable(
 )
 
 TABLES: Mapping[str, CostTable] = {"cpu": CPU, "cuda": CUDA}
+_ACTIVE: Dict[str, CostTable] = {}  # per device kind: the shipped table with this machine's calibration
 
 
 def table_for(device_type: str) -> CostTable:
-    """The table of a device kind; devices without one of their own (mps, xpu, ...) use the CPU's."""
-    return TABLES.get(device_type, CPU)
+    """The table of a device kind (devices without one of their own, mps or xpu, use the CPU's), with
+    this machine's calibration laid over it when ``lfma-calibrate`` wrote one (:mod:`.calibration`);
+    read once per process."""
+    table = _ACTIVE.get(device_type)
+    if table is None:
+        table = _ACTIVE[device_type] = calibrated(TABLES.get(device_type, CPU), calibration.load(device_type))
+    return table
+
+
+def calibrated(table: CostTable, data: Optional[Mapping]) -> CostTable:
+    """``table`` with a calibration's constants (``data``: :func:`.calibration.load`'s) in place of its own;
+    per-backend entries (``batch_pair_s``, ``delta_pair_s``) are merged, so a backend not measured keeps
+    the shipped figure."""
+    if not data:
+        return table
+    fitted = dict(data.get("constants", {}))
+    for name in ("batch_pair_s", "delta_pair_s"):
+        if name in fitted:
+            fitted[name] = {**getattr(table, name), **fitted[name]}
+    known = {f.name for f in dataclasses.fields(CostTable)}
+    fitted = {k: v for k, v in fitted.items() if k in known and k not in ("device", "status", "backends",
+                                                                          "float64_backends", "sources")}
+    status = f"calibrated on this machine {data.get('date', '')} ({data['path']}); shipped: {table.status}"
+    return dataclasses.replace(table, status=status, **fitted)
+
+
+@contextlib.contextmanager
+def using(table: CostTable) -> Iterator[None]:
+    """Plan with ``table`` for its device kind inside the block (benchmarks compare a calibration with
+    the shipped table this way)."""
+    saved = _ACTIVE.get(table.device)
+    _ACTIVE[table.device] = table
+    try:
+        yield
+    finally:
+        if saved is None:
+            _ACTIVE.pop(table.device, None)
+        else:
+            _ACTIVE[table.device] = saved
+
+
+def reload_calibration() -> None:
+    """Read the calibration files again (after ``lfma_kernels.calibrate()`` or a change of
+    ``LFMA_CALIBRATION``)."""
+    _ACTIVE.clear()
 
 
 # ---------------------------------------------------------------------------------------------

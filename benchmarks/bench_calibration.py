@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Does a calibration (lfma-calibrate) pick the planner's paths at least as well as the shipped table?
+
+For a grid of layer shapes, K and token counts, times the three ways a layer's backward can get
+``dL/dcoeffs`` (the dense ``G = g^T x``, the gemm batch path, the fft batch path: the CPU's main
+choice) on the backend ``auto`` runs, then asks the planner which it would pick with the shipped CPU
+table and with this machine's calibration. Reported per table: the share of cells where the pick is
+within 5% of the fastest path, and the worst pick's ratio to the fastest.
+
+    lfma-calibrate && python benchmarks/bench_calibration.py --output benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from common import lfma  # first: puts lfma_kernels (and this folder) on the path
+
+import torch  # noqa: E402
+
+from lfma_kernels.ops import calibration, dispatch, planner  # noqa: E402
+from lfma_kernels.ops.library import layer_coeff_grad  # noqa: E402
+from report import machine_info, markdown_table, write_section  # noqa: E402
+from timing import interleaved_rounds  # noqa: E402
+
+SHAPES = [(768, 768), (1024, 1024), (768, 3072)]
+KS = [58, 943, 5898, 29491]  # 0.0001 and 0.0016 of 768x768 (the paper's), then 0.01 and 0.05: where G returns
+TOKENS = [256, 4096]
+SKIP = 20.0  # a path both tables estimate at over this many times the cheapest is not timed
+
+
+def cell_times(backend: str, shape, k: int, tokens: int, rounds: int, tables) -> Dict[str, float]:
+    gen = torch.Generator().manual_seed(k + tokens)
+    f = lfma.select_frequencies(torch.randn(shape, generator=gen), k)
+    x = torch.randn(tokens, shape[1], generator=gen)
+    g = torch.randn(tokens, shape[0], generator=gen)
+    kernels = dispatch.backend(backend).kernels
+    estimates = []
+    for table in tables:
+        with planner.using(table):
+            estimates.append(planner.backward_costs(backend, "cpu", tokens, k, shape))
+    timed = [p for p in planner.BACKWARD_PATHS if any(e[p] <= SKIP * min(e.values()) for e in estimates)]
+    fns = {path: (lambda path=path: layer_coeff_grad(kernels, path, x, g, f.rows, f.cols, shape, 12.0, torch.float32,
+                                                      kernels.coeff_grad))
+           for path in timed}
+    times = interleaved_rounds(fns, rounds=rounds, warmup=1, max_wait_s=5.0)
+    return {path: sorted(t)[len(t) // 2] for path, t in times.items()}
+
+
+def pick(table: planner.CostTable, backend: str, shape, k: int, tokens: int) -> str:
+    with planner.using(table):
+        return planner.backward_path(backend, "cpu", tokens, k, shape)
+
+
+def summary(cells: List[dict], which: str) -> List[str]:
+    ratios = [c["times"].get(c[which], float("inf")) / min(c["times"].values()) for c in cells]
+    within = sum(r <= 1.05 for r in ratios)
+    return [which, f"{within}/{len(cells)} ({within / len(cells):.0%})", f"{max(ratios):.2f}x"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output")
+    args = parser.parse_args(argv)
+    data = calibration.load("cpu")
+    if data is None:
+        print("no calibration for this machine: run lfma-calibrate first", file=sys.stderr)
+        return 2
+    backend = dispatch.resolve("auto", torch.device("cpu"), torch.float32, 176, (768, 768)).name
+    shipped, calibrated = planner.TABLES["cpu"], planner.calibrated(planner.TABLES["cpu"], data)
+    cells = []
+    with torch.no_grad():
+        for shape in SHAPES:
+            for k in KS:
+                for tokens in TOKENS:
+                    if k > shape[0] * shape[1] // 2:
+                        continue
+                    times = cell_times(backend, shape, k, tokens, args.rounds, (shipped, calibrated))
+                    cells.append({"cell": f"{shape[0]}x{shape[1]} K={k} {tokens} tokens", "times": times,
+                                  "shipped": pick(shipped, backend, shape, k, tokens),
+                                  "calibrated": pick(calibrated, backend, shape, k, tokens)})
+    rows = [[c["cell"], *(f"{c['times'][p]:.2f}" if p in c["times"] else "-" for p in planner.BACKWARD_PATHS),
+             min(c["times"], key=c["times"].get), c["shipped"], c["calibrated"]] for c in cells]
+    lines = ["## Calibration: the backward's path picks, shipped table against this machine's "
+             "(benchmarks/bench_calibration.py)", ""]
+    lines += [f"- {k}: {v}" for k, v in machine_info("cpu", "float32")]
+    lines += [f"- calibration: {data['path']} ({data['date']}, {'quick' if data.get('quick') else 'full'})",
+              f"- backend {backend}; each cell's paths timed round-robin, {args.rounds} rounds, medians in ms; "
+              f"'-': not timed, both tables estimate it at over {SKIP:.0f}x the cheapest", ""]
+    lines += [markdown_table(["table", "picks within 5% of the fastest", "worst pick / fastest"],
+                             [summary(cells, "shipped"), summary(cells, "calibrated")]), ""]
+    lines += [markdown_table(["cell", *planner.BACKWARD_PATHS, "fastest", "shipped picks", "calibrated picks"], rows,
+                             [False, True, True, True, False, False, False]), ""]
+    text = "\n".join(lines)
+    if args.output:
+        write_section(args.output, "calibration cpu", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
