@@ -165,7 +165,7 @@ def adapt(model: nn.Module, variant: str, spec: ModelSpec) -> Tuple[nn.Module, s
 
     from peft import FourierFTConfig, LoraConfig, get_peft_model
     # GPT-2: PEFT sets fan_in_fan_out for its Conv1D layers (with a warning); quantized, they are Linear4bit
-    conv1d = any(lfma.adapter.is_conv1d(m) for n, m in model.named_modules() if n.endswith(targets[0]))
+    conv1d = any(lfma.targets.is_conv1d(m) for n, m in model.named_modules() if n.endswith(targets[0]))
     if variant == "LFMA via PEFT":
         from lfma_kernels.peft import LfmaConfig, LfmaLinear
         # seed=0: the native row's selection (the PEFT config's default draws from the global RNG)

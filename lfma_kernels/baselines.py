@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import adapter
 from ._checks import check_k
-from .adapter import check_backend_name
+from .targets import check_backend_name
 from .ops import dispatch
 
 __all__ = ["FourierFTLinear", "LoRALinear"]

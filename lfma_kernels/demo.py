@@ -41,7 +41,7 @@ import torch.nn as nn
 from ._format import markdown_table
 from .baselines import FourierFTLinear, LoRALinear
 from .layers import LFMALinear
-from .adapter import set_submodule
+from .targets import set_submodule
 from .model import LFMAConfig, apply_lfma, lfma_layers
 
 # The model: small enough to train in seconds on 2 CPU cores, shaped like a real ViT.

@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import adapter
+from . import adapter, targets
 from ._checks import check_frequencies, check_options
 from .eval_cache import FoldedWeightCache
 from .ops import dispatch
@@ -71,8 +71,8 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         init_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        quantization = adapter.check_base(base, "LFMALinear")
-        adapter.check_backend_name(backend)
+        quantization = targets.check_base(base, "LFMALinear")
+        targets.check_backend_name(backend)
         options = check_options(k=k, top_k_ratio=top_k_ratio, alpha=alpha, init_std=init_std, init_scale=init_scale,
                                 seed=seed, budget=frequencies is None)
         dispatch.prepare(backend)
@@ -82,7 +82,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
                                                      hermitian=hermitian, init_scale=options.init_scale)
         else:
             check_given_frequencies(frequencies, adapter.base_shape(base))
-        device = adapter.base_device(base)
+        device = targets.base_device(base)
         base.requires_grad_(False)
         self.base = base
         self.coeffs = nn.Parameter(torch.view_as_real(frequencies.values.detach()).to(device, torch.float32).clone())
@@ -166,12 +166,12 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
     # ------------------------------------------------------------------ nn.Module hooks
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         keys = ("coeffs", "rows", "cols")
-        if self._merged and not adapter.unchanged_by(state_dict, prefix, {k: getattr(self, k).detach() for k in keys}):
+        if self._merged and not targets.unchanged_by(state_dict, prefix, {k: getattr(self, k).detach() for k in keys}):
             # The weight holds the old dW: new coefficients would make unmerge() subtract the wrong one.
             raise ValueError(f"loading {prefix.rstrip('.') or 'the layer'}: the layer is merged; unmerge it "
                              "(unmerge_lfma(model) or layer.unmerge()) before loading other adapter state, then "
                              "merge again; its adapter state was not loaded")
-        adapter.check_loaded_positions(state_dict, prefix, keys, (self.out_features, self.in_features))
+        targets.check_loaded_positions(state_dict, prefix, keys, (self.out_features, self.in_features))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_frequencies, check_options
-from .adapter import (base_device, base_shape, set_submodule, check_backend_name, check_not_aliased, check_target, is_adaptable, layer_k,
-                      loadable_backend, module_names, tied_weight_names)
+from .adapter import base_shape, layer_k
+from .targets import (base_device, check_backend_name, check_not_aliased, check_target, is_adaptable, loadable_backend,
+                      module_names, set_submodule, tied_weight_names)
 from .layers import LFMALinear
 from .selection import Frequencies
 

@@ -176,12 +176,12 @@ def test_no_cache_while_parameters_are_sharded(monkeypatch, count_folds):
     from lfma_kernels import adapter
 
     layer = make_layer()
-    monkeypatch.setattr(adapter, "_is_dtensor", lambda t: t is layer.coeffs)
+    monkeypatch.setattr(adapter, "is_dtensor", lambda t: t is layer.coeffs)
     layer.eval()
     for _ in range(3):
         assert rel_err(cached_output(layer), oracle(layer)) <= 1e-5
     assert not count_folds and layer._cache._entry is None
-    monkeypatch.setattr(adapter, "_is_dtensor", lambda t: False)  # unsharded again
+    monkeypatch.setattr(adapter, "is_dtensor", lambda t: False)  # unsharded again
     layer.train().eval()
     cached_output(layer)
     cached_output(layer)

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from .. import adapter
+from .. import targets
 from .._checks import check_options, positive_int
 
 try:
@@ -131,7 +131,7 @@ class LfmaConfig(PeftConfig):
             raise ValueError(f"LfmaConfig: init must be 'random' or 'weight', got {self.init!r}")
         if self.bias not in ("none", "all", "lfma_only"):
             raise ValueError(f"LfmaConfig: bias must be 'none', 'all' or 'lfma_only', got {self.bias!r}")
-        adapter.check_backend_name(self.backend)
+        targets.check_backend_name(self.backend)
         if isinstance(self.target_modules, str):
             if self.layers_to_transform is not None or self.layers_pattern is not None:
                 raise ValueError("LfmaConfig: layers_to_transform / layers_pattern cannot be used when "
@@ -152,7 +152,7 @@ class LfmaConfig(PeftConfig):
         as read from a checkpoint, so that an adapter built from it whose weights do not fit the
         model is removed again (see ``LfmaModel._load_from_state_dict``)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config.backend = adapter.loadable_backend(config.backend, None,
+        config.backend = targets.loadable_backend(config.backend, None,
                                                   f"the LFMA adapter at {pretrained_model_name_or_path}")
         config._lfma_from_checkpoint = True
         return config

@@ -10,7 +10,7 @@ import torch.nn as nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from .. import adapter
+from .. import adapter, targets
 from ..eval_cache import FoldedWeightCache
 from ..ops import dispatch
 from . import mixed_batch
@@ -26,7 +26,7 @@ class LfmaLayer(BaseTunerLayer):
     other_param_names = ("lfma_rows", "lfma_cols", "lfma_shape", "lfma_alpha", "lfma_backend")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self._quantization = adapter.check_base(base_layer, "LfmaLayer")
+        self._quantization = targets.check_base(base_layer, "LfmaLayer")
         self.base_layer = base_layer
         self.lfma_coeffs = nn.ParameterDict({})
         self.lfma_rows = BufferDict({}, persistent=True)
@@ -71,7 +71,7 @@ class LfmaLayer(BaseTunerLayer):
         positions = [(store, store[adapter_name]) for store in (self.lfma_rows, self.lfma_cols, self.lfma_shape)
                      if adapter_name in store]
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        target = device if device is not None else adapter.base_device(self.get_base_layer())
+        target = device if device is not None else targets.base_device(self.get_base_layer())
         for store, t in positions:
             store[adapter_name] = t if target.type == "meta" else t.to(target)
 
@@ -104,7 +104,7 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
                  **kwargs: Any) -> None:
         super().__init__()
         LfmaLayer.__init__(self, base_layer, **kwargs)
-        self.fan_in_fan_out = adapter.is_conv1d(base_layer)
+        self.fan_in_fan_out = targets.is_conv1d(base_layer)
         self._active_adapter = adapter_name
         self.register_load_state_dict_post_hook(LfmaLinear._shapes_are_optional)
         self.update_layer(adapter_name, k, config, seed)
@@ -215,12 +215,12 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
             elif tuple(int(d) for d in saved.tolist()) != shape:
                 raise ValueError(f"loading {where}: LFMA adapter {name!r} was saved for a layer of shape "
                                  f"{tuple(int(d) for d in saved.tolist())} (d_out, d_in); this layer's is {shape}")
-            if name in self.merged_adapters and not adapter.unchanged_by(state_dict, prefix, {
+            if name in self.merged_adapters and not targets.unchanged_by(state_dict, prefix, {
                     f"{store}.{name}": getattr(self, store)[name].detach()
                     for store in ("lfma_coeffs", "lfma_rows", "lfma_cols")}):
                 raise ValueError(f"loading {where}: LFMA adapter {name!r} is merged into the weight; unmerge it "
                                  "(model.unmerge_adapter()) before loading other state into it, then merge again")
-            adapter.check_loaded_positions(state_dict, prefix, (f"lfma_coeffs.{name}", f"lfma_rows.{name}",
+            targets.check_loaded_positions(state_dict, prefix, (f"lfma_coeffs.{name}", f"lfma_rows.{name}",
                                                                 f"lfma_cols.{name}"), shape)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, NamedTuple, Optional, Tu
 import torch
 import torch.nn as nn
 
-from .. import adapter
+from .. import adapter, targets
 from ..layers import LFMALinear
 from ..model import _save_names
 from .layer import LfmaLayer
@@ -218,7 +218,7 @@ def convert_to_lora(model: nn.Module, rank: Rank = None, adapter_name: str = "de
         if info.exported == 0:  # no dW at all (zero coefficients): no LoRA layer either, as PEFT does
             continue
         ranks[key] = info.exported
-        fan_in_fan_out |= adapter.is_conv1d(layer.base)
+        fan_in_fan_out |= targets.is_conv1d(layer.base)
         state_dict[f"{layer.name}.lora_A.weight"] = lora_a
         state_dict[f"{layer.name}.lora_B.weight"] = lora_b
     if not state_dict:

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_a
 from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from .. import adapter
+from .. import adapter, targets
 from .._checks import count
 from .config import DEFAULT_K, LfmaConfig
 from .layer import LfmaLayer, LfmaLinear
@@ -46,7 +46,7 @@ def _take_back(model: nn.Module, adapter_name: str, before: Dict[str, nn.Module]
         if before.get(name) is module:
             module.delete_adapter(adapter_name)
         else:
-            adapter.set_submodule(model, name, module.get_base_layer())
+            targets.set_submodule(model, name, module.get_base_layer())
     for p, flag in flags.items():
         p.requires_grad_(flag)
 
@@ -55,7 +55,7 @@ def _unwrap_empty(model: nn.Module) -> None:
     """Put back the base layer of every LFMA layer left without adapters (a refused first load)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LfmaLayer) and not module.lfma_coeffs:
-            adapter.set_submodule(model, name, module.get_base_layer())
+            targets.set_submodule(model, name, module.get_base_layer())
 
 
 def _names_pre_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: List[str]):
@@ -182,12 +182,12 @@ class LfmaModel(BaseTuner):
             config = self._prepare_adapter_config(config, self.get_model_config(model))
         elif config.target_modules == "all-linear":
             config = _maybe_include_all_linear_layers(copy.copy(config), model)
-        aliases = adapter.module_names(model)
+        aliases = targets.module_names(model)
         for key, module in _outside_tuner_layers(model):
             if self._check_target_module_exists(config, key):
                 base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-                adapter.check_target(base, key, model.get_submodule(key.rpartition(".")[0]))
-                adapter.check_not_aliased(module, key, aliases)
+                targets.check_target(base, key, model.get_submodule(key.rpartition(".")[0]))
+                targets.check_not_aliased(module, key, aliases)
                 self._layer_k(config, key, base)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -240,7 +240,7 @@ class LfmaModel(BaseTuner):
         PEFT's LoRA does; BaseTuner's version reads ``child.weight``)."""
         setattr(parent, child_name, new_module)
         base = child.base_layer if hasattr(child, "base_layer") else child
-        device = adapter.base_device(base)
+        device = targets.base_device(base)
         meta = torch.device("meta")
         for name, module in new_module.named_modules():
             if self.prefix in name and not any(p.device == meta for p in module.parameters()):
@@ -248,7 +248,7 @@ class LfmaModel(BaseTuner):
 
     @staticmethod
     def _check_fan_in_fan_out(config: LfmaConfig, base: nn.Module) -> None:
-        conv1d = adapter.is_conv1d(base)
+        conv1d = targets.is_conv1d(base)
         if conv1d and not config.fan_in_fan_out:
             warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
                           "Setting fan_in_fan_out to True.")
