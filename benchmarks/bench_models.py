@@ -61,7 +61,7 @@ except ImportError:  # not installed: use the source tree this script lives in
 import torch
 import torch.nn as nn
 
-from lfma_kernels.demo import attention_targets
+from lfma_kernels.model import attention_targets
 from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section
 from timing import interleaved_rounds, paired_ratio
 

@@ -22,7 +22,8 @@ import time
 import torch
 
 import lfma_kernels.peft  # noqa: F401  (registers "lfma" with PEFT: before from_pretrained)
-from lfma_kernels.demo import attention_targets, load_digits_splits, pretrain
+from lfma_kernels.demo import load_digits_splits, pretrain
+from lfma_kernels.model import attention_targets
 from lfma_kernels.peft import LfmaConfig
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, ViTForImageClassification

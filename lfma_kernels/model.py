@@ -163,6 +163,16 @@ def _save_names(model: nn.Module, config: LFMAConfig) -> List[str]:
     return names
 
 
+def attention_targets(model: nn.Module) -> List[str]:
+    """Query and value projections: ``q_proj``/``v_proj`` in current transformers, ``query``/``value``
+    in older releases."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pair in (["q_proj", "v_proj"], ["query", "value"]):
+        if set(pair) <= names:
+            return pair
+    raise RuntimeError(f"no query/value projections found among {sorted(names)}")
+
+
 def apply_lfma(model: nn.Module, config: LFMAConfig,
                frequencies: Optional[Dict[str, Frequencies]] = None) -> nn.Module:
     """Wrap every target ``nn.Linear`` or ``Conv1D`` in an ``LFMALinear`` in place and freeze everything but the
