@@ -135,9 +135,8 @@ def plot(records: List[dict], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="lfma-demo", description="Accuracy against trained parameters: LFMA, LoRA, FourierFT, "
-                                                 "head-only and full fine-tuning of a small ViT on scikit-learn's "
-                                                 "digits.")
+    parser = argparse.ArgumentParser(prog="lfma-demo", description="Accuracy against trained parameters: LFMA, LoRA, "
+                                     "FourierFT, head-only and full fine-tuning of a small ViT on scikit-learn's digits.")
     parser.add_argument("--quick", action="store_true", help="one seed, few epochs, two budgets (the smoke run)")
     parser.add_argument("--full", action="store_true", help="every method at every budget (default: the lean grid, "
                                                            f"{', '.join(LEAN_METHODS)} at {LEAN_BUDGETS})")
