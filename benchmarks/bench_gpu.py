@@ -289,7 +289,7 @@ def render(args: argparse.Namespace, res: Results, errors: List[str], done: bool
         "in this run. `paper`: `lfma_kernels.reference`; `torch`/`triton`: `LFMALinear(..., backend=...)`; "
         "`auto` is triton on CUDA. `triton path`: the fused kernel or the FFT path (`planner.dw_algorithm`). "
         "`triton+graph`: the same training step replayed as a CUDA graph. `frozen`: the `nn.Linear` alone "
-        "(training = forward + dL/dx). `floor` (DESIGN section 2): "
+        "(training = forward + dL/dx). `floor` (docs/math.md, the cost floor): "
         "`1 + min(d_out*d_in, 2K(d_out+d_in)) / (2*d_out*d_in)` times the frozen step; eval floor 1.",
     ]
     body = ["### Acceptance (Triton issue)", ""] + acceptance(res) + [""]

@@ -12,7 +12,7 @@ second GEMM with dW, autograd through ifft2 (in training: LFMALinear(backend="re
 reference.lfma_linear, which recomputes ifft2 on every call as the paper's layer does). "auto"
 and the other backends are LFMALinear(nn.Linear(d_in, d_out), k=K, backend=...), what users run.
 "frozen" is the nn.Linear alone with its weight frozen (training: forward + dL/dx only).
-"floor" is the analytic limit of DESIGN.md section 2 as a ratio to the frozen layer.
+"floor" is the analytic limit of docs/math.md (the cost floor) as a ratio to the frozen layer.
 
     python benchmarks/bench_layer.py --quick                 # about a minute on 2 CPU cores
     python benchmarks/bench_layer.py --output benchmarks/RESULTS.md

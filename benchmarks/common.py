@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the import path (the source tree this folder sits in when
 lfma_kernels is not installed), the problems they time and the functions timed on them, the
-floor of DESIGN section 2, and the command-line parsers of shapes and ratios.
+floor of docs/math.md, and the command-line parsers of shapes and ratios.
 
     import common                 # first: puts lfma_kernels on the path
     from common import make_problem, train_step_fn, ...
@@ -178,7 +178,7 @@ def frozen_eval_forward_fn(p: Problem, x: torch.Tensor) -> Callable[[], None]:
 
 
 def training_floor(shape: Shape, k: int) -> float:
-    """DESIGN section 2: ``1 + min(d_out*d_in, 2K(d_out+d_in)) / (2*d_out*d_in)``."""
+    """The cost floor (docs/math.md): ``1 + min(d_out*d_in, 2K(d_out+d_in)) / (2*d_out*d_in)``."""
     d_out, d_in = shape
     return 1.0 + min(d_out * d_in, 2 * k * (d_out + d_in)) / (2 * d_out * d_in)
 

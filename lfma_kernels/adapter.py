@@ -3,7 +3,7 @@
 An adapted layer is a frozen base layer (``nn.Linear``, or transformers' ``Conv1D``, whose weight
 is stored transposed as ``(in, out)``) plus one or more adapters, each K coefficients at K fixed
 frequencies with its own ``alpha``. Everything is defined on the *logical* ``(d_out, d_in)``
-weight (DESIGN section 1): frequencies, ``dW``, saved adapters. Here live the forward (one folded
+weight (docs/math.md): frequencies, ``dW``, saved adapters. Here live the forward (one folded
 GEMM whatever the number of active adapters), the eval cache's key, merge and unmerge, and the
 frequency selection; the two layer classes only hold the state and name it their way. What an
 adapter may be built on, and the checks of targets and loads, are :mod:`.targets`'.

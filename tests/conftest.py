@@ -1,4 +1,4 @@
-"""Shared test helpers: the float64 oracle comparison of DESIGN section 5 and random frequencies."""
+"""Shared test helpers: the float64 oracle comparison (relative error in float64) and random frequencies."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,5 @@
 """The eval cache of W + dW never serves a stale weight, and never serves a forward that needs a
-gradient through it (DESIGN section 3). Every test compares with the float64 oracle, or with the
+gradient through it. Every test compares with the float64 oracle, or with the
 same layer in training mode, after the change under test."""
 import pytest
 import torch

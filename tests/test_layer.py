@@ -1,4 +1,4 @@
-"""LFMALinear: the contract of DESIGN section 3, the eval cache, merge/unmerge, bad input."""
+"""LFMALinear: the public contract, the eval cache, merge/unmerge, bad input."""
 import pytest
 import torch
 import torch.nn as nn

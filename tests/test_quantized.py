@@ -109,7 +109,7 @@ def test_every_backend_on_an_nf4_base(backend, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_bfloat16_compute(path):
     """compute_dtype=bfloat16: bitsandbytes casts x to it, and so does the adapter. Tolerance: bf16's
-    own rounding of an output (8 bits of mantissa: ~4e-3 relative), as DESIGN's 1e-2 for bf16 outputs."""
+    own rounding of an output (8 bits of mantissa: ~4e-3 relative), as the 1e-2 every bf16 output is held to."""
     layer = adapted("nf4-bf16")
     x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(3))
     with planner.force(delta=path), torch.no_grad():

@@ -1,4 +1,4 @@
-"""The oracle itself: it must be the paper's Algorithm 1, and agree with the closed form of DESIGN."""
+"""The oracle itself: it must be the paper's Algorithm 1, and agree with the closed form (docs/math.md)."""
 import math
 
 import torch
@@ -24,7 +24,7 @@ def paper_algorithm_1(x, weight, bias, delta_w_init, top_k_ratio, alpha):
 
 
 def closed_form(coeffs, rows, cols, shape, alpha):
-    """DESIGN section 1: ``s * sum_k a_k cos(theta) - b_k sin(theta)`` with exact phase reduction."""
+    """The closed form (docs/math.md): ``s * sum_k a_k cos(theta) - b_k sin(theta)`` with exact phase reduction."""
     d_out, d_in = shape
     m = torch.arange(d_out, dtype=torch.int64)[:, None, None]
     n = torch.arange(d_in, dtype=torch.int64)[None, :, None]
@@ -66,7 +66,7 @@ def test_reference_repeated_positions_add_up(gen):
 
 
 def closed_form_grad(g, rows, cols, alpha):
-    """DESIGN section 1: ``dL/da_k = s sum G cos(theta)``, ``dL/db_k = -s sum G sin(theta)``, in float64."""
+    """The gradient (docs/math.md): ``dL/da_k = s sum G cos(theta)``, ``dL/db_k = -s sum G sin(theta)``, in float64."""
     d_out, d_in = g.shape
     m = torch.arange(d_out, dtype=torch.int64)[:, None, None]
     n = torch.arange(d_in, dtype=torch.int64)[None, :, None]
@@ -77,7 +77,7 @@ def closed_form_grad(g, rows, cols, alpha):
 
 
 def test_coeff_grad_is_autograd_through_ifft2_and_the_closed_form(gen):
-    """The gradient oracle: autograd through the paper's delta_weight, equal to DESIGN's closed form
+    """The gradient oracle: autograd through the paper's delta_weight, equal to the closed form
     (and to the adjoint of delta_weight) on non-square and odd shapes, repeated positions included."""
     for shape, k in [((48, 80), 13), ((97, 64), 1), ((33, 33), 40), ((7, 5), 35)]:
         coeffs, rows, cols = random_frequencies(shape, k, generator=gen, dtype=torch.float64)

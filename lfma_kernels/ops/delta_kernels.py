@@ -1,4 +1,4 @@
-"""``x dW^T`` without ever forming ``W``: the delta path beside a quantized base layer (DESIGN section 3).
+"""``x dW^T`` without ever forming ``W``: the delta path beside a quantized base layer (docs/math.md).
 
 Every function maps token rows ``x2d`` (``[tokens, d_in]``) to ``x2d dW^T`` (``[tokens, d_out]``) for
 ``dW = alpha * Re(ifft2(F))``, ``F`` holding the K coefficients; with ``s = alpha / (d_out d_in)``,

@@ -9,8 +9,8 @@ implementations, they trace under ``torch.compile`` without graph breaks and pas
 one GEMM forward and one for ``dL/dx``. The op also returns ``W + dW`` so its backward can reuse it
 (rebuilding it cost ~2-4% of a CPU training step at ViT-B shapes); the wrapper hands out only the
 output. The backward takes ``dL/dcoeffs`` from the cheapest of: the dense weight gradient ``G = g^T x``
-and the backend's ``coeff_grad(G)``, or one of the batch paths that never form ``G`` (DESIGN section
-1), as :func:`.planner.backward_path` says. Eager calls run the same forward and backward through an
+and the backend's ``coeff_grad(G)``, or one of the batch paths that never form ``G`` (docs/math.md), as
+:func:`.planner.backward_path` says. Eager calls run the same forward and backward through an
 ``autograd.Function`` instead of the op, skipping the custom op's Python dispatch (see
 ``LinearFunction``); under ``torch.compile`` the op runs, under ``torch.func`` transforms a Function
 in the style they accept (``TransformableLinear``, with a jvp and a generated vmap rule).

@@ -1,6 +1,6 @@
 """Every path choice of the package, in one place: which backend a call runs on, how that backend
 builds ``dW`` and reads ``dL/dcoeffs`` from ``G = dL/d(dW)``, and how a layer's backward gets
-``dL/dcoeffs`` (DESIGN section 1). :func:`plan` answers "what runs for this call, and why" with the
+``dL/dcoeffs`` (docs/math.md). :func:`plan` answers "what runs for this call, and why" with the
 reason each alternative was refused; the backends ask :func:`dw_algorithm`, :func:`grad_algorithm`
 and :func:`backward_path` at call time, :mod:`.dispatch` asks :func:`choose_backend`.
 
@@ -43,7 +43,7 @@ DW_ALGORITHMS: Tuple[str, ...] = ("separable", "hybrid", "fft")
 # Ways a layer's backward gets dL/dcoeffs: from G = g^T x ("dense"), or without forming G through
 # the phase tables ("gemm") or one real FFT of every token row of x and g ("fft").
 BACKWARD_PATHS: Tuple[str, ...] = ("dense", "gemm", "fft")
-# Ways a layer beside a quantized base gets its output (DESIGN section 3): dequantize W into a transient
+# Ways a layer beside a quantized base gets its output (docs/math.md, the delta path): dequantize W into a transient
 # dense copy, fold dW into it and run one GEMM ("fold"); or the base layer's own output plus x dW^T by
 # row FFTs ("rows"), the exact-phase tables ("separable") or a dense dW and a second GEMM ("dense").
 DELTA_PATHS: Tuple[str, ...] = ("fold", "rows", "separable", "dense")
@@ -418,7 +418,7 @@ def native_algorithm(backend: str, what: str) -> Optional[str]:
 
 
 def backward_costs(backend: str, device_type: str, tokens: int, k: int, shape: Sequence[int]) -> Dict[str, float]:
-    """Estimated seconds of each way a layer's backward can get ``dL/dcoeffs`` (DESIGN section 1): the
+    """Estimated seconds of each way a layer's backward can get ``dL/dcoeffs`` (docs/math.md): the
     dense ``G = g^T x`` then a gradient from it (the torch backend's cheaper way), the gemm batch path
     ``tokens * 2K * (d_out + d_in)``, or the fft batch path (row FFTs, then ``backend``'s cost per
     (token, frequency) pair)."""

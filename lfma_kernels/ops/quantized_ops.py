@@ -1,4 +1,4 @@
-"""One backend's layer beside a quantized base (DESIGN section 3): the delta path and the dequantized fold.
+"""One backend's layer beside a quantized base (docs/math.md, the delta path): the delta path and the dequantized fold.
 
 - :func:`register_quantized` ``(name, kernels).delta_linear(x, coeffs, rows, cols, alpha, shape, path)``:
   ``x dW^T`` by ``path`` (:mod:`.delta_kernels`: ``rows``, ``separable`` or ``dense``, the last on this

@@ -1,6 +1,6 @@
 """Pure-PyTorch kernels, any device: ``dW`` by the separable product or one ``irfft2``, ``dL/dcoeffs``
 from ``G`` by the separable product or one ``rfft2``, and the two batch paths of a layer's backward
-that never form ``G`` (``P = g A``, ``Q = x B``: DESIGN section 1). The ``torch`` backend
+that never form ``G`` (``P = g A``, ``Q = x B``: docs/math.md). The ``torch`` backend
 (:mod:`.torch_ops`) is built from them, the backward of every backend (:mod:`.library`) falls back
 on the batch paths, and the ``triton`` backend on the FFT paths. Which one runs is the planner's
 choice (:mod:`.planner`); nothing here chooses.

@@ -1,7 +1,7 @@
 """The ``triton`` backend's jitted kernels (the launchers, configs, autotuning and tables are in
 :mod:`.triton_ops`). They evaluate LFMA straight from the K frequencies.
 
-Three kernels, all built on the same in-register phase tiles (DESIGN section 1):
+Three kernels, all built on the same in-register phase tiles (docs/math.md):
 
 ``delta_weight_kernel``
     One program per ``BM x BN`` tile of ``dW`` (or of ``W + dW``). It loops over the K frequencies
@@ -20,7 +20,7 @@ Three kernels, all built on the same in-register phase tiles (DESIGN section 1):
     finishes. The region size does not depend on the autotuned block sizes, so the result is
     deterministic (no atomics) and every config writes every partial.
 ``coeff_grad_batch_kernel``
-    The small-K batch path of a layer's backward (DESIGN section 1): ``P = g A`` and ``Q = x B``
+    The small-K batch path of a layer's backward (docs/math.md): ``P = g A`` and ``Q = x B``
     per token tile, in the activations' dtype on tensor cores (bf16/fp16) or float32, reduced
     into ``s (Re, -Im) sum_t P Q`` without forming ``G = g^T x`` nor the ``[d, K]`` phase tables:
     one launch plus the partial sum, where the torch backend's version launches a few dozen

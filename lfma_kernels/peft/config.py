@@ -52,7 +52,7 @@ _extend_peft_type()
 
 @dataclass
 class LfmaConfig(PeftConfig):
-    """Configuration of an LFMA adapter (see DESIGN section 3 and ``lfma.LFMALinear``).
+    """Configuration of an LFMA adapter (see docs/usage.md and ``lfma.LFMALinear``).
 
     Args:
         target_modules: module names (suffix match) or one regex; ``nn.Linear`` and transformers
