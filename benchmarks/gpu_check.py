@@ -125,7 +125,7 @@ def plan() -> List[Step]:
         Step("tests-triton", 120, 240, 30, lambda out, t: _pytest("tests/test_triton.py")),
         # Before the benchmarks: the planner of every later step uses this GPU's constants; OUT keeps a
         # copy, to become the shipped CUDA table.
-        Step("calibrate", 20, 60, 20, lambda out, t: [PY, "-m", "lfma_kernels.calibrate", "--device", "cuda",
+        Step("calibrate", 20, 60, 20, lambda out, t: [PY, "-m", "lfma_kernels.calibrator", "--device", "cuda",
                                                        "--quick", "--copy", _in(out, CALIBRATION)], after_build=True),
         Step("tests-cuda-ext", 20, 90, 20, lambda out, t: _pytest("tests/test_cpp.py", "-k", "cuda"),
              after_build=True),

@@ -1,5 +1,6 @@
 """lfma-calibrate: the measured constants land in a per-machine file the planner then uses (and says so
-in lfma.explain); turned off, another machine's or another format's file changes nothing."""
+in lfma.explain); turned off, another machine's or format's file, or unusable values change nothing; the
+planner reads no file while torch.compile traces."""
 import json
 import os
 import subprocess
@@ -8,7 +9,6 @@ import sys
 import pytest
 
 import lfma_kernels as lfma
-from lfma_kernels import calibrate
 from lfma_kernels.ops import calibration, planner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,43 +25,76 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_quick_calibration_is_used_by_the_planner(cache, monkeypatch):
-    data = calibrate.calibrate("cpu", quick=True)
+    data = lfma.calibrate("cpu", quick=True)
     assert data["path"] == calibration.path_for("cpu") and os.path.dirname(data["path"]) == str(cache)
     assert data["seconds"] < 30
-    table = planner.table_for("cpu")
-    assert data["path"] in table.status and table.gemm_mac_s == data["constants"]["gemm_mac_s"]
-    assert table.batch_pair_s["default"] == data["constants"]["batch_pair_s"]["default"]
-    assert all(v > 0 for v in (table.gemm_mac_s, table.row_fft_s, table.batch_gemm_mac_s, table.irfft2_s))
+    table, shipped = planner.table_for("cpu"), planner.TABLES["cpu"]
+    fitted = data["constants"]
+    assert data["path"] in table.status and table.gemm_mac_s == fitted["gemm_mac_s"]
+    assert table.batch_pair_s["cpp" if "cpp" in fitted["batch_pair_s"] else "default"] == \
+        fitted["batch_pair_s"]["cpp" if "cpp" in fitted["batch_pair_s"] else "default"]
+    for name in calibration.MEASURED:  # within the bounds the calibration keeps its fits to
+        for value, reference in ((fitted[name], getattr(shipped, name)),) if name in fitted else ():
+            if isinstance(value, dict):
+                assert all(reference["default"] / 10 <= v <= reference.get(b, reference["default"]) * 10
+                           or reference.get(b, reference["default"]) / 10 <= v for b, v in value.items())
+            else:
+                assert reference / 10 <= value <= reference * 10, name
+    # not measured: the shipped figure at this machine's GEMM speed
+    scale = table.gemm_mac_s / shipped.gemm_mac_s
+    assert table.irfft2_s == pytest.approx(shipped.irfft2_s * scale) and table.rfft2_speedup == shipped.rfft2_speedup
     assert "calibrated on this machine" in str(lfma.explain((768, 768), 176, tokens=1024))
-    # turned off: the shipped table again
     monkeypatch.setenv("LFMA_CALIBRATION", "off")
     planner.reload_calibration()
-    assert planner.table_for("cpu") is planner.TABLES["cpu"]
+    assert planner.table_for("cpu") is shipped
 
 
-def test_another_machine_or_format_is_ignored(cache):
+def write(data):
     path = calibration.path_for("cpu")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    for data in ({"format": calibration.FORMAT, "key": "another machine", "constants": {"gemm_mac_s": 1.0}},
-                 {"format": 999, "key": calibration.machine_key("cpu"), "constants": {"gemm_mac_s": 1.0}}):
-        with open(path, "w") as f:
-            json.dump(data, f)
-        planner.reload_calibration()
-        assert planner.table_for("cpu") is planner.TABLES["cpu"]
     with open(path, "w") as f:
-        f.write("not json")
+        f.write(data if isinstance(data, str) else json.dumps(data))
     planner.reload_calibration()
-    assert planner.table_for("cpu") is planner.TABLES["cpu"]
+
+
+def test_another_machine_or_format_or_unusable_values_are_ignored(cache):
+    key = calibration.machine_key("cpu")
+    for data in ({"format": calibration.FORMAT, "key": "another machine", "constants": {"gemm_mac_s": 1e-11}},
+                 {"format": 1, "key": key, "constants": {"gemm_mac_s": 1e-11}},
+                 {"format": calibration.FORMAT, "key": key, "constants": None},
+                 {"format": calibration.FORMAT, "key": key,
+                  "constants": {"gemm_mac_s": -1.0, "row_fft_s": "fast", "batch_pair_s": None, "irfft2_s": 1.0}},
+                 "not json"):
+        write(data)
+        assert planner.table_for("cpu") is planner.TABLES["cpu"], data
+    write({"format": calibration.FORMAT, "key": key, "date": "today",
+           "constants": {"gemm_mac_s": 2.2e-11, "batch_pair_s": {"cpp": 1e-9, "torch": float("nan")}}})
+    table = planner.table_for("cpu")
+    assert table.gemm_mac_s == 2.2e-11 and table.batch_pair_s["cpp"] == 1e-9
+    assert table.batch_pair_s["default"] == pytest.approx(2 * planner.TABLES["cpu"].batch_pair_s["default"])
 
 
 def test_command_line_quick_run(tmp_path):
     out = tmp_path / "calibration.json"
     env = dict(os.environ, LFMA_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "lfma_kernels.calibrate", "--quick", "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "lfma_kernels.calibrator", "--quick", "--output", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "gemm_mac_s" in proc.stdout and str(out) in proc.stdout
     data = json.loads(out.read_text())
     assert data["key"] == calibration.machine_key("cpu") and data["quick"] is True
     with pytest.raises(ValueError, match="device must be"):
-        calibrate.calibrate("mps")
+        lfma.calibrate("mps")
+
+
+def test_compile_fullgraph_first_in_a_fresh_process():
+    """Dynamo traces the planner: it must read no file and write no global while it does."""
+    code = ("import torch, torch.nn as nn, lfma_kernels as lfma\n"
+            "m = nn.Sequential(lfma.LFMALinear(nn.Linear(64, 48), k=17))\n"
+            "x = torch.randn(5, 64)\n"
+            "out = torch.compile(m, fullgraph=True)(x)\n"
+            "assert torch.allclose(out, m(x), atol=1e-5)\n")
+    for setting in ("off", "on"):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, LFMA_CALIBRATION=setting))
+        assert proc.returncode == 0, proc.stderr[-2000:]

@@ -36,7 +36,7 @@ def test_dry_run_lists_the_steps_and_imports_every_script(tmp_path):
                     "tests/test_cpp.py -k cuda", "bench_gpu.py --quick", "bench_gpu.py --crossover",
                     "bench_models.py --device cuda --dtype bfloat16 --layers 12 --batch 32",
                     "crossover.py --device cuda", "bench_cpp.py --device cuda",
-                    "-m lfma_kernels.calibrate --device cuda --quick --copy"]:
+                    "-m lfma_kernels.calibrator --device cuda --quick --copy"]:
         assert command in proc.stdout, command
     for script in gpu_check.SCRIPTS:
         assert f"imported benchmarks/{script}.py" in proc.stdout

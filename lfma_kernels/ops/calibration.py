@@ -1,6 +1,6 @@
 """Where a machine's measured cost constants live, and when the planner uses them.
 
-``lfma-calibrate`` (:mod:`lfma_kernels.calibrate`) times the candidate paths on this machine and writes
+``lfma-calibrate`` (:mod:`lfma_kernels.calibrator`) times the candidate paths on this machine and writes
 the fitted constants to a file of its own, keyed by the device (CPU model and instruction set, or GPU
 name and compute capability), torch's thread count and torch's version: the shipped tables were
 fitted on one AMD CPU and estimated for GPUs. The planner (:func:`.planner.table_for`) overlays a
@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["machine_key", "path_for", "load", "enabled", "FORMAT"]
+__all__ = ["machine_key", "path_for", "load", "enabled", "constants_of", "MEASURED", "FORMAT"]
 
-FORMAT = 1  # bumped when the file's meaning changes; other formats are ignored
+FORMAT = 2  # bumped when the file's meaning changes; other formats are ignored
+# The CostTable fields a calibration measures (seconds per unit of work; the pair costs per backend).
+MEASURED = ("gemm_mac_s", "weight_pass_s", "batch_gemm_mac_s", "row_fft_s", "batch_pair_s", "delta_pair_s",
+            "triton_mac_s", "triton_fft_s", "triton_fft_fixed_s")
 
 
 def enabled() -> bool:
@@ -46,15 +50,38 @@ def _cpu_name() -> str:
 
 
 def machine_key(device_type: str) -> str:
-    """What a calibration holds for: the device, its instruction set or compute capability, the
-    threads torch uses and torch's version (each changes the constants)."""
+    """What a calibration holds for: the GPU (the current one) and its compute capability, or the CPU, its
+    instruction set and the threads torch uses; and torch's version (each changes the constants)."""
     if device_type == "cuda" and torch.cuda.is_available():
         index = torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         device = f"cuda {torch.cuda.get_device_name(index)} sm_{major}{minor} CUDA {torch.version.cuda}"
     else:
-        device = f"{device_type} {platform.machine()} {_cpu_name()} {torch.backends.cpu.get_cpu_capability()}"
-    return f"{device}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+        device = (f"{device_type} {platform.machine()} {_cpu_name()} {torch.backends.cpu.get_cpu_capability()}; "
+                  f"{torch.get_num_threads()} threads")
+    return f"{device}; torch {torch.__version__}"
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def constants_of(data: Dict[str, Any], table: Any) -> Dict[str, Any]:
+    """The usable constants of a calibration file: measured fields only, finite positive numbers (per
+    backend for the pair costs), for a field the shipped ``table`` has; anything else is left out."""
+    constants = data.get("constants")
+    if not isinstance(constants, dict):
+        return {}
+    usable: Dict[str, Any] = {}
+    for name in MEASURED:
+        value = constants.get(name)
+        if isinstance(value, dict) and isinstance(getattr(table, name, None), dict):
+            per_backend = {k: v for k, v in value.items() if isinstance(k, str) and _positive(v)}
+            if per_backend:
+                usable[name] = per_backend
+        elif _positive(value) and getattr(table, name, None) is not None:
+            usable[name] = float(value)
+    return usable
 
 
 def path_for(device_type: str) -> str:

@@ -262,6 +262,8 @@ def table_for(device_type: str) -> CostTable:
     read once per process."""
     table = _ACTIVE.get(device_type)
     if table is None:
+        if torch.compiler.is_compiling():  # no file reads or global writes while Dynamo traces
+            return TABLES.get(device_type, CPU)
         table = _ACTIVE[device_type] = calibrated(TABLES.get(device_type, CPU), calibration.load(device_type))
     return table
 
@@ -272,15 +274,25 @@ def calibrated(table: CostTable, data: Optional[Mapping]) -> CostTable:
     the shipped figure."""
     if not data:
         return table
-    fitted = dict(data.get("constants", {}))
+    fitted = calibration.constants_of(data, table)
+    if not fitted:
+        return table
+    # Constants the calibration does not measure (seconds: the FFT paths' and triton's when not on a GPU,
+    # dequantizing) move with this machine's GEMM speed, so that every comparison stays on one scale.
+    scale = fitted.get("gemm_mac_s", table.gemm_mac_s) / table.gemm_mac_s
+    for name in _SCALED:
+        if name not in fitted and getattr(table, name) is not None:
+            fitted[name] = getattr(table, name) * scale
     for name in ("batch_pair_s", "delta_pair_s"):
-        if name in fitted:
-            fitted[name] = {**getattr(table, name), **fitted[name]}
-    known = {f.name for f in dataclasses.fields(CostTable)}
-    fitted = {k: v for k, v in fitted.items() if k in known and k not in ("device", "status", "backends",
-                                                                          "float64_backends", "sources")}
+        shipped = {b: v * scale for b, v in getattr(table, name).items()}
+        fitted[name] = {**shipped, **fitted.get(name, {})}
     status = f"calibrated on this machine {data.get('date', '')} ({data['path']}); shipped: {table.status}"
     return dataclasses.replace(table, status=status, **fitted)
+
+
+# CostTable fields in seconds (per unit of work): the ones scaled with a calibration's GEMM speed.
+_SCALED = ("irfft2_s", "batch_gemm_mac_s", "row_fft_s", "triton_mac_s", "triton_fft_fixed_s",
+           "triton_fft_grad_fixed_s", "triton_fft_s", "dequantize_s", "weight_pass_s")
 
 
 @contextlib.contextmanager

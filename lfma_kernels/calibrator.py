@@ -4,10 +4,12 @@ The planner's choices (how a layer's backward gets ``dL/dcoeffs``, how the torch
 which delta path runs beside a quantized base or for a mixed batch) compare estimated seconds from a
 cost table (:mod:`lfma_kernels.ops.planner`). The shipped CPU table was fitted on one AMD CPU and the
 CUDA table is an estimate; this times the operations behind each constant on this machine's device,
-fits them, and writes them where the planner reads them (:mod:`lfma_kernels.ops.calibration`).
-``--quick`` (under 30 s on a 2-core CPU) times each operation at one shape; the full run (under 2
-minutes) at two and with more repeats. Constants of backends that cannot run here keep the shipped
-figures.
+fits them, and writes them where the planner reads them (:mod:`lfma_kernels.ops.calibration`). The
+constants it does not measure (the torch backend's FFT paths, dequantizing; triton's off a GPU) keep
+the shipped table's ratios to the GEMM, scaled by this machine's GEMM speed. A fit more than 10x off
+the shipped figure is clamped to that bound, with a warning (a loaded machine, or a broken kernel).
+``--quick`` (~5 s on a 2-core CPU) times each operation for at least 0.25 s; the full run (~20 s)
+for 1 s and at twice the tokens.
 
     lfma-calibrate                 # this machine's CPU
     lfma-calibrate --device cuda --quick
@@ -15,6 +17,7 @@ figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -22,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -35,7 +39,7 @@ REFERENCE = (768, 768)  # the size the FFT constants are stated at (planner._tor
 def _timer(device: torch.device, min_time_s: float) -> Callable[[Callable[[], object]], float]:
     """The median seconds of ``fn`` over at least 7 calls and ``min_time_s`` (differences of two such
     times are the fits' slopes: a few calls would leave them in the noise)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def seconds(fn: Callable[[], object]) -> float:
         fn()
@@ -75,19 +79,8 @@ def _measure(device: torch.device, quick: bool) -> Dict[str, object]:
 
     gemm = seconds(lambda: F.linear(x, w)) / (tokens * n)
     out["gemm_mac_s"] = gemm
-    few = [seconds(lambda t=t: F.linear(x[:t], w)) for t in (1, 16)]
-    out["weight_pass_s"] = max(statistics.mean(few[i] - t * n * gemm for i, t in enumerate((1, 16))) / n, 0.0)
-
-    c, r, v = _problem(REFERENCE, 943, device)
-    fft_dw = seconds(lambda: torch_kernels.delta_weight_fft(c, r, v, REFERENCE, 12.0))
-    out["irfft2_s"] = fft_dw / (n * math.log2(n))
-    out["rfft2_speedup"] = fft_dw / max(seconds(lambda: torch_kernels.coeff_grad_fft(w, r, v, 12.0)), 1e-9)
-    if not quick:  # large FFTs fall out of cache: the size exponent from a second, larger weight
-        big = (2048, 2048)
-        cb, rb, vb = _problem(big, 943, device, seed=1)
-        nb = big[0] * big[1]
-        per_point = seconds(lambda: torch_kernels.delta_weight_fft(cb, rb, vb, big, 12.0)) / (nb * math.log2(nb))
-        out["fft_size_exponent"] = max(0.0, math.log(per_point / out["irfft2_s"]) / math.log(nb / n))
+    # One row: the pass over the weight that a GEMM of its own costs beyond its multiply-adds.
+    out["weight_pass_s"] = seconds(lambda: F.linear(x[:1], w)) / n - gemm
 
     c176, r176, v176 = _problem(REFERENCE, 176, device)
     skinny = seconds(lambda: torch_kernels.coeff_grad_batch_gemm(x, g, r176, v176, REFERENCE, 12.0, torch.float32))
@@ -142,27 +135,59 @@ def _triton(seconds, device: torch.device) -> Dict[str, float]:
     return fitted
 
 
+def _bounded(constants: Dict[str, object], shipped, device_type: str) -> Dict[str, object]:
+    """Each fit within 10x of the shipped figure (the shipped table's pair costs for backends it lacks: its
+    default); outside, clamped to the bound with a warning."""
+    clamped = []
+
+    def bound(name: str, value: float, reference: Optional[float]) -> float:
+        if reference is None or not reference > 0:
+            return value
+        low, high = reference / 10, reference * 10
+        if not math.isfinite(value) or not low <= value <= high:
+            clamped.append(f"{name} {value:.3g} (shipped {reference:.3g})")
+            return min(max(value, low), high) if math.isfinite(value) else reference
+        return value
+
+    out: Dict[str, object] = {}
+    for name, value in constants.items():
+        reference = getattr(shipped, name)
+        if isinstance(value, dict):
+            out[name] = {b: bound(f"{name}[{b}]", v, reference.get(b, reference.get("default")))
+                         for b, v in value.items()}
+        else:
+            out[name] = bound(name, value, reference)
+    if clamped:
+        warnings.warn(f"lfma-calibrate ({device_type}): fits more than 10x off the shipped table were clamped to that "
+                      f"bound: {', '.join(clamped)}; run it again on a quiet machine", UserWarning, stacklevel=3)
+    return out
+
+
 def calibrate(device: str = "cpu", *, quick: bool = False, path: Optional[str] = None) -> Dict[str, object]:
-    """Time and fit this machine's cost constants for ``device`` ("cpu" or "cuda"), write them to the
-    per-machine file the planner reads (``path`` overrides where), and use them from now on in this
-    process. Returns what was written."""
+    """Time and fit this machine's cost constants for ``device`` (``"cpu"``, ``"cuda"`` or ``"cuda:N"``) and
+    write them to the per-machine file the planner reads, which this process then uses too (unless
+    ``LFMA_CALIBRATION=off``). ``path`` writes them there instead, a file the planner does not read
+    (to keep or compare). Returns what was written, with its ``path``."""
     from lfma_kernels.ops import calibration, planner
 
     target = torch.device(device)
     if target.type not in ("cpu", "cuda"):
         raise ValueError(f"calibrate: device must be 'cpu' or 'cuda', got {device!r}")
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("calibrate(device='cuda'): no CUDA GPU is available")
+        raise RuntimeError(f"calibrate(device={device!r}): no CUDA GPU is available")
     start = time.perf_counter()
-    with torch.no_grad():
-        constants = _measure(target, quick)
-    data = {"format": calibration.FORMAT, "key": calibration.machine_key(target.type), "device": target.type,
+    with torch.no_grad(), (torch.cuda.device(target) if target.type == "cuda" else contextlib.nullcontext()):
+        constants = _bounded(_measure(target, quick), planner.TABLES[target.type], target.type)
+        key = calibration.machine_key(target.type)
+    data = {"format": calibration.FORMAT, "key": key, "device": target.type,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": quick,
             "seconds": round(time.perf_counter() - start, 1), "constants": constants}
     path = path or calibration.path_for(target.type)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w") as f:  # then renamed: a reader never sees half a file
         json.dump(data, f, indent=1)
+    os.replace(partial, path)
     planner.reload_calibration()
     return {**data, "path": path}
 
