@@ -42,30 +42,30 @@ class LFMAConfig:
     """
 
     target_modules: Union[str, List[str]]
+    _: dataclasses.KW_ONLY
     k: Optional[int] = None
     top_k_ratio: Optional[float] = None
     alpha: float = 12.0
     init: str = "random"
     init_std: float = 1e-3
-    init_scale: float = 1.0
     seed: Optional[int] = 0
     hermitian: bool = False
     backend: str = "auto"
     modules_to_save: Sequence[str] = ()
+    init_scale: float = 1.0
 
-    def __init__(self, target_modules: Union[str, Sequence[str]], *, k: Optional[int] = None,
-                 top_k_ratio: Optional[float] = None, alpha: float = 12.0, init: str = "random",
-                 init_std: float = 1e-3, seed: Optional[int] = 0, hermitian: bool = False, backend: str = "auto",
-                 modules_to_save: Sequence[str] = (), init_scale: float = 1.0) -> None:
+    def __post_init__(self) -> None:
+        """Check every value, and store plain Python numbers and lists (JSON-serialisable)."""
         try:
-            options = check_options(k=k, top_k_ratio=top_k_ratio, alpha=alpha, init_std=init_std,
-                                    init_scale=init_scale, seed=seed)
+            options = check_options(k=self.k, top_k_ratio=self.top_k_ratio, alpha=self.alpha, init_std=self.init_std,
+                                    init_scale=self.init_scale, seed=self.seed)
         except ValueError as e:
             raise ValueError(f"LFMAConfig: {e}") from None
-        if not isinstance(init, str) or init not in ("random", "weight"):
-            raise ValueError(f"LFMAConfig: init must be 'random' or 'weight', got {init!r} (a tensor init is per "
+        if not isinstance(self.init, str) or self.init not in ("random", "weight"):
+            raise ValueError(f"LFMAConfig: init must be 'random' or 'weight', got {self.init!r} (a tensor init is per "
                              "layer: build LFMALinear directly)")
-        check_backend_name(backend)
+        check_backend_name(self.backend)
+        target_modules = self.target_modules
         if isinstance(target_modules, str):
             try:
                 re.compile(target_modules)
@@ -76,16 +76,15 @@ class LFMAConfig:
             target_modules = list(target_modules)
             if not target_modules:
                 raise ValueError("LFMAConfig: target_modules is empty")
-        for field, names in (("target_modules", target_modules), ("modules_to_save", modules_to_save)):
+        for field, names in (("target_modules", target_modules), ("modules_to_save", self.modules_to_save)):
             if not isinstance(names, str) and not all(isinstance(n, str) and n for n in names):
                 raise ValueError(f"LFMAConfig: {field} must be a regex string or a list of non-empty "
                                  f"module-name suffixes, got {names!r}")
         self.target_modules = target_modules
-        self.k, self.top_k_ratio, self.alpha, self.init = options.k, options.top_k_ratio, options.alpha, init
-        self.init_std, self.seed, self.hermitian = options.init_std, options.seed, bool(hermitian)
-        self.backend = backend
-        self.init_scale = options.init_scale
-        self.modules_to_save = tuple(modules_to_save)
+        self.k, self.top_k_ratio, self.alpha = options.k, options.top_k_ratio, options.alpha
+        self.init_std, self.init_scale, self.seed = options.init_std, options.init_scale, options.seed
+        self.hermitian = bool(self.hermitian)
+        self.modules_to_save = tuple(self.modules_to_save)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -18,7 +18,7 @@ import torch
 
 from . import extension, planner
 from .common import compute_dtype
-from .library import Kernels, check_frequencies, check_matrix, check_positions, register_backend
+from .library import Kernels, trace_check_frequencies, trace_check_matrix, trace_check_positions, register_backend
 
 __all__ = ["KERNELS", "OPS", "LFMA_EXT_KERNELS", "ALGO_CODES", "algorithm_report"]
 
@@ -31,30 +31,30 @@ _ALGO_NAMES = {code: name for name, code in ALGO_CODES.items() if name is not No
 
 @torch.library.register_fake("lfma_ext::delta_weight")
 def _delta_weight_fake(coeffs, rows, cols, d_out, d_in, alpha, algo=-1):
-    check_frequencies("lfma_ext::delta_weight", coeffs, rows, cols)
+    trace_check_frequencies("lfma_ext::delta_weight", coeffs, rows, cols)
     return coeffs.new_empty((d_out, d_in), dtype=compute_dtype(coeffs.dtype))
 
 
 @torch.library.register_fake("lfma_ext::folded_weight")
 def _folded_weight_fake(weight, coeffs, rows, cols, alpha, algo=-1):
-    check_matrix("lfma_ext::folded_weight", "weight", weight)
-    check_frequencies("lfma_ext::folded_weight", coeffs, rows, cols)
+    trace_check_matrix("lfma_ext::folded_weight", "weight", weight)
+    trace_check_frequencies("lfma_ext::folded_weight", coeffs, rows, cols)
     return weight.new_empty(weight.shape)
 
 
 @torch.library.register_fake("lfma_ext::coeff_grad")
 def _coeff_grad_fake(grad_dw, rows, cols, alpha, algo=-1):
-    check_matrix("lfma_ext::coeff_grad", "grad_dw", grad_dw)
-    check_positions("lfma_ext::coeff_grad", rows, cols)
+    trace_check_matrix("lfma_ext::coeff_grad", "grad_dw", grad_dw)
+    trace_check_positions("lfma_ext::coeff_grad", rows, cols)
     return grad_dw.new_empty((rows.shape[0], 2), dtype=compute_dtype(grad_dw.dtype))
 
 
 @torch.library.register_fake("lfma_ext::coeff_grad_batch")
 def _coeff_grad_batch_fake(x, grad_out, rows, cols, alpha):
     op = "lfma_ext::coeff_grad_batch"
-    check_matrix(op, "x", x)
-    check_matrix(op, "grad_out", grad_out)
-    check_positions(op, rows, cols)
+    trace_check_matrix(op, "x", x)
+    trace_check_matrix(op, "grad_out", grad_out)
+    trace_check_positions(op, rows, cols)
     torch._check(x.shape[0] == grad_out.shape[0], lambda: f"{op}: x and grad_out must have the same number of "
                                                           f"tokens, got {x.shape[0]} and {grad_out.shape[0]}")
     return x.new_empty((rows.shape[0], 2), dtype=compute_dtype(torch.promote_types(x.dtype, grad_out.dtype)))
@@ -63,16 +63,16 @@ def _coeff_grad_batch_fake(x, grad_out, rows, cols, alpha):
 @torch.library.register_fake("lfma_ext::delta_rows")
 def _delta_rows_fake(x, coeffs, rows, cols, alpha, d_out):
     op = "lfma_ext::delta_rows"
-    check_matrix(op, "x", x)
-    check_frequencies(op, coeffs, rows, cols)
+    trace_check_matrix(op, "x", x)
+    trace_check_frequencies(op, coeffs, rows, cols)
     return x.new_empty((x.shape[0], d_out), dtype=compute_dtype(coeffs.dtype))
 
 
 @torch.library.register_fake("lfma_ext::delta_rows_grouped")
 def _delta_rows_grouped_fake(x, coeffs, rows, cols, k_counts, t_counts, alphas, d_out):
     op = "lfma_ext::delta_rows_grouped"
-    check_matrix(op, "x", x)
-    check_frequencies(op, coeffs, rows, cols)
+    trace_check_matrix(op, "x", x)
+    trace_check_frequencies(op, coeffs, rows, cols)
     torch._check(len(k_counts) == len(t_counts) == len(alphas),
                  lambda: f"{op}: k_counts, t_counts and alphas need one entry per adapter")
     torch._check(sum(t_counts) == x.shape[0], lambda: f"{op}: t_counts add up to {sum(t_counts)}, x has {x.shape[0]} rows")

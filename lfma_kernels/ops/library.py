@@ -34,7 +34,7 @@ from . import planner, torch_kernels
 from .common import add_delta, compute_dtype
 
 __all__ = ["Kernels", "BackendOps", "register_backend", "fold_with", "fold", "coeff_grad_from", "layer_coeff_grad",
-           "check_frequencies", "check_positions", "check_matrix"]
+           "trace_check_frequencies", "trace_check_positions", "trace_check_matrix"]
 
 
 class Kernels(NamedTuple):
@@ -93,7 +93,7 @@ def fold_with(delta_weight: Callable[..., torch.Tensor]) -> Callable[..., torch.
 # ---------------------------------------------------------------------------------------------
 # input checks of the fake implementations (torch._check: a bad call fails at trace time)
 # ---------------------------------------------------------------------------------------------
-def check_positions(op: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
+def trace_check_positions(op: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
     for name, idx in (("rows", rows), ("cols", cols)):
         torch._check(idx.dim() == 1 and idx.dtype == torch.int64,
                      lambda: f"{op}: {name} must be a 1-D int64 tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
@@ -101,18 +101,18 @@ def check_positions(op: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
                  lambda: f"{op}: rows and cols must have the same length K, got {rows.shape[0]} and {cols.shape[0]}")
 
 
-def check_frequencies(op: str, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+def trace_check_frequencies(op: str, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
     torch._check(coeffs.dim() == 2 and coeffs.shape[1] == 2,
                  lambda: f"{op}: coeffs must have shape [K, 2] (real, imag), got {tuple(coeffs.shape)}")
     torch._check(coeffs.dtype.is_floating_point and not coeffs.dtype.is_complex,
                  lambda: f"{op}: coeffs must be a real floating-point tensor, got {coeffs.dtype}")
-    check_positions(op, rows, cols)
+    trace_check_positions(op, rows, cols)
     torch._check(coeffs.shape[0] == rows.shape[0],
                  lambda: f"{op}: rows, cols and coeffs must have the same length K, got {rows.shape[0]} and "
                          f"{coeffs.shape[0]}")
 
 
-def check_matrix(op: str, name: str, t: torch.Tensor) -> None:
+def trace_check_matrix(op: str, name: str, t: torch.Tensor) -> None:
     """A weight, ``G`` or a ``[tokens, features]`` activation: 2-D, real floating point."""
     torch._check(t.dim() == 2, lambda: f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
     torch._check(t.dtype.is_floating_point, lambda: f"{op}: {name} must be floating point, got {t.dtype}")
@@ -159,7 +159,7 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     @delta_weight_op.register_fake
     def _(coeffs, rows, cols, d_out, d_in, alpha):
-        check_frequencies(prefix + "delta_weight", coeffs, rows, cols)
+        trace_check_frequencies(prefix + "delta_weight", coeffs, rows, cols)
         torch._check(d_out >= 1 and d_in >= 1, lambda: f"{prefix}delta_weight: d_out and d_in must be positive, "
                                                        f"got {d_out} x {d_in}")
         return coeffs.new_empty((d_out, d_in), dtype=compute_dtype(coeffs.dtype))
@@ -171,8 +171,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     @folded_weight_op.register_fake
     def _(weight, coeffs, rows, cols, alpha):
-        check_matrix(prefix + "folded_weight", "weight", weight)
-        check_frequencies(prefix + "folded_weight", coeffs, rows, cols)
+        trace_check_matrix(prefix + "folded_weight", "weight", weight)
+        trace_check_frequencies(prefix + "folded_weight", coeffs, rows, cols)
         return torch.empty_like(weight)
 
     @torch.library.custom_op(prefix + "coeff_grad", mutates_args=())
@@ -181,8 +181,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     @coeff_grad_op.register_fake
     def _(grad_dw, rows, cols, alpha):
-        check_matrix(prefix + "coeff_grad", "grad_dw", grad_dw)
-        check_positions(prefix + "coeff_grad", rows, cols)
+        trace_check_matrix(prefix + "coeff_grad", "grad_dw", grad_dw)
+        trace_check_positions(prefix + "coeff_grad", rows, cols)
         return grad_dw.new_empty((rows.shape[0], 2))
 
     # One matrix per kernel call: under torch.vmap (per-sample gradients, ensembles of coefficients)
@@ -283,8 +283,8 @@ def register_backend(name: str, kernels: Kernels) -> BackendOps:
 
     @linear_op.register_fake
     def _(x, weight, bias, coeffs, rows, cols, alpha):
-        check_matrix(prefix + "linear", "weight", weight)
-        check_frequencies(prefix + "linear", coeffs, rows, cols)
+        trace_check_matrix(prefix + "linear", "weight", weight)
+        trace_check_frequencies(prefix + "linear", coeffs, rows, cols)
         torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
                      lambda: f"{prefix}linear: x must end in d_in = {weight.shape[1]}, got shape {tuple(x.shape)}")
         torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],),

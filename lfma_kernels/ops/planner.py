@@ -30,7 +30,7 @@ import torch
 from . import calibration
 
 __all__ = [
-    "CostTable", "CPU", "CUDA", "TABLES", "table_for", "DW_ALGORITHMS", "BACKWARD_PATHS", "ALGORITHMS_OF",
+    "CostTable", "CPU", "CUDA", "TABLES", "table_for", "calibrated", "using", "reload_calibration", "DW_ALGORITHMS", "BACKWARD_PATHS", "ALGORITHMS_OF",
     "force", "forced", "forced_delta", "dw_algorithm", "grad_algorithm", "backward_path", "native_algorithm", "dw_costs",
     "grad_costs", "backward_costs", "DELTA_PATHS", "delta_costs", "delta_path", "mixed_costs", "mixed_path", "choose_backend", "Plan", "Refusal",
     "QuantizedBase", "plan",

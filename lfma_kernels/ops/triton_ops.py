@@ -32,7 +32,7 @@ import triton
 
 from . import planner, torch_kernels, triton_kernels
 from .common import add_delta, compute_dtype, scale
-from .library import Kernels, check_matrix, check_positions, register_backend
+from .library import Kernels, trace_check_matrix, trace_check_positions, register_backend
 
 __all__ = [
     "KERNELS",
@@ -319,9 +319,9 @@ def _coeff_grad_batch_op(x2d: torch.Tensor, g2d: torch.Tensor, rows: torch.Tenso
 @_coeff_grad_batch_op.register_fake
 def _(x2d, g2d, rows, cols, d_out, d_in, alpha, dtype):
     op = "lfma::triton_coeff_grad_batch"
-    check_matrix(op, "x2d", x2d)
-    check_matrix(op, "g2d", g2d)
-    check_positions(op, rows, cols)
+    trace_check_matrix(op, "x2d", x2d)
+    trace_check_matrix(op, "g2d", g2d)
+    trace_check_positions(op, rows, cols)
     torch._check(x2d.shape[0] == g2d.shape[0] and x2d.shape[1] == d_in and g2d.shape[1] == d_out,
                  lambda: f"{op}: x2d must be [tokens, d_in = {d_in}] and g2d [tokens, d_out = {d_out}], got "
                          f"{tuple(x2d.shape)} and {tuple(g2d.shape)}")
