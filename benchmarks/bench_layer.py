@@ -33,7 +33,7 @@ from common import (FULL_RATIOS, PAPER, QUICK_SHAPES, Problem, Shape, backend_ru
 import torch  # noqa: E402
 
 from lfma_kernels.ops import dispatch  # noqa: E402
-from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section  # noqa: E402
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, write_section  # noqa: E402
 from timing import interleaved_ms  # noqa: E402
 
 FULL_SHAPES = "768x768,1024x1024,768x3072,4096x4096"
@@ -226,9 +226,7 @@ def render(args: argparse.Namespace, res: Results) -> Tuple[str, str]:
     ]
     if res.errors:
         body += ["### Errors", ""] + [f"- {e}" for e in res.errors] + [""]
-    if res.noisy:
-        body += ["Measured while other processes loaded the machine (treat with care):", ""]
-        body += [f"- {e}" for e in res.noisy] + [""]
+    body += noisy_lines(res.noisy)
     return "\n".join(header) + "\n", "\n".join(body)
 
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from bench_models import LFMA_ALPHA, LORA_R, MODELS, build  # noqa: E402
-from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section  # noqa: E402
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, write_section  # noqa: E402
 from timing import interleaved_rounds, paired_ratio  # noqa: E402
 
 FLOOR, LORA, LFMA, LFMA_ALL = "merged (floor)", "LoRA r=8 mixed", "LFMA mixed", "LFMA mixed, all kept"
@@ -128,9 +128,7 @@ def render(args: argparse.Namespace, results: Dict[str, List[dict]], noisy: Sequ
               "- kept W + dW: memory of the per-adapter folded weights the LFMA layers keep after the run", ""]
     for model_name, rows in results.items():
         lines += [f"### {model_name}", "", table(rows), ""]
-    if noisy:
-        lines += ["Measured while other processes loaded the machine (treat with care):", ""]
-        lines += [f"- {item}" for item in noisy] + [""]
+    lines += noisy_lines(noisy)
     return "\n".join(lines)
 
 

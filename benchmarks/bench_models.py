@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 
 from lfma_kernels.model import attention_targets
-from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, write_section
 from timing import interleaved_rounds, paired_ratio
 
 FLOOR = "frozen, full backward"
@@ -389,9 +389,7 @@ def render(args: argparse.Namespace, results: Dict[str, List[dict]], noisy: Sequ
         lines += [f"### {model_name}", "", table(rows), ""]
     if args.charts:
         lines += [f"![model-level bar charts]({os.path.basename(args.charts)})", ""]
-    if noisy:
-        lines += ["Measured while other processes loaded the machine (treat with care):", ""]
-        lines += [f"- {item}" for item in noisy] + [""]
+    lines += noisy_lines(noisy)
     return "\n".join(lines)
 
 

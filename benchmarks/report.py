@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from lfma_kernels._format import markdown_table  # noqa: F401  (the scripts import it from here)
+from lfma_kernels.ops.calibration import cpu_name
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TITLE = "# lfma_kernels benchmark results"
@@ -55,15 +56,11 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def noisy_lines(noisy: List[str]) -> List[str]:
+    """The results section's note of the measurements other processes disturbed (none: nothing)."""
+    if not noisy:
+        return []
+    return ["Measured while other processes loaded the machine (treat with care):", ""] + [f"- {n}" for n in noisy] + [""]
 
 
 def machine_info(device: str, dtype: str) -> List[Tuple[str, str]]:
@@ -72,7 +69,7 @@ def machine_info(device: str, dtype: str) -> List[Tuple[str, str]]:
 
     info = [
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-        ("machine", f"{platform.system()} {platform.machine()}, {_cpu_name()}"),
+        ("machine", f"{platform.system()} {platform.machine()}, {cpu_name()}"),
         ("CPU cores", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})"),
         ("python / torch", f"{platform.python_version()} / {torch.__version__}"),
         ("lfma_kernels", f"{lfma.__version__}, git {_git_revision()}, "

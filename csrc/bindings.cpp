@@ -81,15 +81,21 @@ at::Tensor coeff_grad_batch_cpu_op(const at::Tensor& x, const at::Tensor& grad_o
   return coeff_grad_batch_cpu(x.to(t).contiguous(), grad_out.to(t).contiguous(), f.rows, f.cols, alpha);
 }
 
-at::Tensor delta_rows_cpu_op(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows,
-                             const at::Tensor& cols, double alpha, int64_t d_out) {
-  const char* op = "lfma_ext::delta_rows";
+// Token rows x [T, d_in] of a real float dtype, and frequencies in range for a (d_out, d_in) weight.
+Frequencies check_token_rows(const char* op, const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows,
+                             const at::Tensor& cols, int64_t d_out) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, d_in], got shape ", x.sizes());
   TORCH_CHECK(is_real_float(x.scalar_type()), op, ": x must be float16, bfloat16, float32 or float64, got ",
               x.scalar_type());
   check_size(op, d_out, x.size(1));
   const Frequencies f = check_frequencies(op, coeffs, rows, cols, x.device());
   check_range_cpu(op, f, d_out, x.size(1));
+  return f;
+}
+
+at::Tensor delta_rows_cpu_op(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& rows,
+                             const at::Tensor& cols, double alpha, int64_t d_out) {
+  const Frequencies f = check_token_rows("lfma_ext::delta_rows", x, coeffs, rows, cols, d_out);
   const at::ScalarType t = f.coeffs.scalar_type();
   return delta_rows_cpu(x.to(t).contiguous(), f.coeffs, f.rows, f.cols, alpha, d_out);
 }
@@ -98,12 +104,7 @@ at::Tensor delta_rows_grouped_cpu_op(const at::Tensor& x, const at::Tensor& coef
                                      const at::Tensor& cols, at::IntArrayRef k_counts, at::IntArrayRef t_counts,
                                      at::ArrayRef<double> alphas, int64_t d_out) {
   const char* op = "lfma_ext::delta_rows_grouped";
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, d_in], got shape ", x.sizes());
-  TORCH_CHECK(is_real_float(x.scalar_type()), op, ": x must be float16, bfloat16, float32 or float64, got ",
-              x.scalar_type());
-  check_size(op, d_out, x.size(1));
-  const Frequencies f = check_frequencies(op, coeffs, rows, cols, x.device());
-  check_range_cpu(op, f, d_out, x.size(1));
+  const Frequencies f = check_token_rows(op, x, coeffs, rows, cols, d_out);
   TORCH_CHECK(k_counts.size() == t_counts.size() && k_counts.size() == alphas.size(), op,
               ": k_counts, t_counts and alphas need one entry per adapter, got ", k_counts.size(), ", ",
               t_counts.size(), " and ", alphas.size());

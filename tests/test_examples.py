@@ -13,6 +13,19 @@ pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+
+def run_readme_block(marker: str, directory, monkeypatch) -> dict:
+    """Run the README's python block after ``<!-- readme-{marker}`` as written, in ``directory``; its
+    namespace."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(rf"<!-- readme-{marker}.*?-->\n```python\n(.*?)```", readme, re.S)
+    assert block, f"the README's {marker} (and its marker) is missing"
+    monkeypatch.chdir(directory)
+    namespace = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    return namespace
+
+
 def run_example(name, *args, cwd=None):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True,
                             text=True, timeout=600, cwd=cwd, env={**os.environ, "PYTHONPATH": ROOT})
@@ -34,12 +47,7 @@ def test_gpt2_example(tmp_path):
 
 
 def test_readme_peft_snippet_runs_verbatim(tmp_path, monkeypatch):
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"<!-- readme-peft-snippet.*?-->\n```python\n(.*?)```", readme, re.S)
-    assert block, "the README's PEFT snippet (and its marker) is missing"
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    namespace = run_readme_block("peft-snippet", tmp_path, monkeypatch)
     merged = namespace["merged"]
     assert type(merged).__name__ == "GPT2LMHeadModel"
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
@@ -54,12 +62,7 @@ def test_qlfma_example(tmp_path):
 
 def test_readme_quantized_snippet_runs_verbatim(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"<!-- readme-quantized-snippet.*?-->\n```python\n(.*?)```", readme, re.S)
-    assert block, "the README's quantized snippet (and its marker) is missing"
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    namespace = run_readme_block("quantized-snippet", tmp_path, monkeypatch)
     model = namespace["model"]
     assert all("lfma_" in n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None)
     assert type(model.base_model.model.transformer.h[0].attn.c_attn.base_layer).__name__ == "Linear4bit"
@@ -67,12 +70,7 @@ def test_readme_quantized_snippet_runs_verbatim(tmp_path, monkeypatch):
 
 
 def test_readme_serving_snippet_runs_verbatim(tmp_path, monkeypatch):
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"<!-- readme-serving-snippet.*?-->\n```python\n(.*?)```", readme, re.S)
-    assert block, "the README's serving snippet (and its marker) is missing"
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    namespace = run_readme_block("serving-snippet", tmp_path, monkeypatch)
     model, as_lora, ids = namespace["model"], namespace["as_lora"], namespace["ids"]
     assert namespace["tokens"].shape == (4, 24)
     with torch.no_grad():
@@ -84,14 +82,10 @@ def test_readme_serving_snippet_runs_verbatim(tmp_path, monkeypatch):
 
 
 def test_readme_quickstart_snippet_runs_verbatim(tmp_path, monkeypatch):
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"<!-- readme-quickstart-snippet.*?-->\n```python\n(.*?)```", readme, re.S)
-    assert block, "the README's quick-start snippet (and its marker) is missing"
-    assert readme[:block.start()].count("\n") < 60  # a working snippet within the first 60 lines
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    namespace = run_readme_block("quickstart-snippet", tmp_path, monkeypatch)
     assert namespace["layer"].merged and (tmp_path / "adapter" / "lfma_config.json").is_file()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert readme[:readme.index("<!-- readme-quickstart-snippet")].count("\n") < 60  # working code early on
 
 
 def test_readme_is_a_guide_and_its_links_resolve():

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["machine_key", "path_for", "load", "enabled", "constants_of", "MEASURED", "FORMAT"]
+__all__ = ["cpu_name", "machine_key", "path_for", "load", "enabled", "constants_of", "MEASURED", "FORMAT"]
 
 FORMAT = 2  # bumped when the file's meaning changes; other formats are ignored
 # The CostTable fields a calibration measures (seconds per unit of work; the pair costs per backend).
@@ -38,7 +38,7 @@ def cache_dir() -> str:
     return os.path.join(base, "lfma_kernels")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -57,7 +57,7 @@ def machine_key(device_type: str) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         device = f"cuda {torch.cuda.get_device_name(index)} sm_{major}{minor} CUDA {torch.version.cuda}"
     else:
-        device = (f"{device_type} {platform.machine()} {_cpu_name()} {torch.backends.cpu.get_cpu_capability()}; "
+        device = (f"{device_type} {platform.machine()} {cpu_name()} {torch.backends.cpu.get_cpu_capability()}; "
                   f"{torch.get_num_threads()} threads")
     return f"{device}; torch {torch.__version__}"
 
