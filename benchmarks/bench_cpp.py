@@ -14,7 +14,7 @@ Default: the acceptance comparisons of issue 4, median milliseconds side by side
 
 --batch-grad: the backward's three ways to dL/dcoeffs (dense G, gemm, fft batch path) on CPU over
   shapes, token counts and K; the cost per (token, frequency) pair of the planner's CPU table
-  (lfma_kernels/ops/planner.py, batch_pair_s["cpp"]) comes from here.
+  (lfma_kernels/ops/cost_tables.py, batch_pair_s["cpp"]) comes from here.
 
 --crossover: every CPU algorithm of the extension (separable, hybrid, fft2; csrc/cpu_kernels.cpp)
   for dW and for dL/dcoeffs from G, against the torch backend, over K and shapes; the columns

@@ -14,7 +14,7 @@ then the acceptance checks of the Triton issue (PASS/FAIL per figure), and the t
 The problems and timed functions are benchmarks/common.py's (bench_layer.py's too); "paper" is
 lfma_kernels.reference (dense complex spectrum, ifft2, second GEMM, autograd through ifft2). "auto" resolves to triton
 on CUDA; triton itself runs its fused kernel or the FFT path per K, as the planner says
-(lfma_kernels/ops/planner.py, the CUDA table).
+(lfma_kernels/ops/cost_tables.py, the CUDA table).
 
     PYTHONPATH=. python benchmarks/bench_gpu.py --output $OUT/RESULTS_GPU.md       # full run
     PYTHONPATH=. python benchmarks/bench_gpu.py --quick                            # 768x768, 1024x1024
@@ -24,7 +24,7 @@ on CUDA; triton itself runs its fused kernel or the FFT path per K, as the plann
 format (benchmarks/report.py); the file is rewritten after every shape, so a run cut short keeps
 what it measured. --crossover times the fused kernels against the FFT path over K and prints the
 crossover K per shape and the triton entries of the planner's CUDA cost table
-(lfma_kernels/ops/planner.py) that reproduce it (which replace the estimates there), and the three
+(lfma_kernels/ops/cost_tables.py) that reproduce it (which replace the estimates there), and the three
 coefficient-gradient paths of a layer's backward (what planner.backward_path chooses between);
 --json writes the same entries, crossovers and gradient paths machine-readably. Both modes start no new shape (tables:
 no new case) once --budget-s has passed.
@@ -417,7 +417,7 @@ def run_crossover(args: argparse.Namespace) -> int:
     rate = statistics.median(rates) if rates else float("nan")
     constants = {"triton_macs_per_s": rate, "triton_fft_fixed_s": a_f, "triton_fft_grad_fixed_s": a_g,
                  "triton_fft_s": b_f, "triton_fft_grad_s": b_g}
-    lines += ["Entries of the planner's CUDA table (lfma_kernels/ops/planner.py; replace the estimates there):", "",
+    lines += ["Entries of the planner's CUDA table (lfma_kernels/ops/cost_tables.py; replace the estimates there):", "",
               f"    triton_mac_s = 1 / {rate:.3g}",
               f"    triton_fft_fixed_s = {a_f:.3g}",
               f"    triton_fft_grad_fixed_s = {a_g:.3g}",

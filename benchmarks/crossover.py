@@ -1,6 +1,6 @@
 """Where the torch backend's separable product stops beating scatter + irfft2 (and the same for
 the coefficient gradient). Prints median milliseconds per path and the measured crossover K;
-the torch-backend entries of the planner's cost table for the device (lfma_kernels/ops/planner.py)
+the torch-backend entries of the planner's cost table for the device (lfma_kernels/ops/cost_tables.py)
 come from this table, and the last two columns show what the planner picks (sep or fft) for dW and
 for the gradient. Then the table entries that reproduce the measured crossovers (the model: the
 FFT wins once 2K > c(N) * log2(N), c(N) = irfft2_macs * (N / 768^2)^fft_size_exponent, divided by
@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {spec:>10}: dW {describe(entry['dW'])}, grad {describe(entry['grad'])}")
     fitted = constants(per_shape, mac_s)
     table = planner.table_for(torch.device(args.device).type).device
-    print(f"entries of the planner's {table!r} table (lfma_kernels/ops/planner.py) that reproduce them:")
+    print(f"entries of the planner's {table!r} table (lfma_kernels/ops/cost_tables.py) that reproduce them:")
     for name, value in fitted.items():
         print(f"  {name} = {'n/a (no bracketed crossover)' if value is None else f'{value:.3g}'}")
     if args.json:

@@ -30,7 +30,7 @@ script's loop counts (no GPU has run them yet), and `cap` the most a step may ta
                            delta_weight / training step / eval against the paper and the floor;
                            its own --budget-s ends it before its cap
   crossover-triton  ~60 s  (cap 120) bench_gpu.py --crossover: the triton entries of the planner's
-                           CUDA table (lfma_kernels/ops/planner.py)
+                           CUDA table (lfma_kernels/ops/cost_tables.py)
   models            ~80 s  (cap 180) bench_models.py at full size (12 layers, batch 32, bf16): all
                            variants round-robin; writes only at its end, so it starts only with
                            its whole estimate left
