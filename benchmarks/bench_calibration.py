@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from lfma_kernels.ops import calibration, dispatch, planner  # noqa: E402
 from lfma_kernels.ops.library import layer_coeff_grad  # noqa: E402
-from report import machine_info, markdown_table, write_section  # noqa: E402
+from report import machine_info, markdown_table, publish  # noqa: E402
 from timing import interleaved_rounds  # noqa: E402
 
 SHAPES = [(768, 768), (1024, 1024), (768, 3072)]
@@ -94,9 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines += [markdown_table(["cell", *planner.BACKWARD_PATHS, "fastest", "shipped picks", "calibrated picks"], rows,
                              [False, True, True, True, False, False, False]), ""]
     text = "\n".join(lines)
-    if args.output:
-        write_section(args.output, "calibration cpu", text)
-    print(text)
+    publish(text, args.output, "calibration cpu")
     return 0
 
 

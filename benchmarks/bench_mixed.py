@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from bench_models import LFMA_ALPHA, LORA_R, MODELS, build  # noqa: E402
-from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, write_section  # noqa: E402
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, publish  # noqa: E402
 from timing import interleaved_rounds, paired_ratio  # noqa: E402
 
 FLOOR, LORA, LFMA, LFMA_ALL = "merged (floor)", "LoRA r=8 mixed", "LFMA mixed", "LFMA mixed, all kept"
@@ -160,9 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     noisy: List[str] = []
     results = {m: run_model(m, args, noisy) for m in args.models}
     text = render(args, results, noisy)
-    if args.output:
-        write_section(args.output, f"mixed {args.device} seq {args.seq}", text)
-    print(text)
+    publish(text, args.output, f"mixed {args.device} seq {args.seq}")
     return 0
 
 

@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 
 from lfma_kernels.model import attention_targets
-from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, write_section
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, publish
 from timing import interleaved_rounds, paired_ratio
 
 FLOOR = "frozen, full backward"
@@ -422,10 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.charts:
         bar_charts(results, args.charts)
     text = render(args, results, noisy)
-    if args.output:
-        section = f"models {args.device} {args.dtype}" + (f" {args.quantized}" if args.quantized else "")
-        write_section(args.output, section, text)
-    print(text)
+    publish(text, args.output, f"models {args.device} {args.dtype}" + (f" {args.quantized}" if args.quantized else ""))
     return 0
 
 

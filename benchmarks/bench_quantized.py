@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from lfma_kernels.ops import planner  # noqa: E402
-from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, write_section  # noqa: E402
+from report import fmt_ms, fmt_ratio, machine_info, markdown_table, noisy_lines, publish  # noqa: E402
 from timing import interleaved_rounds, paired_ratio  # noqa: E402
 
 PATHS = ("fold", "rows", "separable", "dense")
@@ -133,9 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           table(measure((d_out, d_in), kind, k, args.tokens, args.rounds, noisy)), ""]
     lines += noisy_lines(noisy)
     text = "\n".join(lines)
-    if args.output:
-        write_section(args.output, "quantized layer cpu", text)
-    print(text)
+    publish(text, args.output, "quantized layer cpu")
     return 0
 
 

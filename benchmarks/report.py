@@ -60,7 +60,8 @@ def noisy_lines(noisy: List[str]) -> List[str]:
     """The results section's note of the measurements other processes disturbed (none: nothing)."""
     if not noisy:
         return []
-    return ["Measured while other processes loaded the machine (treat with care):", ""] + [f"- {n}" for n in noisy] + [""]
+    note = "Measured while other processes loaded the machine (treat with care):"
+    return [note, ""] + [f"- {n}" for n in noisy] + [""]
 
 
 def machine_info(device: str, dtype: str) -> List[Tuple[str, str]]:
@@ -79,6 +80,13 @@ def machine_info(device: str, dtype: str) -> List[Tuple[str, str]]:
         info.append(("GPU", f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"))
     info.append(("device / dtype", f"{device} / {dtype}"))
     return info
+
+
+def publish(text: str, path: Optional[str], name: str) -> None:
+    """Print a script's results and, given a results file ``path``, write them as its section ``name``."""
+    if path:
+        write_section(path, name, text)
+    print(text)
 
 
 def write_section(path: str, name: str, text: str) -> None:
