@@ -146,7 +146,8 @@ class LfmaModel(BaseTuner):
         wrong = next((n for n in adapter_names if not isinstance(n, str)), None)
         if wrong is not None:
             raise TypeError(f"adapter_names must all be str, got {wrong!r} of type {type(wrong).__name__}")
-        known = set().union(*(m.lfma_coeffs.keys() for m in self.modules() if isinstance(m, LfmaLayer)))
+        modules = list(self.modules())  # walked once for the names and once for the hooks
+        known = set().union(*(m.lfma_coeffs.keys() for m in modules if isinstance(m, LfmaLayer)))
         unknown = {n for n in adapter_names if n != "__base__"} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
@@ -154,7 +155,7 @@ class LfmaModel(BaseTuner):
         copies = _copies_per_input(kwargs)
         if copies > 1:
             per_sample = [n for n in adapter_names for _ in range(copies)]
-        handles = _add_names_hooks(self.modules(), per_sample)
+        handles = _add_names_hooks(modules, per_sample)
         encoder = _get_encoder(self.model)
         if encoder is not None and per_sample != list(adapter_names):
             # Registered after the others, so these run last: the encoder's layers see each input once.
