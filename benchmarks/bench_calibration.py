@@ -19,8 +19,9 @@ from common import lfma  # first: puts lfma_kernels (and this folder) on the pat
 
 import torch  # noqa: E402
 
-from lfma_kernels.ops import calibration, dispatch, planner  # noqa: E402
-from lfma_kernels.ops.library import layer_coeff_grad  # noqa: E402
+from lfma_kernels.ops import calibration, costs, dispatch, planner  # noqa: E402
+from lfma_kernels.ops.library import coeff_grad_runner  # noqa: E402
+from lfma_kernels.ops.linear_op import layer_coeff_grad  # noqa: E402
 from report import machine_info, markdown_table, publish  # noqa: E402
 from timing import interleaved_rounds  # noqa: E402
 
@@ -35,14 +36,12 @@ def cell_times(backend: str, shape, k: int, tokens: int, rounds: int, tables) ->
     f = lfma.select_frequencies(torch.randn(shape, generator=gen), k)
     x = torch.randn(tokens, shape[1], generator=gen)
     g = torch.randn(tokens, shape[0], generator=gen)
-    kernels = dispatch.backend(backend).kernels
-    estimates = []
-    for table in tables:
-        with planner.using(table):
-            estimates.append(planner.backward_costs(backend, "cpu", tokens, k, shape))
+    decided = dispatch.decide(backend, "cpu", torch.float32, k, shape)
+    run = coeff_grad_runner(backend, decided.grad, decided.dw, "kernel")
+    estimates = [costs.backward_costs(table, backend, tokens, k, shape) for table in tables]
     timed = [p for p in planner.BACKWARD_PATHS if any(e[p] <= SKIP * min(e.values()) for e in estimates)]
-    fns = {path: (lambda path=path: layer_coeff_grad(kernels, path, x, g, f.rows, f.cols, shape, 12.0, torch.float32,
-                                                      kernels.coeff_grad))
+    fns = {path: (lambda path=path: layer_coeff_grad(backend, path, x, g, f.rows, f.cols, shape, 12.0, torch.float32,
+                                                      run))
            for path in timed}
     times = interleaved_rounds(fns, rounds=rounds, warmup=1, max_wait_s=5.0)
     return {path: sorted(t)[len(t) // 2] for path, t in times.items()}
@@ -50,7 +49,7 @@ def cell_times(backend: str, shape, k: int, tokens: int, rounds: int, tables) ->
 
 def pick(table: planner.CostTable, backend: str, shape, k: int, tokens: int) -> str:
     with planner.using(table):
-        return planner.backward_path(backend, "cpu", tokens, k, shape)
+        return dispatch.decide(backend, "cpu", torch.float32, k, shape, tokens=tokens).backward
 
 
 def summary(cells: List[dict], which: str) -> List[str]:
@@ -68,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if data is None:
         print("no calibration for this machine: run lfma-calibrate first", file=sys.stderr)
         return 2
-    backend = dispatch.resolve("auto", torch.device("cpu"), torch.float32, 176, (768, 768)).name
+    backend = dispatch.decide("auto", "cpu", torch.float32, 176, (768, 768)).backend
     shipped, calibrated = planner.TABLES["cpu"], planner.calibrated(planner.TABLES["cpu"], data)
     cells = []
     with torch.no_grad():

@@ -19,7 +19,7 @@ Default: the acceptance comparisons of issue 4, median milliseconds side by side
 --crossover: every CPU algorithm of the extension (separable, hybrid, fft2; csrc/cpu_kernels.cpp)
   for dW and for dL/dcoeffs from G, against the torch backend, over K and shapes; the columns
   "best" and "model" show the fastest measured and what the kernels' cost model picks. The cost
-  model constants (csrc/cpu_plan.cpp) and the cpp/torch order of the planner's CPU table come from here.
+  model constants (lfma_kernels/ops/cost_tables.py, CompiledCpuCosts) and the cpp/torch order of the planner's CPU table come from here.
 
 Candidates are timed round-robin (one run of each per round, in a random order, medians over the
 rounds), so load from other processes falls on all of them alike; a comparison is repeated while
@@ -105,7 +105,7 @@ def acceptance(args: argparse.Namespace) -> None:
         ms = interleaved_ms({b: delta_weight_fn(p, b, backward=False) for b in backends},
                             rounds=args.rounds, min_time_s=args.min_time, noisy=noisy, sync=sync,
                             label=f"delta_weight {shape[0]}x{shape[1]} K={k}")
-        auto = dispatch.auto_backend(p.device, p.coeffs.dtype, k, shape)
+        auto = dispatch.decide("auto", p.device, p.coeffs.dtype, k, shape).backend
         ratios = [f"{ms['reference'] / ms[ext]:.1f}x" if ext in ms else "-"]
         ratios += [f"{ms[b] / ms[ext]:.2f}" if ext in ms else "-" for b in others if b != ext]
         errors = [f"{_accuracy(p, b):.1e}" for b in others]
@@ -118,7 +118,7 @@ def acceptance(args: argparse.Namespace) -> None:
                             rounds=args.rounds, min_time_s=args.min_time, noisy=noisy, sync=sync,
                             label=f"training step {shape[0]}x{shape[1]} K={k}")
         best = min(others, key=ms.get)
-        auto = dispatch.auto_backend(p.device, p.dtype, k, shape)
+        auto = dispatch.decide("auto", p.device, p.dtype, k, shape).backend
         train_rows.append([f"{shape[0]}x{shape[1]}", str(k)] + [fmt(ms.get(b)) for b in layers]
                           + [auto, best, f"{ms['auto'] / ms[best]:.2f}"])
     print(header(args) + "\n")
@@ -167,16 +167,18 @@ def crossover(args: argparse.Namespace) -> None:
                 """Time every algorithm and the torch kernel; the table row, with the cost model's pick."""
                 ms = interleaved_ms(fns, rounds=args.rounds, noisy=noisy, label=f"{label} {d_out}x{d_in} K={k}")
                 best = min(algos, key=ms.get)
-                model = cpp_ops.algorithm_report(k, shape, what)[0]
+                decided = dispatch.decide("cpp", "cpu", torch.float32, k, shape)
+                model = decided.dw if what == "dw" else decided.grad
                 return ([f"{d_out}x{d_in}", str(k)] + [fmt(ms.get(a)) for a in ALGOS]
                         + [fmt(ms["torch"]), best, model, f"{ms[model] / ms[best]:.2f}" if model in ms else "-",
                            f"{ms['torch'] / ms[model]:.2f}" if model in ms else "-"])
 
             fns = {a: (lambda a=a: ops.delta_weight(c, rows, cols, d_out, d_in, 1.0, codes[a])) for a in algos}
-            fns["torch"] = lambda: torch_ops.KERNELS.delta_weight(c, rows, cols, shape, 1.0)
+            torch_way = dispatch.decide("torch", "cpu", torch.float32, k, shape)
+            fns["torch"] = lambda: torch_ops.KERNELS.delta_weight(c, rows, cols, shape, 1.0, torch_way.dw)
             rows_dw.append(row("dW", "dw", fns))
             fns = {a: (lambda a=a: ops.coeff_grad(grad, rows, cols, 1.0, codes[a])) for a in algos}
-            fns["torch"] = lambda: torch_ops.KERNELS.coeff_grad(grad, rows, cols, 1.0)
+            fns["torch"] = lambda: torch_ops.KERNELS.coeff_grad(grad, rows, cols, 1.0, torch_way.grad)
             rows_g.append(row("grad", "grad", fns))
     cols = ["shape", "K"] + list(ALGOS) + ["torch", "best", "model", "model/best", "torch/model"]
     print(header(args) + "\n")
@@ -196,7 +198,7 @@ def batch_grad(args: argparse.Namespace) -> None:
     (lfma_ext.coeff_grad_batch), plus the two row FFTs alone. The fft path's cost per (token,
     frequency) pair beyond its FFTs, in GEMM multiply-adds, times the GEMM's, is the planner's CPU
     batch_pair_s["cpp"]."""
-    from lfma_kernels.ops import planner, torch_kernels
+    from lfma_kernels.ops import torch_kernels
 
     ops = torch.ops.lfma_ext
     gen = torch.Generator().manual_seed(0)
@@ -216,7 +218,7 @@ def batch_grad(args: argparse.Namespace) -> None:
                 sel = lfma.select_frequencies(torch.randn(shape, generator=gen), k)
                 rows, cols = sel.rows, sel.cols
                 print(f"{d_out}x{d_in} tokens={tokens} K={k}", file=sys.stderr, flush=True)
-                fns = {"dense": lambda: ops.coeff_grad(g.T @ x, rows, cols, 1.0),
+                fns = {"dense": lambda: ops.coeff_grad(g.T @ x, rows, cols, 1.0, 0),
                        "fft": lambda: ops.coeff_grad_batch(x, g, rows, cols, 1.0),
                        "row ffts": lambda: (torch.fft.rfft(x, dim=1), torch.fft.rfft(g, dim=1))}
                 if 2 * k * tokens * (d_out + d_in) <= args.max_sep_macs:
@@ -226,7 +228,7 @@ def batch_grad(args: argparse.Namespace) -> None:
                                     label=f"{d_out}x{d_in} tokens={tokens} K={k}")
                 pair = (ms["fft"] - ms["row ffts"]) * 1e9 / mac_ps / (tokens * k)
                 best = min(("dense", "gemm", "fft"), key=lambda p: ms.get(p, math.inf))
-                model = planner.backward_path("cpp", "cpu", tokens, k, shape)
+                model = dispatch.decide("cpp", "cpu", torch.float32, k, shape, tokens=tokens).backward
                 out.append([f"{d_out}x{d_in}", str(tokens), str(k)]
                            + [fmt(ms.get(p)) for p in ("dense", "gemm", "fft", "row ffts")]
                            + [f"{pair:.0f}", best, model, f"{ms[model] / ms[best]:.2f}"])

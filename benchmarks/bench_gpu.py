@@ -25,7 +25,7 @@ format (benchmarks/report.py); the file is rewritten after every shape, so a run
 what it measured. --crossover times the fused kernels against the FFT path over K and prints the
 crossover K per shape and the triton entries of the planner's CUDA cost table
 (lfma_kernels/ops/cost_tables.py) that reproduce it (which replace the estimates there), and the three
-coefficient-gradient paths of a layer's backward (what planner.backward_path chooses between);
+coefficient-gradient paths of a layer's backward (what a decision's `backward` chooses between);
 --json writes the same entries, crossovers and gradient paths machine-readably. Both modes start no new shape (tables:
 no new case) once --budget-s has passed.
 """
@@ -46,7 +46,7 @@ from common import (FULL_RATIOS, PAPER, QUICK_SHAPES, Problem, backend_runs, cas
 import torch  # noqa: E402
 
 from costfit import crossover_k, describe, fit_nlogn, write_json  # noqa: E402
-from lfma_kernels.ops import dispatch, planner, torch_kernels  # noqa: E402
+from lfma_kernels.ops import dispatch, torch_kernels  # noqa: E402
 from report import fmt_ms, fmt_ratio, machine_info, markdown_table, write_section  # noqa: E402
 
 FULL_SHAPES = "768x768,1024x1024,768x3072,3072x768,4096x4096"
@@ -121,11 +121,11 @@ def _columns(p: Problem) -> List[str]:
 
 
 def _auto(p: Problem, dtype: torch.dtype) -> str:
-    return dispatch.auto_backend(p.device, dtype, p.k, p.shape)
+    return dispatch.decide("auto", p.device, dtype, p.k, p.shape).backend
 
 
 def _path(p: Problem) -> str:
-    return "kernel" if planner.dw_algorithm("triton", p.device.type, p.k, p.shape) == "separable" else "fft"
+    return "kernel" if dispatch.decide("triton", p.device, p.dtype, p.k, p.shape).dw == "separable" else "fft"
 
 
 def run_delta_weight(p: Problem, bench: Bench, res: Results) -> None:
@@ -146,7 +146,7 @@ def run_layer(p: Problem, tokens_list: Sequence[int], bench: Bench, res: Results
         x, g = make_inputs(p, tokens, requires_grad=True)
         row = {"shape": p.shape, "ratio": p.ratio, "k": p.k, "tokens": tokens, "dtype": dtype_name,
                "auto": _auto(p, p.dtype), "floor": training_floor(p.shape, p.k), "ms": {},
-               "grad": planner.backward_path("triton", p.device.type, tokens, p.k, p.shape)}
+               "grad": dispatch.decide("triton", p.device, p.dtype, p.k, p.shape, tokens=tokens).backward}
         for name in _columns(p):
             row["ms"][name] = bench(f"{tag} train {tokens} {name}", lambda: train_step_fn(p, name, x, g))
         if "triton" in row["ms"]:
@@ -287,7 +287,7 @@ def render(args: argparse.Namespace, res: Results, errors: List[str], done: bool
     header += [
         "Median milliseconds from `triton.testing.do_bench` (L2 flushed between runs), all columns measured "
         "in this run. `paper`: `lfma_kernels.reference`; `torch`/`triton`: `LFMALinear(..., backend=...)`; "
-        "`auto` is triton on CUDA. `triton path`: the fused kernel or the FFT path (`planner.dw_algorithm`). "
+        "`auto` is triton on CUDA. `triton path`: the fused kernel or the FFT path (the decision's `dw`). "
         "`triton+graph`: the same training step replayed as a CUDA graph. `frozen`: the `nn.Linear` alone "
         "(training = forward + dL/dx). `floor` (docs/math.md, the cost floor): "
         "`1 + min(d_out*d_in, 2K(d_out+d_in)) / (2*d_out*d_in)` times the frozen step; eval floor 1.",
@@ -392,8 +392,8 @@ def run_crossover(args: argparse.Namespace) -> int:
                 times[key].append(v)
             if t["kern"] and k >= 64:
                 rates.append(2.0 * k * n / (t["kern"] * 1e-3))
-            model = ["kernel" if planner.dw_algorithm("triton", "cuda", k, shape) == "separable" else "fft",
-                     "kernel" if planner.grad_algorithm("triton", "cuda", k, shape) == "separable" else "fft"]
+            decided = dispatch.decide("triton", "cuda", torch.float32, k, shape)
+            model = ["kernel" if decided.dw == "separable" else "fft", "kernel" if decided.grad == "separable" else "fft"]
             rows.append([spec, str(k)] + [fmt_ms(t[key]) for key in ("kern", "fft", "gkern", "gfft")] + model)
             times_json.append({"shape": spec, "k": k, "kernel_ms": t["kern"], "fft_ms": t["fft"],
                                "grad_kernel_ms": t["gkern"], "grad_fft_ms": t["gfft"], "model_dW": model[0],
@@ -438,14 +438,14 @@ def run_crossover(args: argparse.Namespace) -> int:
                 x = torch.randn(tokens, shape[1], device=dev, dtype=torch.bfloat16)
                 gy = torch.randn(tokens, shape[0], device=dev, dtype=torch.bfloat16)
                 dense = bench(f"{shape} {tokens} K={k} dense", lambda: lambda: triton_ops.KERNELS.coeff_grad(
-                    (gy.T @ x).float(), r, cl, 1.0))
+                    (gy.T @ x).float(), r, cl, 1.0, dispatch.decide("triton", "cuda", torch.float32, k, shape).grad))
                 gemm = bench(f"{shape} {tokens} K={k} gemm", lambda: lambda: triton_ops.coeff_grad_batch_gemm(
                     x, gy, r, cl, shape, 1.0, torch.float32))
                 fft = bench(f"{shape} {tokens} K={k} fft", lambda: lambda: torch_kernels.coeff_grad_batch_fft(
                     x, gy, r, cl, shape, 1.0, torch.float32))
                 measured = {"dense": dense, "gemm": gemm, "fft": fft}
                 best = min((v, name) for name, v in measured.items() if v is not None)[1] if any(measured.values()) else "-"
-                model = planner.backward_path("triton", "cuda", tokens, k, shape)
+                model = dispatch.decide("triton", "cuda", torch.float32, k, shape, tokens=tokens).backward
                 grad_rows.append([spec, str(tokens), str(k), fmt_ms(dense), fmt_ms(gemm), fmt_ms(fft), best, model])
                 grad_json.append({"shape": spec, "tokens": tokens, "k": k, "dense_ms": dense, "gemm_ms": gemm,
                                   "fft_ms": fft, "fastest": best, "model": model})

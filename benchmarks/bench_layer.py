@@ -104,12 +104,12 @@ def run_case(p: Problem, backends: Sequence[str], args: argparse.Namespace, time
     tag = f"{p.shape[0]}x{p.shape[1]} K={p.k}"
     runnable = [b for b in backends if b == "auto" or backend_runs(p, b)]
     base = {"shape": p.shape, "ratio": p.ratio, "k": p.k,
-            "auto": dispatch.auto_backend(p.device, p.dtype, p.k, p.shape)}
+            "auto": dispatch.decide("auto", p.device, p.dtype, p.k, p.shape).backend}
 
     dw_rows = []
     for backward in (False, True):
         # delta_weight dispatches on the coefficients' dtype (float32), the layer on x's.
-        row = dict(base, auto=dispatch.auto_backend(p.device, p.coeffs.dtype, p.k, p.shape),
+        row = dict(base, auto=dispatch.decide("auto", p.device, p.coeffs.dtype, p.k, p.shape).backend,
                    kind="fwd+bwd" if backward else "fwd")
         row["ms"] = timer(f"{tag} delta_weight {row['kind']}",
                           {name: (lambda name=name: delta_weight_fn(p, name, backward=backward))

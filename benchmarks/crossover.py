@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from costfit import crossover_k, describe, fit_power, write_json
-from lfma_kernels.ops import planner, torch_kernels
+from lfma_kernels.ops import dispatch, planner, torch_kernels
 from timing import median_ms
 
 KS = [4, 8, 16, 24, 32, 48, 64, 96, 128, 176, 256, 384]
@@ -85,8 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if k >= 64:
                 mac_s.append(ms["sep"] * 1e-3 / (2 * k * shape[0] * shape[1]))
             device_type = torch.device(args.device).type
-            pick = "sep" if planner.dw_algorithm("torch", device_type, k, shape) == "separable" else "fft"
-            gpick = "sep" if planner.grad_algorithm("torch", device_type, k, shape) == "separable" else "fft"
+            decided = dispatch.decide("torch", device_type, torch.float32, k, shape)
+            pick = "sep" if decided.dw == "separable" else "fft"
+            gpick = "sep" if decided.grad == "separable" else "fft"
             rows.append({"shape": spec, "k": k, **{f"{p}_ms": ms[p] for p in PATHS}, "model_dW": pick,
                          "model_grad": gpick})
             print(f"{spec:>10} {k:>5} {ms['sep']:8.3f} {ms['fft']:8.3f} {ms['gsep']:8.3f} {ms['gfft']:8.3f}"

@@ -2,12 +2,12 @@
 // The CUDA kernels register for the same ops from a second library (cuda_bindings.cpp +
 // lfma_cuda.cu, the extension lfma_kernels._C_cuda), built only where CUDA is; fake
 // implementations are registered from Python (lfma_kernels/ops/cpp_ops.py), autograd by
-// lfma_kernels/ops/library.py on the lfma::cpp_* / lfma::cuda_* ops that wrap these.
+// lfma_kernels/ops/library.py and linear_op.py on the lfma:: ops that run these.
 //
-//   lfma_ext::delta_weight(coeffs, rows, cols, d_out, d_in, alpha, algo=-1) -> dW [d_out, d_in]
+//   lfma_ext::delta_weight(coeffs, rows, cols, d_out, d_in, alpha, algo) -> dW [d_out, d_in]
 //       float32, or float64 for float64 coeffs
-//   lfma_ext::folded_weight(weight, coeffs, rows, cols, alpha, algo=-1) -> W + dW in W's dtype
-//   lfma_ext::coeff_grad(grad_dw, rows, cols, alpha, algo=-1) -> dL/dcoeffs [K, 2], float32/float64
+//   lfma_ext::folded_weight(weight, coeffs, rows, cols, alpha, algo) -> W + dW in W's dtype
+//   lfma_ext::coeff_grad(grad_dw, rows, cols, alpha, algo) -> dL/dcoeffs [K, 2], float32/float64
 //   lfma_ext::coeff_grad_batch(x, grad_out, rows, cols, alpha) -> dL/dcoeffs [K, 2] of F.linear(x, W + dW)
 //       from x [T, d_in] and grad_out [T, d_out] without forming G (CPU only)
 //   lfma_ext::delta_rows(x, coeffs, rows, cols, alpha, d_out) -> x dW^T [T, d_out] from x [T, d_in] without W,
@@ -15,14 +15,9 @@
 //   lfma_ext::delta_rows_grouped(x, coeffs, rows, cols, k_counts, t_counts, alphas, d_out) -> the same for
 //       several adapters in one call: x's rows grouped by adapter (t_counts), their frequencies concatenated
 //       (k_counts), one alpha each (CPU only; a mixed-adapter batch, lfma_kernels/peft/mixed_batch.py)
-//   lfma_ext::choose_algo(k, d_out, d_in, inverse, terms=-1, columns=-1) -> int: what algo=-1 picks
-//       on CPU for K frequencies forming `terms` distinct hybrid terms in `columns` columns
-//   lfma_ext::algo_costs(k, d_out, d_in, inverse, terms=-1, columns=-1) -> float[3]: its estimates (ns)
-//   lfma_ext::count_terms(rows, cols, d_out, d_in) -> int[2]: the terms and columns a call would count
 //
-// `algo` picks the CPU algorithm (-1 the cost model, 0 separable, 1 hybrid, 2 2-D FFT; see
-// cpu_kernels.cpp) and is ignored on CUDA.
-#include <array>
+// `algo` is the CPU algorithm the Python planner chose (0 separable, 1 hybrid, 2 2-D FFT; see
+// cpu_kernels.cpp; what each costs is lfma_kernels/ops/backends/cpp.py's) and is ignored on CUDA.
 #include <sstream>
 #include <string>
 #include <vector>
@@ -122,54 +117,22 @@ at::Tensor delta_rows_grouped_cpu_op(const at::Tensor& x, const at::Tensor& coef
                                 alphas.vec(), d_out);
 }
 
-int64_t choose_algo_op(int64_t k, int64_t d_out, int64_t d_in, bool inverse, int64_t terms, int64_t columns) {
-  TORCH_CHECK(k >= 0 && d_out >= 1 && d_in >= 1, "lfma_ext::choose_algo: need k >= 0 and positive sizes, got k = ",
-              k, ", ", d_out, " x ", d_in);
-  return choose_algo(k, terms, columns, d_out, d_in, inverse);
-}
-
-std::vector<double> algo_costs_op(int64_t k, int64_t d_out, int64_t d_in, bool inverse, int64_t terms,
-                                  int64_t columns) {
-  TORCH_CHECK(k >= 0 && d_out >= 1 && d_in >= 1, "lfma_ext::algo_costs: need k >= 0 and positive sizes, got k = ",
-              k, ", ", d_out, " x ", d_in);
-  const std::array<double, 3> c = algo_costs(k, terms, columns, d_out, d_in, inverse);
-  return {c[0], c[1], c[2]};
-}
-
-std::vector<int64_t> count_terms_op(const at::Tensor& rows, const at::Tensor& cols, int64_t d_out, int64_t d_in) {
-  const char* op = "lfma_ext::count_terms";
-  check_size(op, d_out, d_in);
-  const Frequencies f = check_indices(op, rows, cols, rows.device());
-  TORCH_CHECK(rows.device().is_cpu(), op, ": rows and cols must be CPU tensors, got ", rows.device());
-  check_range_cpu(op, f, d_out, d_in);
-  const std::array<int64_t, 2> c = count_terms(f.rows.const_data_ptr<int64_t>(), f.cols.const_data_ptr<int64_t>(),
-                                               f.rows.size(0), d_out, d_in);
-  return {c[0], c[1]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY(lfma_ext, m) {
   // Where the fake (meta) implementations live; torch imports it when it needs them.
   m.set_python_module("lfma_kernels.ops.cpp_ops");
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("delta_weight(Tensor coeffs, Tensor rows, Tensor cols, int d_out, int d_in, float alpha, int algo=-1) "
+  m.def("delta_weight(Tensor coeffs, Tensor rows, Tensor cols, int d_out, int d_in, float alpha, int algo) "
         "-> Tensor",
         tags);
-  m.def("folded_weight(Tensor weight, Tensor coeffs, Tensor rows, Tensor cols, float alpha, int algo=-1) -> Tensor",
+  m.def("folded_weight(Tensor weight, Tensor coeffs, Tensor rows, Tensor cols, float alpha, int algo) -> Tensor",
         tags);
-  m.def("coeff_grad(Tensor grad_dw, Tensor rows, Tensor cols, float alpha, int algo=-1) -> Tensor", tags);
+  m.def("coeff_grad(Tensor grad_dw, Tensor rows, Tensor cols, float alpha, int algo) -> Tensor", tags);
   m.def("coeff_grad_batch(Tensor x, Tensor grad_out, Tensor rows, Tensor cols, float alpha) -> Tensor", tags);
   m.def("delta_rows(Tensor x, Tensor coeffs, Tensor rows, Tensor cols, float alpha, int d_out) -> Tensor", tags);
   m.def("delta_rows_grouped(Tensor x, Tensor coeffs, Tensor rows, Tensor cols, int[] k_counts, int[] t_counts, "
         "float[] alphas, int d_out) -> Tensor", tags);
-  // The CPU cost model, for the planner's reports, benchmarks and tests: the algorithm algo=-1 resolves
-  // to, its estimates (ns: separable, hybrid, fft2), and the terms/columns a call would count.
-  m.def("choose_algo(int k, int d_out, int d_in, bool inverse, int terms=-1, int columns=-1) -> int",
-        &choose_algo_op);
-  m.def("algo_costs(int k, int d_out, int d_in, bool inverse, int terms=-1, int columns=-1) -> float[]",
-        &algo_costs_op);
-  m.def("count_terms(Tensor rows, Tensor cols, int d_out, int d_in) -> int[]", &count_terms_op);
 }
 
 TORCH_LIBRARY_IMPL(lfma_ext, CPU, m) {

@@ -20,8 +20,9 @@
 //   kFft2       scatter the K coefficients (and their conjugate mirrors) into the half spectrum and
 //               run one 2-D real FFT: ~M*N*log2(M*N) whatever K.
 //
-// Which algorithm runs is the plan's (cpu_plan.h, cpu_plan.cpp: the cost model, its measurements and
-// constants); each algorithm is in a header of its own: cpu_separable.h, cpu_hybrid.h, cpu_fft2.h,
+// Which algorithm runs is the Python planner's choice, passed as algo (its cost model:
+// lfma_kernels/ops/backends/cpp.py; cpu_plan.cpp builds what that algorithm needs); each algorithm is in
+// a header of its own: cpu_separable.h, cpu_hybrid.h, cpu_fft2.h,
 // and the layer backward's batch path in cpu_batch.h (helpers in cpu_common.h).
 //
 // Threads: ATen's at::parallel_for, i.e. OpenMP in torch's own runtime (torch's libgomp is

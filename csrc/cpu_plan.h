@@ -1,10 +1,7 @@
-// How the CPU kernels run a call: the algorithm their cost model picks (or the one asked for), and
-// for the hybrid its terms. The cost model and its constants are in cpu_plan.cpp; the Python planner
-// (lfma_kernels/ops/planner.py) reports its choice through lfma_ext::choose_algo / algo_costs /
-// count_terms and forces one through algo=.
+// How the CPU kernels run a call: the algorithm the Python planner chose (algo=; lfma_kernels/ops/
+// backends/cpp.py costs them), and for the hybrid its terms.
 #pragma once
 
-#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -34,8 +31,8 @@ struct Plan {
   Terms terms;
 };
 
-// As asked (algo >= 0), or the cost model's pick for these K frequencies, counting the hybrid's
-// distinct terms (merged conjugate pairs count once). `inverse`: building dW; otherwise dL/dcoeffs from G.
+// For `algo` on these K frequencies (the hybrid's distinct terms built, merged conjugate pairs once).
+// `inverse`: building dW; otherwise dL/dcoeffs from G.
 Plan make_plan(int64_t algo, const int64_t* rows, const int64_t* cols, int64_t k, int64_t m, int64_t n, bool inverse);
 
 }  // namespace cpu

@@ -29,8 +29,7 @@ inline void check_size(const char* op, int64_t d_out, int64_t d_in) {
 }
 
 inline void check_algo(const char* op, int64_t algo) {
-  TORCH_CHECK(algo >= -1 && algo <= 2, op,
-              ": algo must be -1 (auto), 0 (separable), 1 (hybrid) or 2 (2-D FFT), got ", algo);
+  TORCH_CHECK(algo >= 0 && algo <= 2, op, ": algo must be 0 (separable), 1 (hybrid) or 2 (2-D FFT), got ", algo);
 }
 
 inline void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {

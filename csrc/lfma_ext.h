@@ -2,31 +2,19 @@
 // kernels (cpu_kernels.cpp, cpu_plan.cpp). The CUDA kernels have their own torch-free header, lfma_cuda.h.
 #pragma once
 
-#include <array>
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
 
 namespace lfma_ext {
 
-// How dW (and dL/dcoeffs from G) is evaluated on CPU; see cpu_kernels.cpp for what each does and
-// cpu_plan.cpp for what each costs and where each wins.
+// How dW (and dL/dcoeffs from G) is evaluated on CPU, as the Python planner chose; see cpu_kernels.cpp
+// for what each does and lfma_kernels/ops/backends/cpp.py for what each costs and where each wins.
 enum Algo : int64_t {
-  kAuto = -1,       // the cost model of choose_algo
   kSeparable = 0,   // rank-2K product with exact-phase tables, d_out*d_in*2K multiply-adds
   kHybrid = 1,      // rows evaluated directly from the K frequencies (K*d_out), columns by real FFTs
   kFft2 = 2,        // scatter into a half spectrum, one 2-D real FFT
 };
-
-// The CPU cost model (cpu_plan.cpp). choose_algo: the algorithm kAuto resolves to for K frequencies
-// forming `terms` distinct hybrid terms in `columns` distinct half-spectrum columns (negative: K, and
-// what that many random frequencies touch on average) on a d_out x d_in weight. `inverse`: building
-// dW (irfft); otherwise reading dL/dcoeffs from G (rfft). algo_costs: its estimates (nanoseconds on
-// the project's 2-core CPU) for {separable, hybrid, fft2}. count_terms: {terms, columns} of actual
-// positions as a call counts them, or {-1, -1} where a call does not count them (large K).
-int64_t choose_algo(int64_t k, int64_t terms, int64_t columns, int64_t d_out, int64_t d_in, bool inverse);
-std::array<double, 3> algo_costs(int64_t k, int64_t terms, int64_t columns, int64_t d_out, int64_t d_in, bool inverse);
-std::array<int64_t, 2> count_terms(const int64_t* rows, const int64_t* cols, int64_t k, int64_t d_out, int64_t d_in);
 
 // CPU kernels. Inputs are validated and made contiguous by the bindings: coeffs [K, 2] float32 or
 // float64 (the accumulation type), rows/cols int64 [K] in range, weight/grad_dw 2-D.

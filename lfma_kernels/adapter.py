@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from ._checks import check_budget, check_k, finite_number
 from . import quantized
 from .eval_cache import FoldedWeightCache, optimizer_steps
-from .ops import dispatch, planner
+from .ops import dispatch, library, linear_op, planner, quantized_ops
+from .ops.decision import Decision, PositionFacts, QuantizedBase
 from .quantized import Quantization
 from .selection import Frequencies, init_matrix, num_frequencies, select_frequencies
 from .targets import base_device, is_conv1d, is_dtensor
@@ -37,6 +38,9 @@ class Adapter(NamedTuple):
     rows: torch.Tensor    # int64 [K], frequency index along d_out
     cols: torch.Tensor    # int64 [K], frequency index along d_in
     alpha: float
+    # What the planner reads from the positions, counted on the host when they were set or loaded
+    # (ops/decision.py: count_positions); None: not counted (K random frequencies are assumed).
+    positions: Optional[PositionFacts] = None
 
 
 def tensor(module: nn.Module, name: str) -> torch.Tensor:
@@ -105,8 +109,8 @@ def _combined(adapters: Sequence[Adapter]) -> Adapter:
                    torch.cat([a.cols for a in adapters]), 1.0)
 
 
-def _impl(backend: str, like: torch.Tensor, k: int, shape: Sequence[int]):
-    return dispatch.resolve(backend, like.device, like.dtype, k, shape)
+def _decide(backend: str, like: torch.Tensor, a: Adapter, shape: Sequence[int], **facts) -> Decision:
+    return dispatch.decide(backend, like.device, like.dtype, a.rows.shape[0], shape, positions=a.positions, **facts)
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
@@ -122,14 +126,14 @@ def folded_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str, si
     w = dense_weight(base)
     a = _combined(adapters)
     coeffs = a.coeffs if sign > 0 else -a.coeffs.detach()
-    return _impl(backend, w, a.rows.shape[0], w.shape).folded_weight(w, coeffs, a.rows, a.cols, a.alpha)
+    return library.folded_weight(_decide(backend, w, a, w.shape), w, coeffs, a.rows, a.cols, a.alpha)
 
 
 def delta_weight(base: nn.Module, adapter: Adapter, backend: str) -> torch.Tensor:
     """``dW`` (``(d_out, d_in)``, float32 or wider), differentiable w.r.t. the coefficients."""
     shape = base_shape(base)
-    return _impl(backend, adapter.coeffs, adapter.rows.shape[0], shape).delta_weight(
-        adapter.coeffs, adapter.rows, adapter.cols, shape, adapter.alpha)
+    return library.delta_weight(_decide(backend, adapter.coeffs, adapter, shape), adapter.coeffs, adapter.rows,
+                                adapter.cols, shape, adapter.alpha)
 
 
 def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
@@ -164,7 +168,7 @@ def linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter], backen
     :func:`quantized_linear`."""
     if quantization is not None:
         return quantized_linear(x, base, quantization, adapters, backend)
-    if planner.forced_delta() is not None:  # the delta paths, forced on a full-precision base (to compare)
+    if planner.forced().delta is not None:  # the delta paths, forced on a full-precision base (to compare)
         return quantized_linear(x, base, FULL_PRECISION, adapters, backend)
     return folded_linear(x, base, adapters, backend, None if training else cache)
 
@@ -179,8 +183,13 @@ def folded_linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter],
             return F.linear(x, cached, tensor(base, "bias"))
     w = logical_weight(base)
     a = _combined(adapters)
-    return _impl(backend, x, a.rows.shape[0], w.shape).lfma_linear(x, w, tensor(base, "bias"), a.coeffs, a.rows,
-                                                                   a.cols, a.alpha)
+    return linear_op.lfma_linear(_fold_decision(x, w, a, backend), x, w, tensor(base, "bias"), a.coeffs, a.rows,
+                                 a.cols, a.alpha)
+
+
+def _fold_decision(x: torch.Tensor, w: torch.Tensor, a: Adapter, backend: str) -> Decision:
+    """What a folded forward (and its backward) runs: ``x``'s rows are the tokens."""
+    return _decide(backend, x, a, w.shape, tokens=x.numel() // w.shape[1], weight_grad=w.requires_grad)
 
 
 class FullPrecision(Quantization):
@@ -199,60 +208,61 @@ class FullPrecision(Quantization):
 FULL_PRECISION = FullPrecision()
 
 
-def _delta_facts(x: torch.Tensor, base: nn.Module, quantization: Quantization, coeffs: torch.Tensor):
-    """``(compute dtype, needs a gradient, the base dequantizes anyway)`` of a call beside a quantized base."""
-    dtype = quantization.compute_dtype(base, x.dtype)
-    grad = torch.is_grad_enabled() and (x.requires_grad or coeffs.requires_grad)
-    return dtype, grad, quantization.base_dequantizes(base, x, grad)
+def _delta_decision(x: torch.Tensor, base: nn.Module, quantization: Quantization, a: Adapter, backend: str,
+                    tokens: Optional[int], grad: Optional[bool] = None) -> Tuple[Decision, bool]:
+    """What a call beside a quantized base runs (and whether it needs a gradient: ``grad``, else from ``x``
+    and the coefficients), decided in the base's compute dtype."""
+    if grad is None:
+        grad = torch.is_grad_enabled() and (x.requires_grad or a.coeffs.requires_grad)
+    facts = QuantizedBase(quantization.name, grad, quantization.base_dequantizes(base, x, grad),
+                          quantization.dequantizes)
+    decision = dispatch.decide(backend, x.device, quantization.compute_dtype(base, x.dtype), a.rows.shape[0],
+                               base_shape(base), tokens=tokens, positions=a.positions, quantized=facts)
+    return decision, grad
 
 
 def quantized_linear(x: torch.Tensor, base: nn.Module, quantization: Quantization, adapters: Sequence[Adapter],
                      backend: str) -> torch.Tensor:
     """The base layer's output plus ``x sum(dW)^T``, ``W`` never touched (the delta path), or one GEMM
     with ``dW`` folded into a transient dequantized ``W``, as the planner chooses
-    (:func:`.planner.delta_path`). Computed in the base's compute dtype, returned as the base returns.
+    (the decision's ``delta``). Computed in the base's compute dtype, returned as the base returns.
     No eval cache: a cached dense ``W + dW`` would undo what quantizing the base saved."""
     a = _combined(adapters)
     shape = base_shape(base)
-    dtype, grad, dequantizes = _delta_facts(x, base, quantization, a.coeffs)
+    decision, grad = _delta_decision(x, base, quantization, a, backend, x.numel() // shape[1])
     quantization.prepare(base, grad)
-    k = a.rows.shape[0]
-    impl = dispatch.resolve(backend, x.device, dtype, k, shape)
-    path = planner.delta_path(impl.name, x.device.type, x.numel() // shape[1], k, shape, training=grad,
-                              base_dequantizes=dequantizes, can_dequantize=quantization.dequantizes)
-    if path == "fold":
+    dtype = decision.call.dtype
+    if decision.delta == "fold":
         bias = tensor(base, "bias")
-        return impl.dequantized_linear(x.to(dtype), a.coeffs, a.rows, a.cols, a.alpha,
-                                       lambda: quantization.dequantize(base).to(dtype),
-                                       None if bias is None else bias.to(dtype)).to(x.dtype)
+        return quantized_ops.dequantized_linear(decision, x.to(dtype), a.coeffs, a.rows, a.cols, a.alpha,
+                                                lambda: quantization.dequantize(base).to(dtype),
+                                                None if bias is None else bias.to(dtype)).to(x.dtype)
     out = base(x)
-    return out + impl.delta_linear(x.to(dtype), a.coeffs, a.rows, a.cols, a.alpha, shape, path).to(out.dtype)
+    return out + quantized_ops.delta_linear(decision, x.to(dtype), a.coeffs, a.rows, a.cols, a.alpha,
+                                            shape).to(out.dtype)
 
 
 def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter], backend: str, *,
-         training: bool, merged: bool, cache: Optional[FoldedWeightCache]):
-    """What :func:`linear` runs for input ``x`` (and, in training, its backward) and why: a
-    :class:`~lfma_kernels.ops.planner.Plan`. Without ``x``, for the weight's device and dtype and no
-    token count (so no backward path)."""
+         training: bool, merged: bool, cache: Optional[FoldedWeightCache]) -> Decision:
+    """The decision :func:`linear` executes for input ``x`` (and, in training, its backward), with a note on
+    the layer's state: a :class:`~lfma_kernels.ops.decision.Decision`. Without ``x``, for the weight's device
+    and dtype and no token count (so no backward path)."""
     if not adapters:
         raise ValueError("no active LFMA adapter: the layer runs its base layer alone")
     a = _combined(adapters)
     shape = base_shape(base)
-    tokens = None if x is None else x.numel() // shape[1]
     quantization = quantized.recognise(base)
-    if quantization is None and planner.forced_delta() is not None:
+    if quantization is None and planner.forced().delta is not None:
         quantization = FULL_PRECISION
     if quantization is not None:
         like = x if x is not None else torch.empty(0, device=base_device(base))
-        dtype, grad, dequantizes = _delta_facts(like, base, quantization, a.coeffs)
-        facts = planner.QuantizedBase(quantization.name, grad if x is not None else training, dequantizes,
-                                      quantization.dequantizes)
-        return dispatch.explain(shape, a.rows.shape[0], device=like.device, dtype=dtype, tokens=tokens,
-                                backend_name=backend, rows=a.rows, cols=a.cols, quantized=facts)
-    weight = tensor(base, "weight")
-    like = weight if x is None else x
-    p = dispatch.explain(shape, a.rows.shape[0], device=like.device, dtype=like.dtype, tokens=tokens,
-                         backend_name=backend, weight_grad=weight.requires_grad, rows=a.rows, cols=a.cols)
+        tokens = None if x is None else x.numel() // shape[1]
+        return _delta_decision(like, base, quantization, a, backend, tokens, None if x is not None else training)[0]
+    weight = logical_weight(base)
+    if x is not None:
+        decision = _fold_decision(x, weight, a, backend)
+    else:
+        decision = _decide(backend, weight, a, shape, weight_grad=weight.requires_grad)
     if merged:
         note = "merged: the forward is the base layer alone (dW is in its weight)"
     elif training:
@@ -262,7 +272,7 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
                 "this backend when stale); otherwise the training path")
     else:
         note = "eval without a cache (sharded parameters): W + dW folded on every forward"
-    return dataclasses.replace(p, notes=p.notes + (note,))
+    return dataclasses.replace(decision, notes=decision.notes + (note,))
 
 
 def _check_mergeable(base: nn.Module, what: str) -> None:

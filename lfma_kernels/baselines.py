@@ -21,6 +21,7 @@ from . import adapter
 from ._checks import check_k
 from .targets import check_backend_name
 from .ops import dispatch
+from .ops.decision import count_positions
 
 __all__ = ["FourierFTLinear", "LoRALinear"]
 
@@ -49,13 +50,14 @@ class FourierFTLinear(nn.Module):
         device = base.weight.device
         self.register_buffer("rows", (flat // d_in).to(device))
         self.register_buffer("cols", (flat % d_in).to(device))
+        self._positions = count_positions(self.rows, self.cols, (d_out, d_in))
         self.spectrum = nn.Parameter(torch.zeros(n, device=device))
         self.alpha = float(alpha)
         self.backend = backend
 
     def _adapters(self) -> tuple:
         coeffs = torch.stack([self.spectrum, torch.zeros_like(self.spectrum)], dim=1)
-        return (adapter.Adapter(coeffs, self.rows, self.cols, self.alpha),)
+        return (adapter.Adapter(coeffs, self.rows, self.cols, self.alpha, self._positions),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # No eval cache: the peer is timed and trained as PEFT's FourierFT, which has none.

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 __all__ = ["calibrate", "main"]
 
-REFERENCE = (768, 768)  # the size the FFT constants are stated at (planner._torch_fft_s)
+REFERENCE = (768, 768)  # the size the FFT constants are stated at (costs.torch_fft_s)
 
 
 def _timer(device: torch.device, min_time_s: float) -> Callable[[Callable[[], object]], float]:
@@ -96,7 +96,7 @@ def _measure(device: torch.device, quick: bool) -> Dict[str, object]:
     row_work = tokens * (d_out * math.log2(d_out) + d_in * math.log2(d_in))
     ways = {"default": (torch_kernels.coeff_grad_batch_fft, delta_kernels.delta_rows)}
     if dispatch.unavailable_reason("cpp") is None and device.type == "cpu":
-        kernels = dispatch.backend("cpp").kernels
+        kernels = dispatch.kernels("cpp")
         ways["cpp"] = (kernels.coeff_grad_batch_fft, kernels.delta_rows)
     pairs: Dict[str, Dict[str, float]] = {"batch_pair_s": {}, "delta_pair_s": {}}
     for backend, (batch_fft, rows_way) in ways.items():

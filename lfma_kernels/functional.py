@@ -6,8 +6,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._checks import check_frequencies, check_k, check_shape, finite_number
-from .ops import dispatch
-from .ops.planner import Plan
+from .ops import dispatch, library, linear_op
+from .ops.decision import Decision, count_positions
 
 __all__ = ["delta_weight", "lfma_linear", "available_backends", "explain"]
 
@@ -32,8 +32,10 @@ def delta_weight(
     shape = check_shape(shape)
     check_frequencies(coeffs, rows, cols, shape)
     alpha = finite_number(alpha, "alpha")
-    impl = dispatch.resolve(backend, coeffs.device, coeffs.dtype, rows.shape[0], shape)
-    return impl.delta_weight(coeffs, rows.long(), cols.long(), shape, alpha).to(dtype or coeffs.dtype)
+    rows, cols = rows.long(), cols.long()
+    decision = dispatch.decide(backend, coeffs.device, coeffs.dtype, rows.shape[0], shape,
+                               positions=count_positions(rows, cols, shape))
+    return library.delta_weight(decision, coeffs, rows, cols, shape, alpha).to(dtype or coeffs.dtype)
 
 
 def lfma_linear(
@@ -60,8 +62,10 @@ def lfma_linear(
     shape = tuple(weight.shape)
     check_frequencies(coeffs, rows, cols, shape)
     alpha = finite_number(alpha, "alpha")
-    impl = dispatch.resolve(backend, x.device, x.dtype, rows.shape[0], shape)
-    return impl.lfma_linear(x, weight, bias, coeffs, rows.long(), cols.long(), alpha)
+    rows, cols = rows.long(), cols.long()
+    decision = dispatch.decide(backend, x.device, x.dtype, rows.shape[0], shape, tokens=x.numel() // shape[1],
+                               weight_grad=weight.requires_grad, positions=count_positions(rows, cols, shape))
+    return linear_op.lfma_linear(decision, x, weight, bias, coeffs, rows, cols, alpha)
 
 
 def explain(
@@ -75,14 +79,15 @@ def explain(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     weight_grad: bool = False,
-) -> Plan:
+) -> Decision:
     """What a call with K frequencies on a ``shape = (d_out, d_in)`` weight runs, and why: the backend,
     how it builds ``dW`` and reads ``dL/dcoeffs`` from ``G``, and (given ``tokens``, the rows of a
     layer's input) how ``lfma_linear``'s backward gets ``dL/dcoeffs``, with the reason every
     alternative was refused. ``device``/``dtype`` are those of the call's tensors (``x`` for a layer,
     the coefficients for ``delta_weight``); a CUDA device may be named on a machine without one.
-    ``rows``/``cols`` (or just ``k``) give the frequencies; with them, the C++ kernels' choice is
-    reported exactly. ``weight_grad``: the frozen weight needs a gradient too. ``print()`` the result."""
+    ``rows``/``cols`` (or just ``k``) give the frequencies; with them, the cpp backend's algorithms are
+    costed exactly (from their distinct terms). ``weight_grad``: the frozen weight needs a gradient too.
+    ``print()`` the result: it is the decision a call with these facts executes."""
     shape = check_shape(shape)
     if rows is not None or cols is not None:
         if rows is None or cols is None or rows.dim() != 1 or rows.shape != cols.shape:
@@ -95,5 +100,6 @@ def explain(
     check_k(k, shape)
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
         raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
-    return dispatch.explain(shape, k, device=device, dtype=dtype, tokens=tokens, backend_name=backend,
-                            weight_grad=weight_grad, rows=rows, cols=cols)
+    positions = None if rows is None else count_positions(rows, cols, shape)
+    return dispatch.decide(backend, torch.device(device), dtype, k, shape, tokens=tokens, weight_grad=weight_grad,
+                           positions=positions)

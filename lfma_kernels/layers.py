@@ -11,6 +11,7 @@ from . import adapter, targets
 from ._checks import check_frequencies, check_options
 from .eval_cache import FoldedWeightCache
 from .ops import dispatch
+from .ops.decision import count_positions
 from .selection import Frequencies
 
 __all__ = ["LFMALinear"]
@@ -88,6 +89,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         self.coeffs = nn.Parameter(torch.view_as_real(frequencies.values.detach()).to(device, torch.float32).clone())
         self.register_buffer("rows", frequencies.rows.detach().to(device, torch.int64).clone())
         self.register_buffer("cols", frequencies.cols.detach().to(device, torch.int64).clone())
+        self._positions = count_positions(self.rows, self.cols, adapter.base_shape(base))
         self.alpha = options.alpha
         self.hermitian = bool(hermitian)
         self.backend = backend
@@ -114,7 +116,7 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
 
     def _adapters(self) -> tuple:
         t = adapter.tensor
-        return (adapter.Adapter(t(self, "coeffs"), t(self, "rows"), t(self, "cols"), self.alpha),)
+        return (adapter.Adapter(t(self, "coeffs"), t(self, "rows"), t(self, "cols"), self.alpha, self._positions),)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +173,11 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
             raise ValueError(f"loading {prefix.rstrip('.') or 'the layer'}: the layer is merged; unmerge it "
                              "(unmerge_lfma(model) or layer.unmerge()) before loading other adapter state, then "
                              "merge again; its adapter state was not loaded")
-        targets.check_loaded_positions(state_dict, prefix, keys, (self.out_features, self.in_features))
+        shape = (self.out_features, self.in_features)
+        targets.check_loaded_positions(state_dict, prefix, keys, shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "rows" in state_dict or prefix + "cols" in state_dict:
+            self._positions = count_positions(self.rows, self.cols, shape)
 
     def extra_repr(self) -> str:
         n = self.out_features * self.in_features

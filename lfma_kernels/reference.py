@@ -71,9 +71,8 @@ def lfma_linear(
 
 
 def delta_linear(x: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, alpha: float,
-                 shape: Sequence[int], path: Optional[str] = None) -> torch.Tensor:
-    """``x dW^T`` beside a quantized base, the paper's way (a dense ``dW``, then a GEMM); ``path`` is
-    ignored: the oracle has one way."""
+                 shape: Sequence[int]) -> torch.Tensor:
+    """``x dW^T`` beside a quantized base, the paper's way (a dense ``dW``, then a GEMM)."""
     return F.linear(x, delta_weight(coeffs, rows, cols, shape, alpha).to(x.dtype))
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lfma_kernels as lfma
-from lfma_kernels.ops import dispatch, extension, planner
+from lfma_kernels.ops import backends, dispatch, extension, library, linear_op, planner
+from lfma_kernels.ops.decision import count_positions
 from conftest import random_frequencies, rel_err
 
 _reason = dispatch.unavailable_reason("cpp")
@@ -164,7 +165,7 @@ def test_batch_path_cost_model_picks():
     """The measured pair cost sends the paper's shapes through the batch kernel and very large K
     through G (benchmarks/bench_cpp.py --batch-grad)."""
     def pick(tokens, k, shape):
-        return planner.backward_path("cpp", "cpu", tokens, k, shape)
+        return dispatch.decide("cpp", "cpu", torch.float32, k, shape, tokens=tokens).backward
 
     assert pick(1024, 943, (768, 768)) == "fft" and pick(4096, 176, (768, 768)) == "fft"
     assert pick(1024, 29491, (768, 768)) == "dense"
@@ -211,16 +212,16 @@ def test_non_contiguous_and_low_precision_inputs(gen):
     ref = lfma.reference.delta_weight(coeffs, rows, cols, shape, 3.0)
     strided = coeffs.T.contiguous().T  # [K, 2] with strides (1, K)
     assert not strided.is_contiguous()
-    assert rel_err(ops.delta_weight(strided.float(), rows, cols, *shape, 3.0), ref) <= 1e-5
+    assert rel_err(ops.delta_weight(strided.float(), rows, cols, *shape, 3.0, 1), ref) <= 1e-5
     for low in (torch.bfloat16, torch.float16):
-        out = ops.delta_weight(coeffs.to(low), rows, cols, *shape, 3.0)
+        out = ops.delta_weight(coeffs.to(low), rows, cols, *shape, 3.0, 2)
         assert out.dtype == torch.float32
         assert rel_err(out, lfma.reference.delta_weight(coeffs.to(low).double(), rows, cols, shape, 3.0)) <= 1e-5
     weight_t = torch.randn(shape[1], shape[0], generator=gen).T  # transposed view
-    out = ops.folded_weight(weight_t, coeffs.float(), rows, cols, 3.0)
+    out = ops.folded_weight(weight_t, coeffs.float(), rows, cols, 3.0, 0)
     assert rel_err(out, weight_t.double() + ref) <= 1e-5
     g_t = torch.randn(shape[1], shape[0], generator=gen, dtype=torch.float64).T
-    assert rel_err(ops.coeff_grad(g_t, rows, cols, 3.0), oracle_grad(g_t, rows, cols, 3.0)) <= 1e-12
+    assert rel_err(ops.coeff_grad(g_t, rows, cols, 3.0, 0), oracle_grad(g_t, rows, cols, 3.0)) <= 1e-12
 
 
 def test_phase_precision_large(gen):
@@ -233,34 +234,51 @@ def test_phase_precision_large(gen):
         assert rel_err(ops.delta_weight(coeffs.float(), rows, cols, *shape, 1.0, code), ref) <= 1e-5
 
 
-def test_auto_algorithm_is_valid_and_agrees(gen):
-    """algo=-1 picks through the cost model; it must agree with the forced algorithms."""
-    for shape, k in [((768, 768), 4), ((768, 768), 176), ((256, 256), 20000)]:
-        picks = {int(ops.choose_algo(k, shape[0], shape[1], inverse)) for inverse in (True, False)}
-        assert picks <= {0, 1, 2}
-        coeffs, rows, cols = frequencies(shape, k, gen, dtype=torch.float32)
-        auto = ops.delta_weight(coeffs, rows, cols, *shape, 1.0)
-        forced = ops.delta_weight(coeffs, rows, cols, *shape, 1.0, 1)
-        assert rel_err(auto, forced) <= 1e-5
-    assert int(ops.choose_algo(2, 768, 768, True)) == 0   # tiny K: one pass, no FFT
-    assert int(ops.choose_algo(176, 768, 768, True)) == 1  # the paper's K: rows direct, row FFTs
-    assert int(ops.choose_algo(29491, 768, 768, True)) == 2  # large K: one 2-D FFT
+def test_cost_model_picks_each_algorithm_where_it_wins():
+    """The cpp backend's cost model (ops/backends/cpp.py, fitted to bench_cpp.py --crossover): a tiny K runs
+    the separable product, the paper's K the hybrid, a large K one 2-D FFT."""
+    def picks(k, shape, positions=None):
+        decision = dispatch.decide("cpp", "cpu", torch.float32, k, shape, positions=positions)
+        return decision.dw, decision.grad
+
+    assert picks(2, (768, 768)) == ("separable", "separable")
+    assert picks(176, (768, 768)) == ("hybrid", "hybrid")
+    assert picks(29491, (768, 768)) == ("fft", "fft")
+    # Merged conjugate pairs make the hybrid cheaper: counted positions lower its estimate.
+    sel = lfma.select_frequencies(torch.randn(768, 768), 943)
+    counted = count_positions(sel.rows, sel.cols, (768, 768))
+    assert counted.terms <= 943 // 2 + 4
+    table = planner.table_for("cpu")
+    cpp = backends.REGISTRY["cpp"]
+    assert (cpp.algorithm_costs(table, 943, (768, 768), counted, gradient=False)["hybrid"]
+            < cpp.algorithm_costs(table, 943, (768, 768), None, gradient=False)["hybrid"])
+
+
+def test_count_positions_counts_terms_and_columns(gen):
+    """Distinct (column, row step) terms with a frequency past d_in / 2 entered as its mirror's conjugate."""
+    for shape, k in [((48, 80), 60), ((33, 17), 99), ((8, 8), 64)]:
+        coeffs, rows, cols = frequencies(shape, k, gen)
+        m, n = shape
+        terms = {((n - v) % n, (m - u) % m) if 2 * v > n else (v, u) for u, v in zip(rows.tolist(), cols.tolist())}
+        counted = count_positions(rows, cols, shape)
+        assert counted == (len(terms), len({c for c, _ in terms}))
+    assert count_positions(torch.zeros(10_000, dtype=torch.long), torch.zeros(10_000, dtype=torch.long), (8, 8)) is None
 
 
 def test_auto_picks_cpp_on_cpu():
     """cpp measured at least as fast as torch everywhere on CPU (the planner's CPU table)."""
     cpu = torch.device("cpu")
     for k, shape in [(1, (8, 8)), (176, (768, 768)), (29491, (768, 768))]:
-        assert dispatch.auto_backend(cpu, torch.float32, k, shape) == "cpp"
+        assert dispatch.decide("auto", cpu, torch.float32, k, shape).backend == "cpp"
 
 
 def test_zero_frequencies():
     rows = torch.zeros(0, dtype=torch.long)
     coeffs = torch.zeros(0, 2)
-    assert torch.equal(ops.delta_weight(coeffs, rows, rows, 3, 4, 1.0), torch.zeros(3, 4))
+    assert torch.equal(ops.delta_weight(coeffs, rows, rows, 3, 4, 1.0, 0), torch.zeros(3, 4))
     w = torch.randn(3, 4)
-    assert torch.equal(ops.folded_weight(w, coeffs, rows, rows, 1.0), w)
-    assert ops.coeff_grad(torch.randn(3, 4), rows, rows, 1.0).shape == (0, 2)
+    assert torch.equal(ops.folded_weight(w, coeffs, rows, rows, 1.0, 0), w)
+    assert ops.coeff_grad(torch.randn(3, 4), rows, rows, 1.0, 0).shape == (0, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,26 +342,29 @@ def test_opcheck_raw_ops(dtype, gen):
     """Schema, fake implementation and AOT dispatch of the C++ ops (no autograd of their own)."""
     coeffs, rows, cols = frequencies((12, 10), 5, gen, dtype=dtype)
     weight = torch.randn(12, 10, generator=gen, dtype=dtype)
-    for algo in (-1, 0, 1, 2):
+    for algo in (0, 1, 2):
         torch.library.opcheck(ops.delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5, algo))
         torch.library.opcheck(ops.folded_weight.default, (weight, coeffs, rows, cols, 1.5, algo))
         torch.library.opcheck(ops.coeff_grad.default, (weight, rows, cols, 1.5, algo))
-    torch.library.opcheck(ops.folded_weight.default, (weight.to(torch.bfloat16), coeffs.float(), rows, cols, 1.5))
+    torch.library.opcheck(ops.folded_weight.default, (weight.to(torch.bfloat16), coeffs.float(), rows, cols, 1.5, 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_backend_ops(dtype, gen):
-    """The lfma::cpp_* ops that library.py builds on the raw ops (autograd included)."""
+@pytest.mark.parametrize("algo", ["separable", "hybrid", "fft"])
+def test_opcheck_lfma_ops_on_cpp(dtype, algo, gen):
+    """The lfma:: ops (library.py, linear_op.py) running the cpp kernels, each algorithm (autograd included)."""
     coeffs, rows, cols = frequencies((12, 10), 5, gen, dtype=dtype)
     coeffs.requires_grad_(True)
     lib = torch.ops.lfma
-    torch.library.opcheck(lib.cpp_delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5))
-    torch.library.opcheck(lib.cpp_folded_weight.default, (torch.randn(12, 10, dtype=dtype), coeffs.detach(), rows,
-                                                          cols, 1.5))
-    torch.library.opcheck(lib.cpp_coeff_grad.default, (torch.randn(12, 10, dtype=dtype), rows, cols, 1.5))
+    torch.library.opcheck(lib.delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5, "cpp", algo, algo))
+    torch.library.opcheck(lib.folded_weight.default, (torch.randn(12, 10, dtype=dtype), coeffs.detach(), rows,
+                                                      cols, 1.5, "cpp", algo))
+    torch.library.opcheck(lib.coeff_grad.default, (torch.randn(12, 10, dtype=dtype), rows, cols, 1.5, "cpp", algo,
+                                                   algo))
     x = torch.randn(3, 4, 10, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(lib.cpp_linear.default, (x, torch.randn(12, 10, dtype=dtype), torch.randn(12, dtype=dtype),
-                                                   coeffs, rows, cols, 1.5))
+    for path in ("dense", "gemm", "fft"):
+        torch.library.opcheck(lib.linear.default, (x, torch.randn(12, 10, dtype=dtype), torch.randn(12, dtype=dtype),
+                                                   coeffs, rows, cols, 1.5, "cpp", algo, algo, path))
 
 
 def test_torch_compile_fullgraph(gen):
@@ -354,10 +375,12 @@ def test_torch_compile_fullgraph(gen):
     x = torch.randn(5, shape[1], generator=gen)
     weight = torch.randn(shape, generator=gen)
 
-    ops_ = cpp_ops.OPS
+    layer = dispatch.decide("cpp", x.device, x.dtype, k, shape, tokens=x.shape[0])
+    alone = dispatch.decide("cpp", x.device, x.dtype, k, shape)
 
-    def step(x, c):  # the backend's op itself (the public function checks index ranges on the host)
-        return ops_.lfma_linear(x, weight, None, c, rows, cols, 3.0) + ops_.delta_weight(c, rows, cols, shape, 1.0).sum()
+    def step(x, c):  # the ops themselves (the public functions check index ranges on the host)
+        return (linear_op.lfma_linear(layer, x, weight, None, c, rows, cols, 3.0)
+                + library.delta_weight(alone, c, rows, cols, shape, 1.0).sum())
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     c1, c2 = coeffs.clone().requires_grad_(True), coeffs.clone().requires_grad_(True)
@@ -390,28 +413,28 @@ def _good():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda c, r, v, w: ops.delta_weight(c[:, :1], r, v, 8, 10, 1.0), r"delta_weight: coeffs must have shape \[K, 2\]"),
-    (lambda c, r, v, w: ops.delta_weight(c.flatten(), r, v, 8, 10, 1.0), r"coeffs must have shape \[K, 2\]"),
-    (lambda c, r, v, w: ops.delta_weight(c.long(), r, v, 8, 10, 1.0), "coeffs must be a real floating-point"),
-    (lambda c, r, v, w: ops.delta_weight(torch.complex(c, c), r, v, 8, 10, 1.0), "coeffs must be a real floating"),
-    (lambda c, r, v, w: ops.delta_weight(c, r.float(), v, 8, 10, 1.0), "rows must be a 1-D int64 tensor"),
-    (lambda c, r, v, w: ops.delta_weight(c, r, v.int(), 8, 10, 1.0), "cols must be a 1-D int64 tensor"),
-    (lambda c, r, v, w: ops.delta_weight(c, r[None], v, 8, 10, 1.0), "rows must be a 1-D int64 tensor"),
-    (lambda c, r, v, w: ops.delta_weight(c, r[:2], v, 8, 10, 1.0), "rows and cols must have the same length"),
-    (lambda c, r, v, w: ops.delta_weight(c[:2], r, v, 8, 10, 1.0), "rows, cols and coeffs must have the same length"),
-    (lambda c, r, v, w: ops.delta_weight(c, r, v, 7, 10, 1.0), r"rows must lie in \[0, d_out = 7\), found 7"),
-    (lambda c, r, v, w: ops.delta_weight(c, r, v - 3, 8, 10, 1.0),
+    (lambda c, r, v, w: ops.delta_weight(c[:, :1], r, v, 8, 10, 1.0, 0), r"delta_weight: coeffs must have shape \[K, 2\]"),
+    (lambda c, r, v, w: ops.delta_weight(c.flatten(), r, v, 8, 10, 1.0, 0), r"coeffs must have shape \[K, 2\]"),
+    (lambda c, r, v, w: ops.delta_weight(c.long(), r, v, 8, 10, 1.0, 0), "coeffs must be a real floating-point"),
+    (lambda c, r, v, w: ops.delta_weight(torch.complex(c, c), r, v, 8, 10, 1.0, 0), "coeffs must be a real floating"),
+    (lambda c, r, v, w: ops.delta_weight(c, r.float(), v, 8, 10, 1.0, 0), "rows must be a 1-D int64 tensor"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v.int(), 8, 10, 1.0, 0), "cols must be a 1-D int64 tensor"),
+    (lambda c, r, v, w: ops.delta_weight(c, r[None], v, 8, 10, 1.0, 0), "rows must be a 1-D int64 tensor"),
+    (lambda c, r, v, w: ops.delta_weight(c, r[:2], v, 8, 10, 1.0, 0), "rows and cols must have the same length"),
+    (lambda c, r, v, w: ops.delta_weight(c[:2], r, v, 8, 10, 1.0, 0), "rows, cols and coeffs must have the same length"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v, 7, 10, 1.0, 0), r"rows must lie in \[0, d_out = 7\), found 7"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v - 3, 8, 10, 1.0, 0),
      r"cols must lie in \[0, d_in = 10\), found -1 at index 0"),
-    (lambda c, r, v, w: ops.delta_weight(c, r, v, 8, 0, 1.0), "d_out and d_in must be positive"),
-    (lambda c, r, v, w: ops.delta_weight(c, r, v, 8, 10, 1.0, 3), "algo must be -1"),
-    (lambda c, r, v, w: ops.folded_weight(w[0], c, r, v, 1.0), r"folded_weight: weight must be 2-D"),
-    (lambda c, r, v, w: ops.folded_weight(w.long(), c, r, v, 1.0), "weight must be float16, bfloat16"),
-    (lambda c, r, v, w: ops.folded_weight(w[:7], c, r, v, 1.0), r"rows must lie in \[0, d_out = 7\)"),
-    (lambda c, r, v, w: ops.folded_weight(w, c[:, :1], r, v, 1.0), r"coeffs must have shape \[K, 2\]"),
-    (lambda c, r, v, w: ops.coeff_grad(w[None], r, v, 1.0), r"coeff_grad: grad_dw must be 2-D"),
-    (lambda c, r, v, w: ops.coeff_grad(w[:, :0], r, v, 1.0), "d_out and d_in must be positive"),
-    (lambda c, r, v, w: ops.coeff_grad(w, r, v[:1], 1.0), "rows and cols must have the same length"),
-    (lambda c, r, v, w: ops.coeff_grad(w, r, v + 1, 1.0), r"cols must lie in \[0, d_in = 10\), found 10"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v, 8, 0, 1.0, 0), "d_out and d_in must be positive"),
+    (lambda c, r, v, w: ops.delta_weight(c, r, v, 8, 10, 1.0, 3), "algo must be 0"),
+    (lambda c, r, v, w: ops.folded_weight(w[0], c, r, v, 1.0, 0), r"folded_weight: weight must be 2-D"),
+    (lambda c, r, v, w: ops.folded_weight(w.long(), c, r, v, 1.0, 0), "weight must be float16, bfloat16"),
+    (lambda c, r, v, w: ops.folded_weight(w[:7], c, r, v, 1.0, 0), r"rows must lie in \[0, d_out = 7\)"),
+    (lambda c, r, v, w: ops.folded_weight(w, c[:, :1], r, v, 1.0, 0), r"coeffs must have shape \[K, 2\]"),
+    (lambda c, r, v, w: ops.coeff_grad(w[None], r, v, 1.0, 0), r"coeff_grad: grad_dw must be 2-D"),
+    (lambda c, r, v, w: ops.coeff_grad(w[:, :0], r, v, 1.0, 0), "d_out and d_in must be positive"),
+    (lambda c, r, v, w: ops.coeff_grad(w, r, v[:1], 1.0, 0), "rows and cols must have the same length"),
+    (lambda c, r, v, w: ops.coeff_grad(w, r, v + 1, 1.0, 0), r"cols must lie in \[0, d_in = 10\), found 10"),
     (lambda c, r, v, w: ops.coeff_grad_batch(w[0], w, r, v, 1.0), r"coeff_grad_batch: x must be 2-D"),
     (lambda c, r, v, w: ops.coeff_grad_batch(w, w.long(), r, v, 1.0), "grad_out must be float16, bfloat16"),
     (lambda c, r, v, w: ops.coeff_grad_batch(w, w[:5], r, v, 1.0), "same number of tokens, got 8 and 5"),
@@ -488,14 +511,14 @@ def test_cuda_delta_weight_and_grad_match_oracle(shape, k, gen):
     coeffs, rows, cols = frequencies(shape, k, gen)
     ref = lfma.reference.delta_weight(coeffs, rows, cols, shape, 1.7)
     dc, dr, dv = coeffs.cuda(), rows.cuda(), cols.cuda()
-    out = ops.delta_weight(dc.float(), dr, dv, shape[0], shape[1], 1.7)
+    out = ops.delta_weight(dc.float(), dr, dv, shape[0], shape[1], 1.7, 0)
     assert out.device.type == "cuda" and out.dtype == torch.float32
     assert rel_err(out.cpu(), ref) <= 1e-5
-    assert rel_err(ops.delta_weight(dc, dr, dv, shape[0], shape[1], 1.7).cpu(), ref) <= 1e-12
+    assert rel_err(ops.delta_weight(dc, dr, dv, shape[0], shape[1], 1.7, 0).cpu(), ref) <= 1e-12
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     want = oracle_grad(g, rows, cols, 0.8)
-    assert rel_err(ops.coeff_grad(g.cuda().float(), dr, dv, 0.8).cpu(), want) <= 1e-5
-    assert rel_err(ops.coeff_grad(g.cuda(), dr, dv, 0.8).cpu(), want) <= 1e-12
+    assert rel_err(ops.coeff_grad(g.cuda().float(), dr, dv, 0.8, 0).cpu(), want) <= 1e-5
+    assert rel_err(ops.coeff_grad(g.cuda(), dr, dv, 0.8, 0).cpu(), want) <= 1e-12
 
 
 @cuda
@@ -507,7 +530,7 @@ def test_cuda_folded_weight_dtypes(w_dtype, tol, gen):
     weight = torch.randn(shape, generator=gen, dtype=torch.float64).to(w_dtype)
     ref = weight.double() + lfma.reference.delta_weight(coeffs, rows, cols, shape, 40.0)
     c = coeffs.double() if w_dtype == torch.float64 else coeffs.float()
-    out = ops.folded_weight(weight.cuda(), c.cuda(), rows.cuda(), cols.cuda(), 40.0)
+    out = ops.folded_weight(weight.cuda(), c.cuda(), rows.cuda(), cols.cuda(), 40.0, 0)
     assert out.dtype == w_dtype and out.device.type == "cuda"
     assert rel_err(out.cpu(), ref) <= tol
 
@@ -533,9 +556,9 @@ def test_cuda_matches_cpp_and_gradcheck(gen):
 def test_cuda_opcheck(dtype, gen):
     coeffs, rows, cols = frequencies((12, 10), 5, gen, dtype=dtype, device="cuda")
     weight = torch.randn(12, 10, dtype=dtype, device="cuda")
-    torch.library.opcheck(ops.delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5))
-    torch.library.opcheck(ops.folded_weight.default, (weight, coeffs, rows, cols, 1.5))
-    torch.library.opcheck(ops.coeff_grad.default, (weight, rows, cols, 1.5))
+    torch.library.opcheck(ops.delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5, 0))
+    torch.library.opcheck(ops.folded_weight.default, (weight, coeffs, rows, cols, 1.5, 0))
+    torch.library.opcheck(ops.coeff_grad.default, (weight, rows, cols, 1.5, 0))
     coeffs.requires_grad_(True)
     torch.library.opcheck(torch.ops.lfma.cuda_delta_weight.default, (coeffs, rows, cols, 12, 10, 1.5))
 
@@ -544,4 +567,4 @@ def test_cuda_opcheck(dtype, gen):
 def test_cuda_device_mismatch_error():
     c, r, v, _ = _good()
     with pytest.raises(RuntimeError, match="all inputs must be on one device"):
-        ops.delta_weight(c.cuda(), r, v.cuda(), 8, 10, 1.0)
+        ops.delta_weight(c.cuda(), r, v.cuda(), 8, 10, 1.0, 0)

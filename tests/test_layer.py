@@ -290,20 +290,21 @@ def test_loading_adapter_state_into_a_merged_layer_is_refused():
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_eager_calls_skip_the_op_and_compiled_ones_trace_it(backend):
-    """Eager: the layer runs library.LinearFunction (the op's forward and backward without its
+    """Eager: the layer runs linear_op.LinearFunction (the op's forward and backward without its
     dispatch), with the op's outputs and gradients. Compiled: the graph holds the op itself.
     torch.func transforms get a Function of their own: vmap matches a loop. A second derivative through
     the op equals the one through the layer."""
     torch.manual_seed(0)
     layer = make_layer(20, 24, k=7, backend=backend)
-    name = layer.plan().backend
     x = torch.randn(3, 5, 20, requires_grad=True)
     g = torch.randn(3, 5, 24)
+    decision = layer.plan(x)
+    choices = (decision.backend, decision.dw, decision.grad, decision.backward)
     out = layer(x)
-    assert type(out.grad_fn).__name__ == f"lfma_{name}_linearBackward"
+    assert type(out.grad_fn).__name__ == "LinearFunctionBackward"
     grads = torch.autograd.grad(out, (x, layer.coeffs), g)
-    op = getattr(torch.ops.lfma, f"{name}_linear")
-    want = op(x, layer.base.weight, layer.base.bias, layer.coeffs, layer.rows, layer.cols, layer.alpha)[0]
+    op = torch.ops.lfma.linear
+    want = op(x, layer.base.weight, layer.base.bias, layer.coeffs, layer.rows, layer.cols, layer.alpha, *choices)[0]
     assert torch.equal(out, want)
     for got, ref in zip(grads, torch.autograd.grad(want, (x, layer.coeffs), g)):
         assert torch.equal(got, ref)
@@ -324,7 +325,7 @@ def test_eager_calls_skip_the_op_and_compiled_ones_trace_it(backend):
     # checked against the oracle in test_transforms.py).
     seconds = []
     for run in (layer, lambda x: op(x, layer.base.weight, layer.base.bias, layer.coeffs, layer.rows, layer.cols,
-                                    layer.alpha)[0]):
+                                    layer.alpha, *choices)[0]):
         first = torch.autograd.grad((run(x) * g).sum(), x, create_graph=True)[0]
         seconds.append(torch.autograd.grad(first.pow(2).sum(), layer.coeffs)[0])
     assert rel_err(seconds[1], seconds[0]) <= 1e-6

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lfma_kernels as lfma
-from lfma_kernels.ops import planner, torch_kernels
+from lfma_kernels.ops import backends, planner, torch_kernels
 from conftest import FAST_BACKENDS, TRITON_INTERPRETED, linear_against_oracle, random_frequencies, rel_err
 
 SHAPES_K = [((48, 80), 1), ((48, 80), 37), ((97, 64), 1), ((97, 64), 203), ((33, 33), 33), ((16, 24), 384)]
@@ -237,4 +237,9 @@ def test_opcheck(op, make_args, dtype, gen):
     coeffs, rows, cols = random_frequencies((12, 10), 5, generator=gen, dtype=dtype)
     coeffs.requires_grad_(True)
     for backend in FAST_BACKENDS:
-        torch.library.opcheck(getattr(torch.ops.lfma, f"{backend}_{op}").default, make_args(coeffs, rows, cols))
+        for algorithm in backends.REGISTRY[backend].algorithms:
+            decided = {"delta_weight": (backend, algorithm, algorithm), "folded_weight": (backend, algorithm),
+                       "coeff_grad": (backend, algorithm, algorithm)}
+            for choices in ([decided[op]] if op in decided else
+                            [(backend, algorithm, algorithm, path) for path in planner.BACKWARD_PATHS]):
+                torch.library.opcheck(getattr(torch.ops.lfma, op).default, make_args(coeffs, rows, cols) + choices)

@@ -3,6 +3,7 @@ device and dtype (a CUDA device is planned on a CPU machine), forcing paths, the
 lfma.explain and LFMALinear.plan, the fake implementations' input checks, and the package's import
 graph (no cycles)."""
 import ast
+import dataclasses
 import pathlib
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 import torch.nn as nn
 
 import lfma_kernels as lfma
-from lfma_kernels.ops import dispatch, planner
+from lfma_kernels.ops import backends, dispatch, linear_op, planner, quantized_ops
+from lfma_kernels.ops.decision import Call, Forced, MixedFold
 from conftest import FAST_BACKENDS, random_frequencies
 
 PACKAGE = pathlib.Path(lfma.__file__).parent
@@ -20,17 +22,22 @@ CUDA = torch.device("cuda")
 # ---------------------------------------------------------------------------------------------
 # what auto picks
 # ---------------------------------------------------------------------------------------------
-def _all_usable(name, device):
+def _all_usable(name):
     return None
+
+
+def _auto(device, dtype, k, shape, why_not=_all_usable):
+    """What auto picks for a call on ``device`` (a CUDA device is planned on a CPU machine too)."""
+    return planner.decide(Call(torch.device(device).type, dtype, k, shape), why_not).backend
 
 
 def test_float64_on_cuda_plans_the_torch_backend():
     """Triton has no float64 tl.dot: its kernels would fall back to CUDA-core broadcast products. The
     CUDA table sends float64 to the torch backend (cuBLAS / cuFFT), every K and shape."""
     for shape, k in [((768, 768), 1), ((768, 768), 176), ((1024, 1024), 524), ((64, 64), 4000)]:
-        assert planner.choose_backend(CUDA, torch.float64, k, shape, _all_usable) == "torch"
+        assert _auto(CUDA, torch.float64, k, shape) == "torch"
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            assert planner.choose_backend(CUDA, dtype, k, shape, _all_usable) == "triton"
+            assert _auto(CUDA, dtype, k, shape) == "triton"
         plan = lfma.explain(shape, k, device="cuda", dtype=torch.float64, tokens=512)
         assert plan.backend == "torch" and plan.device == "cuda"
         triton = next(r for r in plan.refused if r.what == "backend" and r.choice == "triton")
@@ -40,32 +47,38 @@ def test_float64_on_cuda_plans_the_torch_backend():
 def test_auto_order_on_cuda_without_triton():
     """Without triton, the CUDA kernels where the torch backend would run the separable product too,
     torch where it would switch to an FFT."""
-    def no_triton(name, device):
+    def no_triton(name):
         return "not here" if name == "triton" else None
 
-    assert planner.choose_backend(CUDA, torch.float32, 4, (768, 768), no_triton) == "cuda"
-    assert planner.choose_backend(CUDA, torch.float32, 2000, (768, 768), no_triton) == "torch"
-    assert planner.choose_backend(torch.device("cpu"), torch.float32, 4, (768, 768), _all_usable) == "cpp"
-    assert planner.choose_backend(torch.device("cpu"), torch.float64, 4, (768, 768), _all_usable) == "cpp"
-    assert planner.choose_backend(torch.device("cpu"), torch.float32, 4, (768, 768),
-                                  lambda n, d: None if n == "torch" else "no") == "torch"
+    assert _auto(CUDA, torch.float32, 4, (768, 768), no_triton) == "cuda"
+    assert _auto(CUDA, torch.float32, 2000, (768, 768), no_triton) == "torch"
+    assert _auto("cpu", torch.float32, 4, (768, 768)) == "cpp"
+    assert _auto("cpu", torch.float64, 4, (768, 768)) == "cpp"
+    assert _auto("cpu", torch.float32, 4, (768, 768), lambda n: None if n == "torch" else "no") == "torch"
 
 
 def test_every_table_cites_its_sources_and_the_gpu_table_says_estimates():
     text = (pathlib.Path(planner.__file__).parent / "cost_tables.py").read_text()
-    assert "RESULTS.md" in text and "benchmarks/bench_cpp.py --batch-grad" in text
-    assert "benchmarks/crossover.py" in text and "bench_gpu.py --crossover" in text
+    section = "Where the planner's constants come from"
+    assert "RESULTS.md" in text and section in text
+    results = (PACKAGE.parent / "benchmarks" / "RESULTS.md").read_text().split(f"## {section}")[1]
+    for command in ("benchmarks/bench_cpp.py --batch-grad", "benchmarks/crossover.py", "bench_cpp.py --crossover",
+                    "bench_gpu.py --crossover", "benchmarks/bench_layer.py"):
+        assert command in results, command
     assert "ESTIMATES" in planner.CUDA.status and "measured" in planner.CPU.status
     assert planner.table_for("mps") is planner.CPU
 
 
 def test_no_cost_table_or_path_decision_outside_the_planner():
-    """Cost tables are built, and path costs compared, in the planner alone."""
+    """Cost tables are built in cost_tables.py alone, and path costs compared only by the planner, the shared
+    cost formulas and the backends' own objects."""
+    ops = PACKAGE / "ops"
     for path in PACKAGE.rglob("*.py"):
-        if path.name in ("planner.py", "cost_tables.py"):
-            continue
         text = path.read_text()
-        assert "CostTable(" not in text and "_cheapest(" not in text and "min(costs" not in text, path
+        if path.name != "cost_tables.py":
+            assert "CostTable(" not in text, path
+        if path.parent != ops / "backends" and path not in (ops / "planner.py", ops / "costs.py"):
+            assert "cheapest(" not in text and "min(costs" not in text, path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,19 +89,22 @@ def test_force_rejects_unknown_names_at_the_call():
                    {"delta": "gemm"}):
         with pytest.raises(ValueError, match="unknown path"):
             planner.force(**kwargs).__enter__()
-    assert planner.forced() == {"dw": None, "grad": None, "backward": None, "delta": None}
+    assert planner.forced() == Forced()
 
 
 def test_force_nests_and_restores():
+    def torch_call(k, **facts):
+        return dispatch.decide("torch", "cpu", torch.float32, k, (768, 768), **facts)
+
     with planner.force(dw="fft"):
-        assert planner.dw_algorithm("torch", "cpu", 1, (768, 768)) == "fft"
+        assert torch_call(1).dw == "fft"
         with planner.force(dw="separable", backward="gemm"):
-            assert planner.dw_algorithm("torch", "cpu", 29491, (768, 768)) == "separable"
-            assert planner.backward_path("torch", "cpu", 4096, 29491, (768, 768)) == "gemm"
+            assert torch_call(29491).dw == "separable"
+            assert torch_call(29491, tokens=4096).backward == "gemm"
             # dL/dW needs G: the dense path, whatever is forced
-            assert planner.backward_path("torch", "cpu", 4096, 1, (768, 768), weight_grad=True) == "dense"
-        assert planner.forced() == {"dw": "fft", "grad": None, "backward": None, "delta": None}
-    assert planner.forced() == {"dw": None, "grad": None, "backward": None, "delta": None}
+            assert torch_call(1, tokens=4096, weight_grad=True).backward == "dense"
+        assert planner.forced() == Forced(dw="fft")
+    assert planner.forced() == Forced()
 
 
 def test_forcing_an_algorithm_a_backend_lacks_is_an_error_at_its_call(gen):
@@ -118,7 +134,7 @@ def test_forced_backward_path_is_planned_and_run(path, gen):
 def test_explain_the_papers_shapes():
     for shape, k in [((768, 768), 176), ((1024, 1024), 524)]:
         plan = lfma.explain(shape, k, tokens=4096)
-        assert plan.backend == dispatch.auto_backend(torch.device("cpu"), torch.float32, k, shape)
+        assert plan.backend == dispatch.decide("auto", torch.device("cpu"), torch.float32, k, shape).backend
         assert plan.backward in planner.BACKWARD_PATHS and plan.dw in planner.DW_ALGORITHMS
         text = str(plan)
         assert f"{shape[0]}x{shape[1]}, K={k}" in text and "refused" in text and "backward" in text
@@ -127,18 +143,14 @@ def test_explain_the_papers_shapes():
         assert {("backward", p) for p in planner.BACKWARD_PATHS if p != plan.backward} <= refused
 
 
-def test_explain_reports_what_the_cpp_kernels_choose(gen):
-    if "cpp" not in lfma.available_backends():
-        pytest.skip("the C++ extension is not available")
-    from lfma_kernels.ops import cpp_ops
-
+def test_explain_reports_the_cpp_cost_model(gen):
     sel = lfma.select_frequencies(torch.randn(768, 768, generator=gen), 176)
     plan = lfma.explain((768, 768), rows=sel.rows, cols=sel.cols, tokens=4096, backend="cpp")
     assert plan.dw == "hybrid" and "distinct terms" in plan.reasons["dW"]
     assert lfma.explain((768, 768), 2, backend="cpp").dw == "separable"
     assert lfma.explain((768, 768), 29491, backend="cpp").dw == "fft"
-    for what in ("dw", "grad"):
-        pick, costs, _ = cpp_ops.algorithm_report(176, (768, 768), what, sel.rows, sel.cols)
+    for label, pick in (("dW", plan.dw), ("gradient", plan.grad)):
+        costs = plan.estimates[label]
         assert pick == min(costs, key=costs.get) and set(costs) == set(planner.DW_ALGORITHMS)
     with planner.force(dw="fft"):
         assert lfma.explain((768, 768), 176, backend="cpp").dw == "fft"
@@ -179,16 +191,15 @@ def test_layer_plan_matches_what_the_forward_runs(monkeypatch):
     x = torch.randn(3, 5, 80)
     plan = layer.plan(x)
     assert plan.tokens == 15 and plan.shape == (48, 80) and plan.k == 17
-    assert plan.backend == dispatch.auto_backend(x.device, x.dtype, 17, (48, 80))
+    assert plan.backend == dispatch.decide("auto", x.device, x.dtype, 17, (48, 80)).backend
     assert any("training" in n for n in plan.notes)
     assert any("eval" in n for n in layer.eval().plan(x).notes)
     assert layer.plan().tokens is None and layer.plan().backward is None
     seen = []
-    record = dispatch.resolve(plan.backend, x.device, x.dtype, 17, (48, 80))
-    original = record.lfma_linear
-    monkeypatch.setattr(record, "lfma_linear", lambda *a: seen.append(1) or original(*a))
+    original = linear_op.lfma_linear
+    monkeypatch.setattr(linear_op, "lfma_linear", lambda d, *a: seen.append(d) or original(d, *a))
     layer.train()(x)
-    assert seen == [1]
+    assert len(seen) == 1 and dataclasses.replace(seen[0], notes=plan.notes) == plan
 
 
 def test_peft_layer_plan():
@@ -212,20 +223,21 @@ def test_fakes_check_their_inputs(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     lib = torch.ops.lfma
+    a = backends.REGISTRY[backend].algorithms[0]
     with FakeTensorMode():
         coeffs, rows, cols = torch.randn(5, 2), torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
         weight = torch.randn(12, 10)
-        getattr(lib, f"{backend}_delta_weight")(coeffs, rows, cols, 12, 10, 1.0)  # fine
+        lib.delta_weight(coeffs, rows, cols, 12, 10, 1.0, backend, a, a)  # fine
         bad = [
-            (lambda: getattr(lib, f"{backend}_delta_weight")(coeffs[:, :1], rows, cols, 12, 10, 1.0), r"\[K, 2\]"),
-            (lambda: getattr(lib, f"{backend}_delta_weight")(coeffs, rows[:4], cols, 12, 10, 1.0), "same length"),
-            (lambda: getattr(lib, f"{backend}_delta_weight")(coeffs, rows.float(), cols, 12, 10, 1.0), "int64"),
-            (lambda: getattr(lib, f"{backend}_folded_weight")(weight[0], coeffs, rows, cols, 1.0), "2-D"),
-            (lambda: getattr(lib, f"{backend}_coeff_grad")(weight, rows, cols[:2], 1.0), "same length"),
-            (lambda: getattr(lib, f"{backend}_linear")(torch.randn(3, 9), weight, None, coeffs, rows, cols, 1.0),
+            (lambda: lib.delta_weight(coeffs[:, :1], rows, cols, 12, 10, 1.0, backend, a, a), r"\[K, 2\]"),
+            (lambda: lib.delta_weight(coeffs, rows[:4], cols, 12, 10, 1.0, backend, a, a), "same length"),
+            (lambda: lib.delta_weight(coeffs, rows.float(), cols, 12, 10, 1.0, backend, a, a), "int64"),
+            (lambda: lib.folded_weight(weight[0], coeffs, rows, cols, 1.0, backend, a), "2-D"),
+            (lambda: lib.coeff_grad(weight, rows, cols[:2], 1.0, backend, a, a), "same length"),
+            (lambda: lib.linear(torch.randn(3, 9), weight, None, coeffs, rows, cols, 1.0, backend, a, a, "dense"),
              "d_in = 10"),
-            (lambda: getattr(lib, f"{backend}_linear")(torch.randn(3, 10), weight, torch.randn(11), coeffs, rows,
-                                                       cols, 1.0), "bias"),
+            (lambda: lib.linear(torch.randn(3, 10), weight, torch.randn(11), coeffs, rows, cols, 1.0, backend, a, a,
+                                "dense"), "bias"),
         ]
         for call, message in bad:
             with pytest.raises(RuntimeError, match=message):
@@ -237,7 +249,7 @@ def test_a_bad_call_fails_at_trace_time():
     rows = torch.zeros(5, dtype=torch.int64)
 
     def step(c, r):
-        return torch.ops.lfma.torch_delta_weight(c, r, r[:3], 12, 10, 1.0)
+        return torch.ops.lfma.delta_weight(c, r, r[:3], 12, 10, 1.0, "torch", "separable", "separable")
 
     with pytest.raises(Exception, match="rows and cols must have the same length"):
         torch.compile(step, backend="aot_eager", fullgraph=True)(coeffs, rows)
@@ -294,10 +306,11 @@ def test_no_import_cycle_inside_the_package():
         if name not in state:
             visit(name)
     assert "lfma_kernels.ops.torch_ops" not in graph["lfma_kernels.ops.library"]
-    # The planner imports nothing from the package but its tables and the calibration file reader, which
-    # import nothing.
+    # The planner imports nothing from the package but the backends' declarations, the cost formulas and
+    # tables, the decision's types and the calibration file reader: no kernels.
     assert graph["lfma_kernels.ops.planner"] <= {"lfma_kernels.ops", "lfma_kernels.ops.calibration",
-                                                 "lfma_kernels.ops.cost_tables"}
+                                                 "lfma_kernels.ops.cost_tables", "lfma_kernels.ops.costs",
+                                                 "lfma_kernels.ops.decision", "lfma_kernels.ops.backends"}
     for leaf in ("lfma_kernels.ops.calibration", "lfma_kernels.ops.cost_tables"):
         assert not graph[leaf] - {"lfma_kernels.ops"}, leaf
 
@@ -306,13 +319,82 @@ def test_mixed_batch_paths():
     """One adapter's rows of a mixed batch (CPU table): a few rows take the rows way, many rows the fold when
     its W + dW is kept (one more pass over the weight), a quantized base never folds, and an adapter that has
     the whole batch folds for free (no base GEMM runs beside it)."""
-    shape = (768, 768)
-    assert planner.mixed_path("cpp", "cpu", 1, 943, shape, fold=True) == "rows"
-    assert planner.mixed_path("cpp", "cpu", 256, 943, shape, fold=True) == "fold"
-    assert planner.mixed_path("cpp", "cpu", 256, 943, shape, fold=False) == "rows"  # no room: built each call
-    assert planner.mixed_path("cpp", "cpu", 4096, 943, shape, fold=None) != "fold"
-    assert planner.mixed_path("cpp", "cpu", 1, 943, shape, fold=True, whole_batch=True) == "fold"
+    def path(tokens, fold, whole_batch=False):
+        return dispatch.decide("cpp", "cpu", torch.float32, 943, (768, 768), tokens=tokens,
+                               mixed=MixedFold(fold, whole_batch)).delta
+
+    assert path(1, True) == "rows"
+    assert path(256, True) == "fold"
+    assert path(256, False) == "rows"  # no room: built each call
+    assert path(4096, None) != "fold"
+    assert path(1, True, whole_batch=True) == "fold"
     with planner.force(delta="separable"):
-        assert planner.mixed_path("cpp", "cpu", 1, 943, shape, fold=True) == "separable"
+        assert path(1, True) == "separable"
     with planner.force(delta="fold"), pytest.raises(ValueError, match="beside a quantized base"):
-        planner.mixed_path("cpp", "cpu", 1, 943, shape, fold=None)
+        path(1, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# explain prints the decision that runs
+# ---------------------------------------------------------------------------------------------
+def _recording(monkeypatch, backend):
+    """Record what the kernels of ``backend`` are asked to run, and which backward and delta paths run."""
+    ran = {"dw": [], "grad": [], "backward": [], "delta": []}
+    kernels = dispatch.kernels(backend)
+
+    def recorded(kernel, what):
+        def run(*args):
+            ran[what].append(args[-1])
+            return kernel(*args)
+        return run
+
+    monkeypatch.setitem(dispatch._kernels, backend, kernels._replace(
+        folded_weight=recorded(kernels.folded_weight, "dw"), coeff_grad=recorded(kernels.coeff_grad, "grad")))
+    layer_coeff_grad, delta_way = linear_op.layer_coeff_grad, quantized_ops._delta_way
+    monkeypatch.setattr(linear_op, "layer_coeff_grad", lambda b, path, *a: ran["backward"].append(path)
+                        or layer_coeff_grad(b, path, *a))
+    monkeypatch.setattr(quantized_ops, "_delta_way", lambda d, path: ran["delta"].append(path) or delta_way(d, path))
+    return ran
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_explain_names_what_ran(backend, monkeypatch, gen):
+    """Force every algorithm and backward path the backend has, run a training step, and check that the
+    layer's plan (what lfma.explain prints) names exactly what the kernels were asked to run."""
+    algorithms = backends.REGISTRY[backend].algorithms
+    shape, k = (24, 40), 9
+    layer = lfma.LFMALinear(nn.Linear(shape[1], shape[0]), k=k, backend=backend)
+    x = torch.randn(6, shape[1], generator=gen)
+    ran = _recording(monkeypatch, backend)
+    for dw in algorithms:
+        for path in planner.BACKWARD_PATHS:
+            with planner.force(dw=dw, grad=dw, backward=path):
+                plan = layer.plan(x)
+                for found in ran.values():
+                    found.clear()
+                out = layer(x)
+                out.backward(torch.randn(out.shape, generator=gen))
+            assert ran["dw"] == [plan.dw] == [dw]
+            assert ran["backward"] == [plan.backward] == [path]
+            assert ran["grad"] == ([plan.grad] if path == "dense" else [])
+            text = str(plan)
+            assert f"dW        {dw}" in text and f"backward  {path}" in text
+    # Unforced: whatever the cost model picks is what runs.
+    plan = layer.plan(x)
+    for found in ran.values():
+        found.clear()
+    layer(x).backward(torch.randn(6, shape[0], generator=gen))
+    assert ran["dw"] == [plan.dw] and ran["backward"] == [plan.backward]
+
+
+@pytest.mark.parametrize("delta", ["rows", "separable", "dense"])
+def test_explain_names_the_delta_path_that_ran(delta, monkeypatch, gen):
+    backend = FAST_BACKENDS[0]
+    layer = lfma.LFMALinear(nn.Linear(40, 24), k=9, backend=backend)
+    x = torch.randn(6, 40, generator=gen, requires_grad=True)
+    ran = _recording(monkeypatch, backend)
+    with planner.force(delta=delta):
+        plan = layer.plan(x)
+        layer(x).backward(torch.randn(6, 24, generator=gen))
+    assert plan.delta == delta and ran["delta"] == [delta, delta]  # the forward and its adjoint
+    assert ran["backward"] == [plan.backward] and f"delta     {delta}" in str(plan)

@@ -12,7 +12,8 @@ import torch.nn as nn
 import lfma_kernels as lfma
 from conftest import FAST_BACKENDS, TRITON_INTERPRETED, rel_err
 from lfma_kernels.model import lfma_layers
-from lfma_kernels.ops import planner
+from lfma_kernels.ops import dispatch, planner
+from lfma_kernels.ops.decision import QuantizedBase
 
 bnb = pytest.importorskip("bitsandbytes")
 torchao_quantization = pytest.importorskip("torchao.quantization")
@@ -126,10 +127,13 @@ def test_the_plan_says_which_path_and_why():
         assert layer.plan(torch.randn(64, D_IN)).delta == "rows"
         assert "forced (delta='rows')" in str(layer.plan(torch.randn(64, D_IN)))
     # Many tokens: building dW once beats an x dW^T per token; one token: the reverse.
-    assert planner.delta_path("cpp", "cpu", 4096, 176, (768, 768), training=True, base_dequantizes=True) == "fold"
-    assert planner.delta_path("cpp", "cpu", 16, 176, (768, 768), training=True, base_dequantizes=True) == "rows"
-    assert planner.delta_path("cpp", "cpu", 4096, 176, (768, 768), training=True, base_dequantizes=True,
-                              can_dequantize=False) != "fold"
+    def path(tokens, can_dequantize=True):
+        base = QuantizedBase("nf4", training=True, base_dequantizes=True, can_dequantize=can_dequantize)
+        return dispatch.decide("cpp", "cpu", torch.float32, 176, (768, 768), tokens=tokens, quantized=base).delta
+
+    assert path(4096) == "fold"
+    assert path(16) == "rows"
+    assert path(4096, can_dequantize=False) != "fold"
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -519,9 +523,10 @@ def _delta_ways():
     from lfma_kernels.ops import delta_kernels, dispatch
 
     ways = {"torch rows": delta_kernels.delta_rows, "torch separable": delta_kernels.delta_separable,
-            "torch dense": delta_kernels.delta_dense(dispatch.backend("torch").kernels.delta_weight)}
+            "torch dense": delta_kernels.delta_dense(
+                lambda *args: dispatch.kernels("torch").delta_weight(*args, "separable"))}
     if "cpp" in FAST_BACKENDS:
-        ways["cpp rows"] = dispatch.backend("cpp").kernels.delta_rows
+        ways["cpp rows"] = dispatch.kernels("cpp").delta_rows
     return ways
 
 

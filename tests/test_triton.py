@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import lfma_kernels as lfma
-from lfma_kernels.ops import dispatch, planner, torch_kernels
+from lfma_kernels.ops import backends, dispatch, library, planner, torch_kernels
 from conftest import TRITON_INTERPRETED, compiled_matches_eager, linear_against_oracle, random_frequencies, rel_err
 
 TRITON_AVAILABLE = dispatch.unavailable_reason("triton") is None
@@ -66,19 +66,26 @@ def test_available_and_reports_why_not(monkeypatch):
     assert "triton" in lfma.available_backends()
     assert dispatch.unavailable_reason("triton") is None
     # Without a GPU and without the interpreter the probe says why and how to get it.
-    monkeypatch.setattr(dispatch, "_TRITON_INTERPRET", False)
+    monkeypatch.setattr(backends.triton, "INTERPRETED", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    reason = dispatch._triton_probe()
+    probe = backends.REGISTRY["triton"].unavailable_reason
+    reason = probe()
     assert "CUDA" in reason and "TRITON_INTERPRET=1" in reason
     with monkeypatch.context() as m:
-        m.setattr(dispatch.importlib.util, "find_spec", lambda name: None)
-        assert "pip install triton" in dispatch._triton_probe()
+        m.setattr(backends.triton.importlib.util, "find_spec", lambda name: None)
+        assert "pip install triton" in probe()
     # ...and asking for it then raises RuntimeError with that reason.
     monkeypatch.setitem(dispatch._reasons, "triton", reason)
     coeffs, rows, cols = random_frequencies((8, 8), 2)
     with pytest.raises(RuntimeError, match="backend 'triton' is not available: .*TRITON_INTERPRET=1"):
         lfma.delta_weight(coeffs, rows, cols, (8, 8), 1.0, backend="triton")
     assert "triton" not in lfma.available_backends()
+
+
+def _folded(weight, coeffs, rows, cols, alpha):
+    """W + dW on the triton backend, as a layer's fold runs it."""
+    decision = dispatch.decide("triton", weight.device, weight.dtype, rows.shape[0], weight.shape)
+    return library.folded_weight(decision, weight, coeffs, rows, cols, alpha)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +111,7 @@ def test_folded_weight_epilogue(shape, k, wdtype, kernels, gen):
     weight = (torch.randn(shape[::-1], generator=gen, dtype=torch.float64) * dw.std()).to(DEVICE).T
     weight = weight.to(wdtype)
     assert not weight.is_contiguous()
-    out = triton_ops.OPS.folded_weight(weight, coeffs, rows, cols, 12.0)
+    out = _folded(weight, coeffs, rows, cols, 12.0)
     assert kernels["delta_weight"] == 1
     assert out.dtype == wdtype and out.shape == shape
     want = weight.double() + dw
@@ -125,7 +132,7 @@ def test_float64_kernels(kernels, gen):
     out = lfma.delta_weight(coeffs, rows, cols, shape, 1.7, backend="triton")
     assert out.dtype == torch.float64 and rel_err(out, ref) <= 1e-12
     weight = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    assert rel_err(triton_ops.OPS.folded_weight(weight, coeffs, rows, cols, 1.7), weight + ref) <= 1e-12
+    assert rel_err(_folded(weight, coeffs, rows, cols, 1.7), weight + ref) <= 1e-12
     g = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE)
     grad = triton_ops._launch_coeff_grad(g, rows, cols, 1.7)
     assert grad.dtype == torch.float64
@@ -336,8 +343,8 @@ def test_kernels_compile_for_sm90():
 # ---------------------------------------------------------------------------------------------
 def test_cost_model_switches_to_fft_for_large_k():
     def kernel(k, shape, gradient=False):
-        pick = (planner.grad_algorithm if gradient else planner.dw_algorithm)("triton", "cuda", k, shape)
-        return pick == "separable"
+        decision = dispatch.decide("triton", "cuda", torch.float32, k, shape)
+        return (decision.grad if gradient else decision.dw) == "separable"
 
     for shape in [(768, 768), (1024, 1024), (768, 3072), (3072, 768), (4096, 4096)]:
         n = shape[0] * shape[1]
@@ -476,7 +483,7 @@ def test_cuda_torch_compile_inductor_matches_eager():
 def test_cuda_auto_prefers_triton_and_matches():
     shape, k = (768, 768), 176
     coeffs, rows, cols = random_frequencies(shape, k, device=DEVICE)
-    assert dispatch.auto_backend(coeffs.device, coeffs.dtype, k, shape) == "triton"
+    assert dispatch.decide("auto", coeffs.device, coeffs.dtype, k, shape).backend == "triton"
     ref = lfma.reference.delta_weight(coeffs.double(), rows, cols, shape, 12.0)
     assert rel_err(lfma.delta_weight(coeffs, rows, cols, shape, 12.0), ref) <= 1e-5
 

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["compute_dtype", "scale", "add_delta"]
+__all__ = ["compute_dtype", "scale", "add_delta", "fold_with"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,3 +23,12 @@ def add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     if weight.dtype == delta.dtype:
         return weight + delta
     return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+
+def fold_with(delta_weight):
+    """A ``folded_weight(weight, coeffs, rows, cols, alpha, *args)`` from a ``delta_weight(coeffs, rows, cols,
+    shape, alpha, *args)``: ``W + dW`` in ``W``'s dtype, no autograd."""
+    def folded_weight(weight, coeffs, rows, cols, alpha, *args) -> torch.Tensor:
+        with torch.no_grad():
+            return add_delta(weight, delta_weight(coeffs, rows, cols, tuple(weight.shape), alpha, *args))
+    return folded_weight

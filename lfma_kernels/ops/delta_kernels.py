@@ -11,7 +11,7 @@ of cosines with ``u`` and ``v`` exchanged; the phase is symmetric in them), so :
 the backward with the forward's kernels. ``dL/dcoeffs`` is the layer's batch gradient from ``x`` and
 ``g`` (:mod:`.torch_kernels`' ``coeff_grad_batch_*``), whatever computed the forward.
 
-Three ways, each cheapest somewhere (the planner chooses, :func:`.planner.delta_path`):
+Three ways, each cheapest somewhere (a decision's ``delta``, costed by :func:`.costs.delta_costs`):
 
 - ``rows``: a real FFT of each token row of ``x`` along ``d_in``, the K bins gathered and multiplied by
   the coefficients, scattered into a Hermitian half spectrum along ``d_out`` and one inverse real FFT:

@@ -4,11 +4,11 @@ The jitted kernels are in :mod:`.triton_kernels` (``delta_weight_kernel``: ``dW`
 one launch; ``coeff_grad_kernel``: the partial DFT of ``G`` at the K points;
 ``coeff_grad_batch_kernel``: a layer's batch gradient without ``G``); here are their launchers:
 block-size configs and autotuning, the correctly rounded cos/sin tables, the dot-precision option,
-the backend's kernels (fused kernel or the torch backend's FFT path, as the planner says) and their
-registration.
+the backend's kernels (fused kernel or the torch backend's FFT path, as decided). The backend itself is
+declared in :mod:`.backends.triton`.
 
-For large K the scatter + ``irfft2`` (cuFFT) path of the torch backend wins; the planner picks
-(:func:`.planner.dw_algorithm`; its GPU table holds estimates until measured). Float32 ``tl.dot``
+For large K the scatter + ``irfft2`` (cuFFT) path of the torch backend wins; the planner picks (its GPU
+table holds estimates until measured). Float32 ``tl.dot``
 runs in IEEE precision by default; :func:`set_dot_precision` opts into TF32 (``"tf32"``, ~1e-3
 relative) or TF32x3 (``"tf32x3"``, close to float32 accuracy on tensor cores). Triton has no float64
 ``tl.dot`` on NVIDIA GPUs (triton-lang/triton#5483), so float64 inputs take the same kernels
@@ -30,20 +30,20 @@ from typing import Dict, Sequence, Tuple
 import torch
 import triton
 
-from . import planner, torch_kernels, triton_kernels
+from . import torch_kernels, triton_kernels
+from .backends.base import Kernels
+from .backends.triton import INTERPRETED
 from .common import add_delta, compute_dtype, scale
-from .library import Kernels, trace_check_matrix, trace_check_positions, register_backend
+from .trace_checks import trace_check_matrix, trace_check_positions
 
 __all__ = [
     "KERNELS",
-    "OPS",
     "coeff_grad_batch_gemm",
     "set_dot_precision",
     "get_dot_precision",
     "INTERPRETED",
 ]
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---------------------------------------------------------------------------------------------
 # options
@@ -287,23 +287,23 @@ def _launch_coeff_grad_batch(x2d: torch.Tensor, g2d: torch.Tensor, rows: torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# the backend's kernels: fused kernel or the torch backend's FFT path, as the planner says
+# the backend's kernels: fused kernel or the torch backend's FFT path, as decided
 # ---------------------------------------------------------------------------------------------
-def _delta_weight(coeffs, rows, cols, shape, alpha) -> torch.Tensor:
-    if planner.dw_algorithm("triton", coeffs.device.type, rows.shape[0], shape) == "separable":
+def _delta_weight(coeffs, rows, cols, shape, alpha, algorithm: str) -> torch.Tensor:
+    if algorithm == "separable":
         return _launch_delta_weight(coeffs, rows, cols, shape, alpha)
     return torch_kernels.delta_weight_fft(coeffs, rows, cols, shape, alpha)
 
 
-def _folded_weight(weight: torch.Tensor, coeffs, rows, cols, alpha) -> torch.Tensor:
+def _folded_weight(weight: torch.Tensor, coeffs, rows, cols, alpha, algorithm: str) -> torch.Tensor:
     shape = tuple(weight.shape)
-    if planner.dw_algorithm("triton", weight.device.type, rows.shape[0], shape) == "separable":
+    if algorithm == "separable":
         return _launch_delta_weight(coeffs, rows, cols, shape, alpha, weight=weight)
     return add_delta(weight, torch_kernels.delta_weight_fft(coeffs, rows, cols, shape, alpha))
 
 
-def _coeff_grad(grad_dw: torch.Tensor, rows, cols, alpha) -> torch.Tensor:
-    if planner.grad_algorithm("triton", grad_dw.device.type, rows.shape[0], grad_dw.shape) == "separable":
+def _coeff_grad(grad_dw: torch.Tensor, rows, cols, alpha, algorithm: str) -> torch.Tensor:
+    if algorithm == "separable":
         return _launch_coeff_grad(grad_dw, rows, cols, alpha)
     return torch_kernels.coeff_grad_fft(grad_dw, rows, cols, alpha)
 
@@ -337,4 +337,3 @@ def coeff_grad_batch_gemm(x2d: torch.Tensor, g2d: torch.Tensor, rows, cols, shap
 
 KERNELS = Kernels(delta_weight=_delta_weight, folded_weight=_folded_weight, coeff_grad=_coeff_grad,
                   coeff_grad_batch_gemm=coeff_grad_batch_gemm)
-OPS = register_backend("triton", KERNELS)

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .. import adapter, targets
 from ..eval_cache import FoldedWeightCache
 from ..ops import dispatch
+from ..ops.decision import PositionFacts, count_positions
 from . import mixed_batch
 from .config import LfmaConfig
 
@@ -23,7 +24,7 @@ class LfmaLayer(BaseTunerLayer):
     """The PEFT tuner-layer state of LFMA: per adapter, coefficients, positions, alpha, backend."""
 
     adapter_layer_names = ("lfma_coeffs",)
-    other_param_names = ("lfma_rows", "lfma_cols", "lfma_shape", "lfma_alpha", "lfma_backend")
+    other_param_names = ("lfma_rows", "lfma_cols", "lfma_shape", "lfma_alpha", "lfma_backend", "lfma_positions")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self._quantization = targets.check_base(base_layer, "LfmaLayer")
@@ -37,6 +38,8 @@ class LfmaLayer(BaseTunerLayer):
         self.lfma_shape = BufferDict({}, persistent=True)
         self.lfma_alpha: Dict[str, float] = {}
         self.lfma_backend: Dict[str, str] = {}
+        # What the planner reads from each adapter's positions, counted on the host when they are set or loaded.
+        self.lfma_positions: Dict[str, Optional[PositionFacts]] = {}
         self._disable_adapters = False
         self.merged_adapters: List[str] = []
         self._cache = FoldedWeightCache()
@@ -56,6 +59,8 @@ class LfmaLayer(BaseTunerLayer):
         self.lfma_coeffs[adapter_name] = nn.Parameter(coeffs.contiguous())
         self.lfma_rows[adapter_name] = frequencies.rows.to(torch.int64)
         self.lfma_cols[adapter_name] = frequencies.cols.to(torch.int64)
+        self.lfma_positions[adapter_name] = count_positions(frequencies.rows, frequencies.cols,
+                                                            (self.out_features, self.in_features))
         self.lfma_shape[adapter_name] = torch.tensor([self.out_features, self.in_features], dtype=torch.int64)
         self.lfma_alpha[adapter_name] = float(config.alpha)
         self.lfma_backend[adapter_name] = config.backend
@@ -78,7 +83,7 @@ class LfmaLayer(BaseTunerLayer):
     def _adapters(self, names: Sequence[str]) -> List[adapter.Adapter]:
         t = adapter.tensor
         return [adapter.Adapter(t(self.lfma_coeffs, n), t(self.lfma_rows, n), t(self.lfma_cols, n),
-                                self.lfma_alpha[n]) for n in names if n in self.lfma_coeffs]
+                                self.lfma_alpha[n], self.lfma_positions.get(n)) for n in names if n in self.lfma_coeffs]
 
     def _backend(self, names: Sequence[str]) -> str:
         """The first named adapter's backend (adapters of one layer normally share one)."""
@@ -228,6 +233,10 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         # PeftModel, LfmaModel has already checked every layer's state (nothing loads on a refusal).
         self.check_loaded_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in self.loaded_adapters(state_dict, prefix):
+            rows, cols = state_dict.get(f"{prefix}lfma_rows.{name}"), state_dict.get(f"{prefix}lfma_cols.{name}")
+            if rows is not None and cols is not None:
+                self.lfma_positions[name] = count_positions(rows, cols, (self.out_features, self.in_features))
 
     @staticmethod
     def _shapes_are_optional(module: nn.Module, incompatible_keys) -> None:

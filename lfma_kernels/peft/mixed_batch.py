@@ -1,7 +1,7 @@
 """Mixed-adapter batches (PEFT's ``adapter_names=``): each sample through its own adapter, or none.
 
 The samples of one adapter go together: one call per adapter present in the batch, never one per
-sample. For each adapter the planner chooses (:func:`lfma_kernels.ops.planner.mixed_path`):
+sample. For each adapter the planner chooses (a decision's ``delta``, :func:`lfma_kernels.ops.costs.mixed_costs`):
 
 - a delta path (``rows``, ``separable`` or ``dense``): ``x dW^T`` on the adapter's samples, added to the
   base layer's output, which runs once for every sample not folded (quantized bases always go this way);
@@ -20,7 +20,8 @@ import torch
 
 from .. import adapter
 from ..eval_cache import FoldedWeightCache
-from ..ops import dispatch, planner
+from ..ops import dispatch, quantized_ops
+from ..ops.decision import MixedFold
 from ..quantized import Quantization
 
 __all__ = ["Group", "FoldPool", "DEFAULT_FOLDS", "groups_of", "linear"]
@@ -108,20 +109,19 @@ def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool
         whole = len(g.samples) == x.shape[0]
         kept = eval_cache.enabled if whole else pool.kept(g.name) is not None
         fold = None if quantization is not None else (kept and not grad)
-        impl = dispatch.resolve(g.backend, x.device, dtype, k, shape)
-        path = planner.mixed_path(impl.name, x.device.type, len(g.samples) * per_sample, k, shape, fold=fold,
-                                  whole_batch=whole)
-        (folds if path == "fold" else deltas).append((g, impl, path))
+        decision = dispatch.decide(g.backend, x.device, dtype, k, shape, tokens=len(g.samples) * per_sample,
+                                   positions=g.adapter.positions, mixed=MixedFold(fold, whole))
+        (folds if decision.delta == "fold" else deltas).append((g, decision))
     if folds:
         out = _folded(x, base, folds, (None, None) if grad else (pool, eval_cache), run_base)
     else:
         out = run_base(x)
     if not grad:
         deltas = _grouped(x, out, deltas, dtype, shape, per_sample)
-    for g, impl, path in deltas:
+    for g, decision in deltas:
         a = g.adapter
-        delta = impl.delta_linear(x.index_select(0, g.index).to(dtype), a.coeffs, a.rows, a.cols, a.alpha, shape,
-                                  path)
+        delta = quantized_ops.delta_linear(decision, x.index_select(0, g.index).to(dtype), a.coeffs, a.rows, a.cols,
+                                           a.alpha, shape)
         out.index_add_(0, g.index, delta.to(out.dtype))
     return out
 
@@ -135,14 +135,18 @@ def _grouped(x: torch.Tensor, out: torch.Tensor, deltas, dtype: torch.dtype, sha
     """Add, in one kernel call, the rows way of every delta group whose backend has a grouped kernel
     (decoding: a few rows per adapter, where one call per adapter would cost more than its work);
     return the groups left for one call each."""
-    batchable = [d for d in deltas if d[2] == "rows" and d[1].kernels is not None
-                 and d[1].kernels.delta_rows_grouped is not None and d[1].name == deltas[0][1].name]
-    if len(batchable) < 2 or sum(len(g.samples) for g, _, _ in batchable) * per_sample > GROUPED_ROWS:
+    def grouped_kernel(decision):
+        kernels = dispatch.kernels(decision.backend) if decision.backend != "reference" else None
+        return None if kernels is None else kernels.delta_rows_grouped
+
+    batchable = [d for d in deltas if d[1].delta == "rows" and grouped_kernel(d[1]) is not None
+                 and d[1].backend == deltas[0][1].backend]
+    if len(batchable) < 2 or sum(len(g.samples) for g, _ in batchable) * per_sample > GROUPED_ROWS:
         return deltas
-    index = torch.cat([g.index for g, _, _ in batchable])
+    index = torch.cat([g.index for g, _ in batchable])
     rows = x.index_select(0, index).to(dtype).reshape(-1, shape[1])
-    delta = batchable[0][1].kernels.delta_rows_grouped(rows, [g.adapter for g, _, _ in batchable],
-                                                       [len(g.samples) * per_sample for g, _, _ in batchable], shape)
+    delta = grouped_kernel(batchable[0][1])(rows, [g.adapter for g, _ in batchable],
+                                            [len(g.samples) * per_sample for g, _ in batchable], shape)
     out.index_add_(0, index, delta.reshape(len(index), *out.shape[1:]).to(out.dtype))
     return [d for d in deltas if not any(d is b for b in batchable)]
 
@@ -154,10 +158,10 @@ def _folded(x: torch.Tensor, base: torch.nn.Module, folds, caches, run_base: Cal
     pool, eval_cache = caches
     folded = set()
     pieces = []
-    for g, impl, _ in folds:
+    for g, decision in folds:
         folded.update(g.samples)
         cache = None if pool is None else eval_cache if len(g.samples) == x.shape[0] else pool.cache(g.name)
-        pieces.append((g.index, adapter.folded_linear(x.index_select(0, g.index), base, [g.adapter], impl.name,
+        pieces.append((g.index, adapter.folded_linear(x.index_select(0, g.index), base, [g.adapter], decision.backend,
                                                       cache)))
     if len(folded) < x.shape[0]:
         rest = torch.tensor([i for i in range(x.shape[0]) if i not in folded], device=x.device)
