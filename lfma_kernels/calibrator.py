@@ -1,10 +1,11 @@
 """``lfma-calibrate`` / ``lfma_kernels.calibrate()``: measure this machine's cost constants for the planner.
 
-The planner's choices (how a layer's backward gets ``dL/dcoeffs``, how the torch backend builds ``dW``,
-which delta path runs beside a quantized base or for a mixed batch) compare estimated seconds from a
-cost table (:mod:`lfma_kernels.ops.planner`). The shipped CPU table was fitted on one AMD CPU and the
+The planner's choices (how a layer's backward gets ``dL/dcoeffs``, which algorithm a backend builds ``dW``
+with, which delta path runs beside a quantized base or for a mixed batch) compare estimated seconds from
+a cost table (:mod:`lfma_kernels.ops.planner`). The shipped CPU table was fitted on one AMD CPU and the
 CUDA table is an estimate; this times the operations behind each constant on this machine's device,
-fits them, and writes them where the planner reads them (:mod:`lfma_kernels.ops.calibration`). The
+fits them, and writes them where the planner reads them (:mod:`lfma_kernels.ops.calibration`); the C++
+kernels' three algorithms get one factor each, their measured time over the shipped model's. The
 constants it does not measure (the torch backend's FFT paths, dequantizing; triton's off a GPU) keep
 the shipped table's ratios to the GEMM, scaled by this machine's GEMM speed. A fit more than 10x off
 the shipped figure is clamped to that bound, with a warning (a loaded machine, or a broken kernel).
@@ -66,7 +67,7 @@ def _problem(shape, k: int, device: torch.device, seed: int = 0):
 def _measure(device: torch.device, quick: bool) -> Dict[str, object]:
     """The constants, in the planner's units (seconds per multiply-add, per point * log2(points), per
     (token, frequency) pair, per weight entry)."""
-    from lfma_kernels.ops import delta_kernels, dispatch, torch_kernels
+    from lfma_kernels.ops import calibration, delta_kernels, dispatch, torch_kernels
 
     seconds = _timer(device, 0.25 if quick else 1.0)
     tokens = 512 if quick else 1024
@@ -106,9 +107,39 @@ def _measure(device: torch.device, quick: bool) -> Dict[str, object]:
             pairs[name][backend] = max(times[1] - times[0], 0.02 * times[1]) / (tokens * (ks[1] - ks[0]))
         out["row_fft_s"] = max(batch[0] - pairs["batch_pair_s"][backend] * tokens * ks[0], 0.0) / row_work
     out.update(pairs)
+    if "cpp" in ways:
+        out[calibration.CPP_ALGORITHM_SCALE] = _cpp_algorithms(seconds, quick)
     if device.type == "cuda" and dispatch.unavailable_reason("triton") is None:
         out.update(_triton(seconds, device))
     return out
+
+
+def _cpp_algorithms(seconds, quick: bool) -> Dict[str, float]:
+    """Each C++ algorithm's time, building dW and reading dL/dcoeffs from G at the reference shape, over what
+    the shipped constants estimate for it (the geometric mean over K and the two directions): the factor the
+    planner scales that algorithm's costs by on this machine. The K span the crossovers (separable against
+    hybrid near K = 20-60, hybrid against the 2-D FFT near a few thousand), so the factors are fitted where
+    the choice between two algorithms is made; the separable product is left out past K = 943, where it
+    costs tens of times the others."""
+    from lfma_kernels.ops import backends, calibration, cost_tables, cpp_ops
+    from lfma_kernels.ops.decision import count_positions
+
+    model, ops = backends.REGISTRY["cpp"], torch.ops.lfma_ext
+    grad = torch.randn(REFERENCE)
+    logs: Dict[str, List[float]] = {name: [] for name in calibration.CPP_ALGORITHMS}
+    for k in (58, 5898) if quick else (58, 176, 943, 5898):
+        c, r, v = _problem(REFERENCE, k, torch.device("cpu"), seed=k)
+        positions = count_positions(r, v, REFERENCE)
+        for gradient in (False, True):
+            estimates = model.algorithm_costs(cost_tables.CPU, k, REFERENCE, positions, gradient=gradient)
+            for name in calibration.CPP_ALGORITHMS:
+                if name == "separable" and k > 943:
+                    continue
+                code = cpp_ops.ALGO_CODES[name]
+                run = ((lambda: ops.coeff_grad(grad, r, v, 12.0, code)) if gradient else
+                       (lambda: ops.delta_weight(c, r, v, *REFERENCE, 12.0, code)))
+                logs[name].append(math.log(seconds(run) / estimates[name]))
+    return {name: math.exp(statistics.mean(values)) for name, values in logs.items()}
 
 
 def _triton(seconds, device: torch.device) -> Dict[str, float]:
@@ -151,10 +182,10 @@ def _bounded(constants: Dict[str, object], shipped, device_type: str) -> Dict[st
 
     out: Dict[str, object] = {}
     for name, value in constants.items():
-        reference = getattr(shipped, name)
-        if isinstance(value, dict):
-            out[name] = {b: bound(f"{name}[{b}]", v, reference.get(b, reference.get("default")))
-                         for b, v in value.items()}
+        reference = getattr(shipped, name, None)
+        if isinstance(value, dict):  # per backend; or per cpp algorithm, a ratio to the shipped model (1)
+            refs = reference or {}
+            out[name] = {b: bound(f"{name}[{b}]", v, refs.get(b, refs.get("default", 1.0))) for b, v in value.items()}
         else:
             out[name] = bound(name, value, reference)
     if clamped:
@@ -208,10 +239,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shipped = planner.TABLES[data["device"]]
     lines: List[str] = [f"lfma-calibrate: {data['key']}", f"  {data['seconds']} s, written to {data['path']}"]
     for name, value in data["constants"].items():
-        old = getattr(shipped, name)
+        old = getattr(shipped, name, None)
         if isinstance(value, dict):
-            for backend, v in value.items():
-                lines.append(f"  {name}[{backend}] = {v:.3g} (shipped {old.get(backend, old.get('default')):.3g})")
+            for key, v in value.items():
+                ref = 1.0 if old is None else old.get(key, old.get("default"))
+                lines.append(f"  {name}[{key}] = {v:.3g} (shipped {ref:.3g})")
         else:
             lines.append(f"  {name} = {value:.3g} (shipped {old:.3g})" if old is not None else f"  {name} = {value:.3g}")
     print("\n".join(lines))

@@ -40,6 +40,12 @@ def test_quick_calibration_is_used_by_the_planner(cache, monkeypatch):
                            or reference.get(b, reference["default"]) / 10 <= v for b, v in value.items())
             else:
                 assert reference / 10 <= value <= reference * 10, name
+    if "cpp" in lfma.available_backends():  # each C++ algorithm by its measured time over the shipped model
+        factors = fitted[calibration.CPP_ALGORITHM_SCALE]
+        assert set(factors) == set(calibration.CPP_ALGORITHMS) and all(0.1 <= f <= 10 for f in factors.values())
+        assert table.cpp.mac_s[1] == pytest.approx(shipped.cpp.mac_s[1] * factors["separable"])
+        assert table.cpp.term_row_s[0] == pytest.approx(shipped.cpp.term_row_s[0] * factors["hybrid"])
+        assert table.cpp.fft2_call_s == pytest.approx(shipped.cpp.fft2_call_s * factors["fft"])
     # not measured: the shipped figure at this machine's GEMM speed
     scale = table.gemm_mac_s / shipped.gemm_mac_s
     assert table.irfft2_s == pytest.approx(shipped.irfft2_s * scale) and table.rfft2_speedup == shipped.rfft2_speedup
@@ -63,15 +69,20 @@ def test_another_machine_or_format_or_unusable_values_are_ignored(cache):
                  {"format": 1, "key": key, "constants": {"gemm_mac_s": 1e-11}},
                  {"format": calibration.FORMAT, "key": key, "constants": None},
                  {"format": calibration.FORMAT, "key": key,
-                  "constants": {"gemm_mac_s": -1.0, "row_fft_s": "fast", "batch_pair_s": None, "irfft2_s": 1.0}},
+                  "constants": {"gemm_mac_s": -1.0, "row_fft_s": "fast", "batch_pair_s": None, "irfft2_s": 1.0,
+                                calibration.CPP_ALGORITHM_SCALE: {"hybrid": -1.0, "sparse": 2.0}}},
                  "not json"):
         write(data)
         assert planner.table_for("cpu") is planner.TABLES["cpu"], data
     write({"format": calibration.FORMAT, "key": key, "date": "today",
-           "constants": {"gemm_mac_s": 2.2e-11, "batch_pair_s": {"cpp": 1e-9, "torch": float("nan")}}})
-    table = planner.table_for("cpu")
+           "constants": {"gemm_mac_s": 2.2e-11, "batch_pair_s": {"cpp": 1e-9, "torch": float("nan")},
+                         calibration.CPP_ALGORITHM_SCALE: {"hybrid": 3.0}}})
+    table, shipped = planner.table_for("cpu"), planner.TABLES["cpu"]
     assert table.gemm_mac_s == 2.2e-11 and table.batch_pair_s["cpp"] == 1e-9
-    assert table.batch_pair_s["default"] == pytest.approx(2 * planner.TABLES["cpu"].batch_pair_s["default"])
+    assert table.batch_pair_s["default"] == pytest.approx(2 * shipped.batch_pair_s["default"])
+    # the measured algorithm by its factor, the others with the GEMM
+    assert table.cpp.term_row_s[1] == pytest.approx(3 * shipped.cpp.term_row_s[1])
+    assert table.cpp.mac_s[0] == pytest.approx(2 * shipped.cpp.mac_s[0])
 
 
 def test_command_line_quick_run(tmp_path):

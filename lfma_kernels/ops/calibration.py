@@ -19,12 +19,17 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["cpu_name", "machine_key", "path_for", "load", "enabled", "constants_of", "MEASURED", "FORMAT"]
+__all__ = ["cpu_name", "machine_key", "path_for", "load", "enabled", "constants_of", "MEASURED", "FORMAT",
+           "CPP_ALGORITHM_SCALE", "CPP_ALGORITHMS"]
 
 FORMAT = 2  # bumped when the file's meaning changes; other formats are ignored
 # The CostTable fields a calibration measures (seconds per unit of work; the pair costs per backend).
 MEASURED = ("gemm_mac_s", "weight_pass_s", "batch_gemm_mac_s", "row_fft_s", "batch_pair_s", "delta_pair_s",
             "triton_mac_s", "triton_fft_s", "triton_fft_fixed_s")
+# The C++ kernels' algorithms: per algorithm, its measured time over what the shipped constants estimate
+# (one factor per algorithm: the CostTable's `cpp` costs are scaled by it).
+CPP_ALGORITHM_SCALE = "cpp_algorithm_scale"
+CPP_ALGORITHMS = ("separable", "hybrid", "fft")
 
 
 def enabled() -> bool:
@@ -81,6 +86,11 @@ def constants_of(data: Dict[str, Any], table: Any) -> Dict[str, Any]:
                 usable[name] = per_backend
         elif _positive(value) and getattr(table, name, None) is not None:
             usable[name] = float(value)
+    scales = constants.get(CPP_ALGORITHM_SCALE)
+    if isinstance(scales, dict) and getattr(table, "cpp", None) is not None:
+        per_algorithm = {k: float(v) for k, v in scales.items() if k in CPP_ALGORITHMS and _positive(v)}
+        if per_algorithm:
+            usable[CPP_ALGORITHM_SCALE] = per_algorithm
     return usable
 
 

@@ -33,14 +33,16 @@ class CompiledCpuCosts:
     fft2_call_s: float
     loop_max_k: Tuple[int, int]          # the separable product runs as fused loops up to this K (csrc kSepLoopMaxK)
 
-    def scaled(self, factor: float) -> "CompiledCpuCosts":
-        """The same costs on a machine ``factor`` times slower (exponents and thresholds unchanged)."""
-        pair = lambda p: (p[0] * factor, p[1] * factor)  # noqa: E731
-        return dataclasses.replace(self, mac_s=pair(self.mac_s), term_row_s=pair(self.term_row_s),
-                                   column_row_s=pair(self.column_row_s), row_fft_s=pair(self.row_fft_s),
-                                   fft2_s=pair(self.fft2_s), loop_call_s=self.loop_call_s * factor,
-                                   gemm_call_s=self.gemm_call_s * factor, hybrid_call_s=self.hybrid_call_s * factor,
-                                   fft2_call_s=self.fft2_call_s * factor)
+    def scaled(self, factors: Mapping[str, float]) -> "CompiledCpuCosts":
+        """Each algorithm's costs ("separable", "hybrid", "fft") times its factor: a machine that runs it that
+        many times slower (exponents and thresholds unchanged)."""
+        s, h, f = (factors.get(name, 1.0) for name in ("separable", "hybrid", "fft"))
+        pair = lambda p, x: (p[0] * x, p[1] * x)  # noqa: E731
+        return dataclasses.replace(
+            self, mac_s=pair(self.mac_s, s), loop_call_s=self.loop_call_s * s, gemm_call_s=self.gemm_call_s * s,
+            term_row_s=pair(self.term_row_s, h), column_row_s=pair(self.column_row_s, h),
+            row_fft_s=pair(self.row_fft_s, h), hybrid_call_s=self.hybrid_call_s * h,
+            fft2_s=pair(self.fft2_s, f), fft2_call_s=self.fft2_call_s * f)
 
 
 @dataclass(frozen=True)

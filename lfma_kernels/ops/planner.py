@@ -72,8 +72,10 @@ def calibrated(table: CostTable, data: Optional[Mapping]) -> CostTable:
     for name in ("batch_pair_s", "delta_pair_s"):
         shipped = {b: v * scale for b, v in getattr(table, name).items()}
         fitted[name] = {**shipped, **fitted.get(name, {})}
+    # The cpp algorithms: each one's measured time over the shipped model's, where timed; else the GEMM's ratio.
+    measured = fitted.pop(calibration.CPP_ALGORITHM_SCALE, {})
     if table.cpp is not None:
-        fitted["cpp"] = table.cpp.scaled(scale)
+        fitted["cpp"] = table.cpp.scaled({name: measured.get(name, scale) for name in calibration.CPP_ALGORITHMS})
     status = f"calibrated on this machine {data.get('date', '')} ({data['path']}); shipped: {table.status}"
     return dataclasses.replace(table, status=status, **fitted)
 
