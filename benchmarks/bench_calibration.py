@@ -58,8 +58,10 @@ def pick(table: planner.CostTable, backend: str, shape, k: int, tokens: int) -> 
 def algorithm_cells(shape, rounds: int, tables) -> List[dict]:
     """The cpp backend's three algorithms for dW and for dL/dcoeffs from G, timed per K (the paper's
     selection: conjugate pairs, whose terms the cost model counts), with each table's pick."""
+    from lfma_kernels.ops import cpp_ops
+
     cpp, ops = backends.REGISTRY["cpp"], torch.ops.lfma_ext
-    codes = {"separable": 0, "hybrid": 1, "fft": 2}
+    codes = cpp_ops.ALGO_CODES
     gen = torch.Generator().manual_seed(shape[0] + shape[1])
     grad = torch.randn(shape, generator=gen)
     cells = []

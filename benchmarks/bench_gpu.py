@@ -451,7 +451,7 @@ def run_crossover(args: argparse.Namespace) -> int:
                                   "fft_ms": fft, "fastest": best, "model": model})
     lines += ["Coefficient gradient of a layer's backward, bf16 activations (dense: G = g^T x then the "
               "triton gradient; gemm: the fused batch kernel; fft: torch_kernels.coeff_grad_batch_fft):", "",
-              markdown_table(["shape", "tokens", "K", "dense", "gemm", "fft", "fastest", "backward_path picks"],
+              markdown_table(["shape", "tokens", "K", "dense", "gemm", "fft", "fastest", "decision picks"],
                              grad_rows, [False, True, True, True, True, True, False, False]), ""]
     if skipped:
         lines += ["Not measured (time budget): " + ", ".join(skipped), ""]

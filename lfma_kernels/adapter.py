@@ -28,7 +28,8 @@ from .targets import base_device, is_conv1d, is_dtensor
 
 __all__ = [
     "Adapter", "EvalCacheHooks", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear", "dense_weight",
-    "delta_weight", "folded_weight", "folded_linear", "quantized_linear", "plan", "merge", "unmerge", "layer_k",
+    "delta_weight", "folded_weight", "folded_linear", "fold_decision", "quantized_linear", "plan", "merge", "unmerge",
+    "layer_k",
     "choose_frequencies",
 ]
 
@@ -126,7 +127,8 @@ def folded_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str, si
     w = dense_weight(base)
     a = _combined(adapters)
     coeffs = a.coeffs if sign > 0 else -a.coeffs.detach()
-    return library.folded_weight(_decide(backend, w, a, w.shape), w, coeffs, a.rows, a.cols, a.alpha)
+    decision = _decide(backend, w, a, w.shape, transposed=library.stored_transposed(w))
+    return library.folded_weight(decision, w, coeffs, a.rows, a.cols, a.alpha)
 
 
 def delta_weight(base: nn.Module, adapter: Adapter, backend: str) -> torch.Tensor:
@@ -183,13 +185,27 @@ def folded_linear(x: torch.Tensor, base: nn.Module, adapters: Sequence[Adapter],
             return F.linear(x, cached, tensor(base, "bias"))
     w = logical_weight(base)
     a = _combined(adapters)
-    return linear_op.lfma_linear(_fold_decision(x, w, a, backend), x, w, tensor(base, "bias"), a.coeffs, a.rows,
+    return linear_op.lfma_linear(fold_decision(x, w, a, backend), x, w, tensor(base, "bias"), a.coeffs, a.rows,
                                  a.cols, a.alpha)
 
 
-def _fold_decision(x: torch.Tensor, w: torch.Tensor, a: Adapter, backend: str) -> Decision:
-    """What a folded forward (and its backward) runs: ``x``'s rows are the tokens."""
-    return _decide(backend, x, a, w.shape, tokens=x.numel() // w.shape[1], weight_grad=w.requires_grad)
+def fold_decision(x: torch.Tensor, w: torch.Tensor, a: Adapter, backend: str) -> Decision:
+    """What a folded forward (and its backward) runs, in the dtype its GEMMs run in (autocast's, if on). The
+    backward path is decided for ``x``'s rows when a gradient will flow (a token count in eval would only
+    multiply the decisions kept, one per sequence length)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    grad = torch.is_grad_enabled() and (x.requires_grad or a.coeffs.requires_grad or w.requires_grad)
+    tokens = x.numel() // w.shape[1] if grad else None
+    if tokens is not None and not isinstance(tokens, int):
+        # A symbolic size (torch.compile with dynamic shapes): the graph must not depend on its value, so the
+        # backward path is decided for a typical training step's rows.
+        tokens = SYMBOLIC_TOKENS
+    return dispatch.decide(backend, x.device, dtype, a.rows.shape[0], w.shape, positions=a.positions,
+                           tokens=tokens, weight_grad=w.requires_grad, transposed=library.stored_transposed(w))
+
+
+SYMBOLIC_TOKENS = 4096  # the token count a compiled graph with a dynamic batch size decides its backward for
 
 
 class FullPrecision(Quantization):
@@ -260,9 +276,10 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
         return _delta_decision(like, base, quantization, a, backend, tokens, None if x is not None else training)[0]
     weight = logical_weight(base)
     if x is not None:
-        decision = _fold_decision(x, weight, a, backend)
+        decision = fold_decision(x, weight, a, backend)
     else:
-        decision = _decide(backend, weight, a, shape, weight_grad=weight.requires_grad)
+        decision = _decide(backend, weight, a, shape, weight_grad=weight.requires_grad,
+                           transposed=library.stored_transposed(weight))
     if merged:
         note = "merged: the forward is the base layer alone (dW is in its weight)"
     elif training:

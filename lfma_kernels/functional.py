@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._checks import check_frequencies, check_k, check_shape, finite_number
+from .adapter import Adapter, fold_decision
 from .ops import dispatch, library, linear_op
 from .ops.decision import Decision, count_positions
 
@@ -34,8 +35,14 @@ def delta_weight(
     alpha = finite_number(alpha, "alpha")
     rows, cols = rows.long(), cols.long()
     decision = dispatch.decide(backend, coeffs.device, coeffs.dtype, rows.shape[0], shape,
-                               positions=count_positions(rows, cols, shape))
+                               positions=_positions(rows, cols, shape))
     return library.delta_weight(decision, coeffs, rows, cols, shape, alpha).to(dtype or coeffs.dtype)
+
+
+def _positions(rows: torch.Tensor, cols: torch.Tensor, shape: Sequence[int]):
+    """The positions' facts for the planner where a backend that reads them can run (the CPU's): one host
+    copy of K indices, beside the range checks' own."""
+    return count_positions(rows, cols, shape) if rows.device.type == "cpu" else None
 
 
 def lfma_linear(
@@ -62,10 +69,9 @@ def lfma_linear(
     shape = tuple(weight.shape)
     check_frequencies(coeffs, rows, cols, shape)
     alpha = finite_number(alpha, "alpha")
-    rows, cols = rows.long(), cols.long()
-    decision = dispatch.decide(backend, x.device, x.dtype, rows.shape[0], shape, tokens=x.numel() // shape[1],
-                               weight_grad=weight.requires_grad, positions=count_positions(rows, cols, shape))
-    return linear_op.lfma_linear(decision, x, weight, bias, coeffs, rows, cols, alpha)
+    a = Adapter(coeffs, rows.long(), cols.long(), alpha, _positions(rows, cols, shape))
+    return linear_op.lfma_linear(fold_decision(x, weight, a, backend), x, weight, bias, a.coeffs, a.rows, a.cols,
+                                 alpha)
 
 
 def explain(

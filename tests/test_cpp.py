@@ -1,6 +1,6 @@
 """The C++/CUDA extension (csrc/): every CPU algorithm against the float64 oracle, the adjoint
-identity between dW and dL/dcoeffs, gradcheck, opcheck on the raw lfma_ext ops and the lfma::cpp_*
-ops, the bindings' input validation, the loader's messages; the CUDA kernels when a GPU is present.
+identity between dW and dL/dcoeffs, gradcheck, opcheck on the raw lfma_ext ops and the lfma:: ops
+running them, the bindings' input validation, the loader's messages; the CUDA kernels when a GPU is present.
 
 The generic backend tests of test_ops.py run on ``cpp`` as well (it is in FAST_BACKENDS once the
 extension loads)."""
@@ -256,12 +256,16 @@ def test_cost_model_picks_each_algorithm_where_it_wins():
 
 def test_count_positions_counts_terms_and_columns(gen):
     """Distinct (column, row step) terms with a frequency past d_in / 2 entered as its mirror's conjugate."""
+    def brute(rows, cols, m, n):
+        terms = {((n - v) % n, (m - u) % m) if 2 * v > n else (v, u) for u, v in zip(rows.tolist(), cols.tolist())}
+        return len(terms), len({c for c, _ in terms})
+
     for shape, k in [((48, 80), 60), ((33, 17), 99), ((8, 8), 64)]:
         coeffs, rows, cols = frequencies(shape, k, gen)
-        m, n = shape
-        terms = {((n - v) % n, (m - u) % m) if 2 * v > n else (v, u) for u, v in zip(rows.tolist(), cols.tolist())}
         counted = count_positions(rows, cols, shape)
-        assert counted == (len(terms), len({c for c, _ in terms}))
+        assert counted[:2] == brute(rows, cols, *shape)
+        # the transposed weight (a Conv1D folded in its stored layout): rows and columns exchanged
+        assert counted.transposed()[:2] == brute(cols, rows, *shape[::-1]) == counted[2:]
     assert count_positions(torch.zeros(10_000, dtype=torch.long), torch.zeros(10_000, dtype=torch.long), (8, 8)) is None
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import lfma_kernels as lfma
 from lfma_kernels.ops import backends, dispatch, linear_op, planner, quantized_ops
-from lfma_kernels.ops.decision import Call, Forced, MixedFold
+from lfma_kernels.ops.decision import Call, Forced, MixedFold, count_positions
 from conftest import FAST_BACKENDS, random_frequencies
 
 PACKAGE = pathlib.Path(lfma.__file__).parent
@@ -398,3 +398,67 @@ def test_explain_names_the_delta_path_that_ran(delta, monkeypatch, gen):
         layer(x).backward(torch.randn(6, 24, generator=gen))
     assert plan.delta == delta and ran["delta"] == [delta, delta]  # the forward and its adjoint
     assert ran["backward"] == [plan.backward] and f"delta     {delta}" in str(plan)
+
+
+def test_a_conv1d_fold_is_decided_in_its_stored_layout(monkeypatch, gen):
+    """A transformers Conv1D's W + dW is folded in its stored (d_in, d_out) layout with rows and columns
+    exchanged: the decision costs dW there (shape and position facts transposed), and that is what runs."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    backend = FAST_BACKENDS[0]
+    layer = lfma.LFMALinear(Conv1D(72, 24), k=40, backend=backend)  # logical (72, 24), stored (24, 72)
+    x = torch.randn(5, 24, generator=gen)
+    plan = layer.plan(x)
+    assert plan.call.transposed and plan.shape == (72, 24)
+    cost = backends.REGISTRY[plan.backend].algorithm_costs
+    table = planner.table_for("cpu")
+    positions = plan.call.positions
+    assert plan.estimates["dW"] == cost(table, 40, (24, 72), positions and positions.transposed(), gradient=False)
+    assert plan.estimates["gradient"] == cost(table, 40, (72, 24), positions, gradient=True)
+    ran = _recording(monkeypatch, plan.backend)
+    layer(x).backward(torch.randn(5, 72, generator=gen))
+    assert ran["dw"] == [plan.dw] and ran["backward"] == [plan.backward]
+
+
+def test_compiled_training_with_a_dynamic_token_count(gen):
+    """torch.compile(dynamic=True), compiled before any eager call (so Dynamo traces the decision itself): the
+    token count is symbolic, so the backward path is decided for a typical step (adapter.SYMBOLIC_TOKENS)
+    rather than from the value; every length matches eager."""
+    from lfma_kernels import adapter
+
+    layer = lfma.LFMALinear(nn.Linear(40, 24), k=9)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for tokens in (6, 11):
+        x = torch.randn(tokens, 40, generator=gen)
+        g = torch.randn(tokens, 24, generator=gen)
+        got = torch.autograd.grad(compiled(x), layer.coeffs, g)[0]
+        want = torch.autograd.grad(layer(x), layer.coeffs, g)[0]
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    symbolic = dispatch.decide("auto", "cpu", torch.float32, 9, (24, 40), tokens=adapter.SYMBOLIC_TOKENS)
+    assert symbolic.backward in planner.BACKWARD_PATHS
+
+
+def test_position_facts_follow_loads_and_layouts(tmp_path, gen):
+    """Counted when positions are set, again after a load (native and PEFT), never from a meta tensor."""
+    layer = lfma.LFMALinear(nn.Linear(40, 24), k=30, seed=1)
+    other = lfma.LFMALinear(nn.Linear(40, 24), k=30, seed=2)
+    assert layer._positions != other._positions or not torch.equal(layer.rows, other.rows)
+    layer.load_state_dict(other.state_dict())
+    assert layer._positions == other._positions == count_positions(other.rows, other.cols, (24, 40))
+    meta = torch.zeros(5, dtype=torch.long, device="meta")
+    assert count_positions(meta, meta, (24, 40)) is None
+    pytest.importorskip("peft")
+    from peft import PeftModel, get_peft_model
+
+    from lfma_kernels.peft import LfmaConfig
+
+    def model(seed):
+        torch.manual_seed(0)
+        return get_peft_model(nn.Sequential(nn.Linear(40, 24)), LfmaConfig(target_modules=["0"], k=30, seed=seed))
+
+    saved = model(3)
+    saved.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(nn.Sequential(nn.Linear(40, 24)), tmp_path)
+    layer = loaded.base_model.model[0]
+    want = count_positions(layer.lfma_rows["default"], layer.lfma_cols["default"], (24, 40))
+    assert layer.lfma_positions["default"] == want == saved.base_model.model[0].lfma_positions["default"]

@@ -1,3 +1,4 @@
-"""Backends: one module per implementation (kernels in ``*_kernels.py``, launchers and registration in
-``*_ops.py``), registered in :mod:`lfma_kernels.ops.dispatch`; every path choice is made by
-:mod:`lfma_kernels.ops.planner`."""
+"""Backends and the way a call reaches them: each backend declared by one object in :mod:`.backends` (its
+kernels in ``*_kernels.py`` / ``*_ops.py``), every path choice one :class:`.decision.Decision` from
+:mod:`.planner`, made through :mod:`.dispatch` and executed by the custom ops of :mod:`.library` and
+:mod:`.linear_op` (docs/architecture.md)."""

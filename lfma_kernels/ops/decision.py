@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
+from .backends import BACKENDS, REGISTRY
 from .cost_tables import CostTable
 
 __all__ = ["PositionFacts", "count_positions", "QuantizedBase", "MixedFold", "Call", "Forced", "Refusal",
@@ -20,9 +21,16 @@ __all__ = ["PositionFacts", "count_positions", "QuantizedBase", "MixedFold", "Ca
 
 
 class PositionFacts(NamedTuple):
-    """What the C++ kernels' cost model reads from K positions (:mod:`.backends.cpp`)."""
+    """What a backend's cost model may read from K positions (:mod:`.backends.cpp`'s hybrid), for the
+    logical ``(d_out, d_in)`` weight and for its transpose (a fold in a Conv1D's stored layout)."""
     terms: int     # distinct hybrid terms: (column, row step) with conjugate pairs merged
     columns: int   # distinct columns those terms touch
+    transposed_terms: int
+    transposed_columns: int
+
+    def transposed(self) -> "PositionFacts":
+        """The same positions seen on the transposed weight (rows and columns exchanged)."""
+        return PositionFacts(self.transposed_terms, self.transposed_columns, self.terms, self.columns)
 
 
 # Past this many frequencies per (d_out + d_in) the 2-D FFT wins even with every term merged: not counted.
@@ -35,12 +43,16 @@ def count_positions(rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, in
     past ``d_in / 2`` is the conjugate of its mirror ``(-u, d_in - v)``, so both members of a pair land
     on one term."""
     m, n = int(shape[0]), int(shape[1])
-    if rows.numel() > _COUNT_LIMIT * (m + n):
+    if rows.numel() > _COUNT_LIMIT * (m + n) or rows.device.type == "meta":
         return None
     u, v = rows.detach().to("cpu", torch.int64), cols.detach().to("cpu", torch.int64)
+    return PositionFacts(*_terms_and_columns(u, v, m, n), *_terms_and_columns(v, u, n, m))
+
+
+def _terms_and_columns(u: torch.Tensor, v: torch.Tensor, m: int, n: int) -> Tuple[int, int]:
     mirror = 2 * v > n
     keys = torch.unique(torch.where(mirror, n - v, v) * m + torch.where(mirror, (m - u) % m, u))
-    return PositionFacts(int(keys.numel()), int(torch.unique(keys // m).numel()))
+    return int(keys.numel()), int(torch.unique(keys // m).numel())
 
 
 class QuantizedBase(NamedTuple):
@@ -68,6 +80,7 @@ class Call(NamedTuple):
     positions: Optional[PositionFacts] = None
     quantized: Optional[QuantizedBase] = None
     mixed: Optional[MixedFold] = None
+    transposed: bool = False          # W + dW is folded in the weight's stored, transposed layout (a Conv1D)
 
 
 class Forced(NamedTuple):
@@ -173,11 +186,14 @@ class Decision:
             return f"; forced ({what}={pick!r})"
         if label in ("dW", "gradient") and len(self.descriptions) == 1:
             return " (its only algorithm)"
-        if self.backend == "cpp" and label in ("dW", "gradient"):
+        if REGISTRY[self.backend].uses_positions and label in ("dW", "gradient"):
             p = self.call.positions
+            if p is not None and label == "dW" and self.call.transposed:
+                p = p.transposed()
             basis = (f"the positions' {p.terms} distinct terms in {p.columns} columns" if p is not None
                      else f"K={self.call.k} random frequencies")
-            return f" (cost table {self.table.device}, {basis})"
+            layout = ", folded in the stored transposed layout" if label == "dW" and self.call.transposed else ""
+            return f" (cost table {self.table.device}, {basis}{layout})"
         return f" (cost table {self.table.device})"
 
     @property
@@ -185,7 +201,7 @@ class Decision:
         out: List[Refusal] = []
         call = self.call
         if self.auto_order:
-            for name in self._registry_names():
+            for name in BACKENDS:
                 if name == self.backend:
                     continue
                 if name not in self.auto_order:
@@ -218,10 +234,6 @@ class Decision:
                 if label == "delta" and call.quantized is not None and not call.quantized.can_dequantize:
                     out.append(Refusal("delta", "fold", f"a {call.quantized.name} layer cannot be dequantized"))
         return tuple(out)
-
-    def _registry_names(self) -> Tuple[str, ...]:
-        from .backends import BACKENDS  # the registry, for the refusals of every other backend
-        return BACKENDS
 
     def __str__(self) -> str:
         call = self.call

@@ -96,16 +96,22 @@ def prepare(name: str) -> None:
     for candidate in (BACKENDS if name == "auto" else (name,)):
         if unavailable_reason(candidate) is None:
             kernels(candidate)
+    # The cost tables (with this machine's calibration) and the registry's facts, read now: a first call
+    # traced by torch.compile may neither read files nor write these caches.
+    for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        planner.table_for(device_type)
+        _facts(device_type)
 
 
 def decide(backend: str, device: torch.device, dtype: torch.dtype, k: int, shape: Sequence[int], *,
            tokens: Optional[int] = None, weight_grad: bool = False, positions: Optional[PositionFacts] = None,
-           quantized: Optional[QuantizedBase] = None, mixed: Optional[MixedFold] = None) -> Decision:
+           quantized: Optional[QuantizedBase] = None, mixed: Optional[MixedFold] = None,
+           transposed: bool = False) -> Decision:
     """The planner's :class:`.decision.Decision` for a call, with this registry's facts. An unknown
     backend name raises ``RuntimeError`` listing the choices."""
     if backend != "auto" and backend not in REGISTRY:
         _require(backend)
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     call = Call(device_type, dtype, int(k), (int(shape[0]), int(shape[1])), backend, tokens, bool(weight_grad),
-                positions, quantized, mixed)
+                positions, quantized, mixed, transposed)
     return planner.decide(call, _facts(device_type))

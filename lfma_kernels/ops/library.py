@@ -24,16 +24,22 @@ from .common import add_delta, compute_dtype
 from .decision import Decision
 from .trace_checks import trace_check_frequencies, trace_check_matrix, trace_check_positions
 
-__all__ = ["fold", "delta_weight", "folded_weight", "coeff_grad_from", "differentiable_delta_weight",
+__all__ = ["stored_transposed", "fold", "delta_weight", "folded_weight", "coeff_grad_from", "differentiable_delta_weight",
            "differentiable_coeff_grad", "folded_weight_op", "vmap_by_loop", "coeff_grad_runner"]
 
 
+def stored_transposed(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is the transpose of a contiguous tensor (a transformers Conv1D stores ``(in, out)``):
+    :func:`fold` then builds ``W + dW`` in that stored layout, so its algorithm is decided for it."""
+    return weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous()
+
+
 def fold(kernels, weight: torch.Tensor, coeffs, rows, cols, alpha, dw: str) -> torch.Tensor:
-    """``W + dW`` in ``weight``'s layout by ``kernels.folded_weight`` with algorithm ``dw``. A weight that is
-    the transpose of a contiguous tensor (a transformers Conv1D stores ``(in, out)``) is folded in its
-    stored layout, with no copy: ``(W + dW)^T = W^T + dW^T``, and ``dW^T`` is the same sum of cosines with
-    the roles of ``rows`` and ``cols`` swapped (the phase ``m u / d_out + n v / d_in`` is symmetric)."""
-    if weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous():
+    """``W + dW`` in ``weight``'s layout by ``kernels.folded_weight`` with algorithm ``dw``. A weight stored
+    transposed (:func:`stored_transposed`) is folded in its stored layout, with no copy: ``(W + dW)^T = W^T +
+    dW^T``, and ``dW^T`` is the same sum of cosines with the roles of ``rows`` and ``cols`` swapped (the phase
+    ``m u / d_out + n v / d_in`` is symmetric)."""
+    if stored_transposed(weight):
         return kernels.folded_weight(weight.t(), coeffs, cols, rows, alpha, dw).t()
     return kernels.folded_weight(weight, coeffs, rows, cols, alpha, dw)
 

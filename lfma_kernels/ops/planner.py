@@ -29,8 +29,9 @@ from .decision import Call, Decision, Forced
 __all__ = ["CostTable", "CPU", "CUDA", "TABLES", "table_for", "calibrated", "using", "reload_calibration",
            "DW_ALGORITHMS", "BACKWARD_PATHS", "DELTA_PATHS", "force", "forced", "decide"]
 
-# Ways to build dW (and, the same names, to read dL/dcoeffs from G), over every backend.
-DW_ALGORITHMS: Tuple[str, ...] = ("separable", "hybrid", "fft")
+# Ways to build dW (and, the same names, to read dL/dcoeffs from G): every fast backend's, as it declares them.
+DW_ALGORITHMS: Tuple[str, ...] = tuple(dict.fromkeys(
+    name for backend in REGISTRY.values() if backend.name != "reference" for name in backend.algorithms))
 # Ways a layer's backward gets dL/dcoeffs: from G = g^T x ("dense"), or without forming G through
 # the phase tables ("gemm") or one real FFT of every token row of x and g ("fft").
 BACKWARD_PATHS: Tuple[str, ...] = ("dense", "gemm", "fft")
@@ -120,8 +121,8 @@ _CHOICES: Mapping[str, Tuple[str, ...]] = {"dw": DW_ALGORITHMS, "grad": DW_ALGOR
 @contextlib.contextmanager
 def force(*, dw: Optional[str] = None, grad: Optional[str] = None, backward: Optional[str] = None,
           delta: Optional[str] = None) -> Iterator[None]:
-    """Pin paths inside the ``with`` block, for every backend and thread (the autograd engine runs
-    backward passes on threads of its own):
+    """Pin paths inside the ``with`` block, for every backend and thread (a process-wide setting, as the
+    planner's tables are):
 
     * ``dw``: how ``dW`` (and ``W + dW``) is built: ``"separable"``, ``"hybrid"`` (cpp only) or ``"fft"``;
     * ``grad``: how ``dL/dcoeffs`` is read from ``G = dL/d(dW)``, same names;
@@ -156,18 +157,19 @@ def forced() -> Forced:
 # ---------------------------------------------------------------------------------------------
 # deciding
 # ---------------------------------------------------------------------------------------------
-_DECISIONS: Dict[tuple, Decision] = {}  # (call, forced, facts) -> decision, for one cost table per device kind
+_DECISIONS: Dict[tuple, Decision] = {}  # (call, forced, facts, table) -> decision
 _MAX_DECISIONS = 4096                    # distinct calls are few (layer shapes x token counts); a bound anyway
 
 
 def decide(call: Call, why_not: Callable[[str], Optional[str]]) -> Decision:
     """What ``call`` runs. ``why_not(name)`` is the registry's fact: why backend ``name`` cannot run a call
-    on ``call.device`` here (``None``: it can). Kept per (call, what is forced, facts): the layers decide on
-    every forward, and the same call decides the same way until a table or calibration changes."""
-    key = (call, _FORCED, why_not)
+    on ``call.device`` here (``None``: it can). Kept per (call, what is forced, facts, cost table): the
+    layers decide on every forward, and the same call decides the same way until one of those changes."""
+    forced_now, table = _FORCED, table_for(call.device)
+    key = (call, forced_now, why_not, id(table))
     decision = _DECISIONS.get(key)
     if decision is None:
-        decision = _decide(call, why_not)
+        decision = _decide(call, why_not, forced_now, table)
         if not torch.compiler.is_compiling():  # no global writes while Dynamo traces
             if len(_DECISIONS) >= _MAX_DECISIONS:
                 _DECISIONS.clear()
@@ -175,9 +177,7 @@ def decide(call: Call, why_not: Callable[[str], Optional[str]]) -> Decision:
     return decision
 
 
-def _decide(call: Call, why_not: Callable[[str], Optional[str]]) -> Decision:
-    t = table_for(call.device)
-    forced_now = _FORCED
+def _decide(call: Call, why_not: Callable[[str], Optional[str]], forced_now: Forced, t: CostTable) -> Decision:
     estimates: Dict[str, Mapping[str, float]] = {}
     notes = []
 
@@ -186,7 +186,11 @@ def _decide(call: Call, why_not: Callable[[str], Optional[str]]) -> Decision:
 
     if call.backend == "auto":
         order = t.order(call.dtype)
-        chosen = next((name for name in order if auto_refusal(name) is None and why_not(name) is None), "torch")
+        chosen = "torch"
+        for name in order:  # a loop, not next(generator): Dynamo traces a first decision inside a compiled call
+            if auto_refusal(name) is None and why_not(name) is None:
+                chosen = name
+                break
     else:
         order = ()
         chosen = call.backend
@@ -195,50 +199,62 @@ def _decide(call: Call, why_not: Callable[[str], Optional[str]]) -> Decision:
             notes.append(f"backend {chosen!r} cannot run this call here ({reason})")
     backend = REGISTRY[chosen]
 
-    picks = {}
+    if chosen == "reference":  # the oracle: the paper's formulation, no choices
+        return Decision(call=call, backend=chosen, dw="ifft2", grad="ifft2",
+                        backward=None if call.tokens is None else "autograd",
+                        delta="reference" if call.tokens is not None and (call.quantized or call.mixed) else None,
+                        estimates={}, forced=forced_now, table=t, auto_order=order,
+                        descriptions=backend.descriptions, why_not=why_not, auto_refusal=auto_refusal,
+                        notes=tuple(notes) + _quantized_note(call))
+    # dW is built in the layout it is folded in (a Conv1D's stored, transposed one); dL/dcoeffs read from G,
+    # which is always (d_out, d_in).
+    layouts = {"dw": (call.shape[::-1], None if call.positions is None else call.positions.transposed())
+               if call.transposed else (call.shape, call.positions), "grad": (call.shape, call.positions)}
+    picks, chosen_s = {}, {}
     for what, label in (("dw", "dW"), ("grad", "gradient")):
+        shape, positions = layouts[what]
+        options = backend.algorithm_costs(t, call.k, shape, positions, gradient=what == "grad")
         pinned = getattr(forced_now, what)
-        if chosen == "reference":
-            picks[what] = backend.algorithms[0]
-        elif pinned is not None:
+        if pinned is not None:
             picks[what] = _checked(chosen, what, pinned)
         else:
-            options = backend.algorithm_costs(t, call.k, call.shape, call.positions, gradient=what == "grad")
             estimates[label] = options
             picks[what] = costs.cheapest(options)
+        chosen_s[what] = options[picks[what]]
 
     backward = None
     if call.tokens is not None:
-        if chosen == "reference":
-            backward = "autograd"
-        else:
-            options = costs.backward_costs(t, chosen, call.tokens, call.k, call.shape)
-            estimates["backward"] = options
-            backward = ("dense" if call.weight_grad else forced_now.backward if forced_now.backward is not None
-                        else costs.cheapest(options))
+        options = costs.backward_costs(t, chosen, call.tokens, call.k, call.shape, chosen_s["grad"])
+        estimates["backward"] = options
+        backward = ("dense" if call.weight_grad else forced_now.backward if forced_now.backward is not None
+                    else costs.cheapest(options))
 
     delta = None
-    if call.quantized is not None:
-        notes.append(f"beside a {call.quantized.name} base layer: W is never folded in place and there is no "
-                     "eval cache")
     if (call.quantized is not None or call.mixed is not None) and call.tokens is not None:
-        delta = "reference" if chosen == "reference" else _delta(call, t, chosen, forced_now, estimates)
+        delta = _delta(call, t, chosen, chosen_s["dw"], forced_now, estimates)
     return Decision(call=call, backend=chosen, dw=picks["dw"], grad=picks["grad"], backward=backward, delta=delta,
                     estimates=estimates, forced=forced_now, table=t, auto_order=order,
-                    descriptions=backend.descriptions, why_not=why_not, auto_refusal=auto_refusal, notes=tuple(notes))
+                    descriptions=backend.descriptions, why_not=why_not, auto_refusal=auto_refusal,
+                    notes=tuple(notes) + _quantized_note(call))
 
 
-def _delta(call: Call, t: CostTable, backend: str, forced_now: Forced, estimates: Dict) -> str:
+def _quantized_note(call: Call) -> Tuple[str, ...]:
+    if call.quantized is None:
+        return ()
+    return (f"beside a {call.quantized.name} base layer: W is never folded in place and there is no eval cache",)
+
+
+def _delta(call: Call, t: CostTable, backend: str, dw_s: float, forced_now: Forced, estimates: Dict) -> str:
     if call.mixed is not None:
         can_fold = call.mixed.fold is not None
-        options = costs.mixed_costs(t, backend, call.tokens, call.k, call.shape, fold=call.mixed.fold,
+        options = costs.mixed_costs(t, backend, call.tokens, call.k, call.shape, dw_s, fold=call.mixed.fold,
                                     whole_batch=call.mixed.whole_batch)
         cannot = ("a mixed-adapter batch beside a quantized base takes the delta paths (its base layer runs once "
                   "for every sample)")
     else:
         q = call.quantized
         can_fold = q.can_dequantize
-        options = costs.delta_costs(t, backend, call.tokens, call.k, call.shape, training=q.training,
+        options = costs.delta_costs(t, backend, call.tokens, call.k, call.shape, dw_s, training=q.training,
                                     base_dequantizes=q.base_dequantizes)
         if not can_fold:
             options.pop("fold")

@@ -112,6 +112,7 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         self.fan_in_fan_out = targets.is_conv1d(base_layer)
         self._active_adapter = adapter_name
         self.register_load_state_dict_post_hook(LfmaLinear._shapes_are_optional)
+        self.register_load_state_dict_post_hook(LfmaLinear._count_loaded_positions)
         self.update_layer(adapter_name, k, config, seed)
 
     def _caches(self) -> tuple:
@@ -233,10 +234,14 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
         # PeftModel, LfmaModel has already checked every layer's state (nothing loads on a refusal).
         self.check_loaded_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        for name in self.loaded_adapters(state_dict, prefix):
-            rows, cols = state_dict.get(f"{prefix}lfma_rows.{name}"), state_dict.get(f"{prefix}lfma_cols.{name}")
-            if rows is not None and cols is not None:
-                self.lfma_positions[name] = count_positions(rows, cols, (self.out_features, self.in_features))
+
+    @staticmethod
+    def _count_loaded_positions(module: nn.Module, incompatible_keys) -> None:
+        """A load_state_dict post-hook: the planner's facts of every adapter's positions, counted again from the
+        buffers as loaded (the children load after the layer's own ``_load_from_state_dict``)."""
+        shape = (module.out_features, module.in_features)
+        module.lfma_positions = {name: count_positions(rows, module.lfma_cols[name], shape)
+                                 for name, rows in module.lfma_rows.items() if name in module.lfma_cols}
 
     @staticmethod
     def _shapes_are_optional(module: nn.Module, incompatible_keys) -> None:

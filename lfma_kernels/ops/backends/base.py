@@ -58,6 +58,7 @@ class Backend:
     algorithms: Tuple[str, ...] = ()          # ways to build dW, and (the same names) to read dL/dcoeffs from G
     # algorithm -> (what it runs for dW, what it runs for dL/dcoeffs from G)
     descriptions: Mapping[str, Tuple[str, str]] = {}
+    uses_positions: bool = False              # its costs read the positions' facts (explain then says so)
 
     def unavailable_reason(self) -> Optional[str]:
         """``None`` when it can run in this process, else why not and how to fix that (probed once)."""

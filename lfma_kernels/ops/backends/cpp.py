@@ -25,6 +25,7 @@ class CppBackend(Backend):
     summary = "compiled C++ CPU kernels (csrc/)"
     kernels_module = "lfma_kernels.ops.cpp_ops"
     algorithms = ("separable", "hybrid", "fft")
+    uses_positions = True
     descriptions = {
         "separable": ("rank-2K product (MKL GEMM; fused loops for K <= 2)",
                       "G times the phase tables (GEMM; fused loops for K <= 4)"),
