@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from common import lfma  # first: puts lfma_kernels (and this folder) on the path
 
@@ -34,25 +34,28 @@ SKIP = 20.0  # a path both tables estimate at over this many times the cheapest 
 ALGORITHM_KS = [16, 58, 176, 943, 5898, 29491]
 
 
-def cell_times(backend: str, shape, k: int, tokens: int, rounds: int, tables) -> Dict[str, float]:
+def backward_cell(backend: str, shape, k: int, tokens: int, rounds: int, tables) -> dict:
+    """The three backward paths timed for one layer (the paper's selection, its positions counted as a layer
+    counts them), with the path each table's decision picks."""
     gen = torch.Generator().manual_seed(k + tokens)
     f = lfma.select_frequencies(torch.randn(shape, generator=gen), k)
     x = torch.randn(tokens, shape[1], generator=gen)
     g = torch.randn(tokens, shape[0], generator=gen)
-    decided = dispatch.decide(backend, "cpu", torch.float32, k, shape)
-    run = coeff_grad_runner(backend, decided.grad, decided.dw, "kernel")
-    estimates = [costs.backward_costs(table, backend, tokens, k, shape) for table in tables]
+    decisions = []
+    for table in tables:
+        with planner.using(table):
+            decisions.append(dispatch.decide(backend, "cpu", torch.float32, k, shape, tokens=tokens,
+                                             positions=count_positions(f.rows, f.cols, shape)))
+    run = coeff_grad_runner(backend, decisions[0].grad, decisions[0].dw, "kernel")
+    estimates = [d.estimates["backward"] for d in decisions]
     timed = [p for p in planner.BACKWARD_PATHS if any(e[p] <= SKIP * min(e.values()) for e in estimates)]
     fns = {path: (lambda path=path: layer_coeff_grad(backend, path, x, g, f.rows, f.cols, shape, 12.0, torch.float32,
                                                       run))
            for path in timed}
     times = interleaved_rounds(fns, rounds=rounds, warmup=1, max_wait_s=5.0)
-    return {path: sorted(t)[len(t) // 2] for path, t in times.items()}
-
-
-def pick(table: planner.CostTable, backend: str, shape, k: int, tokens: int) -> str:
-    with planner.using(table):
-        return dispatch.decide(backend, "cpu", torch.float32, k, shape, tokens=tokens).backward
+    return {"cell": f"{shape[0]}x{shape[1]} K={k} {tokens} tokens",
+            "times": {path: sorted(t)[len(t) // 2] for path, t in times.items()},
+            "shipped": decisions[0].backward, "calibrated": decisions[1].backward}
 
 
 def algorithm_cells(shape, rounds: int, tables) -> List[dict]:
@@ -104,10 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for tokens in TOKENS:
                     if k > shape[0] * shape[1] // 2:
                         continue
-                    times = cell_times(backend, shape, k, tokens, args.rounds, (shipped, calibrated))
-                    cells.append({"cell": f"{shape[0]}x{shape[1]} K={k} {tokens} tokens", "times": times,
-                                  "shipped": pick(shipped, backend, shape, k, tokens),
-                                  "calibrated": pick(calibrated, backend, shape, k, tokens)})
+                    cells.append(backward_cell(backend, shape, k, tokens, args.rounds, (shipped, calibrated)))
     algorithms = []
     if backend == "cpp":
         with torch.no_grad():
