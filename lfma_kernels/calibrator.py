@@ -67,7 +67,7 @@ def _problem(shape, k: int, device: torch.device, seed: int = 0):
 def _measure(device: torch.device, quick: bool) -> Dict[str, object]:
     """The constants, in the planner's units (seconds per multiply-add, per point * log2(points), per
     (token, frequency) pair, per weight entry)."""
-    from lfma_kernels.ops import calibration, delta_kernels, dispatch, torch_kernels
+    from lfma_kernels.ops import calibration, costs, delta_kernels, dispatch, torch_kernels
 
     seconds = _timer(device, 0.25 if quick else 1.0)
     tokens = 512 if quick else 1024
@@ -85,7 +85,7 @@ def _measure(device: torch.device, quick: bool) -> Dict[str, object]:
 
     c176, r176, v176 = _problem(REFERENCE, 176, device)
     skinny = seconds(lambda: torch_kernels.coeff_grad_batch_gemm(x, g, r176, v176, REFERENCE, 12.0, torch.float32))
-    out["batch_gemm_mac_s"] = skinny / (tokens * 2 * 176 * (d_out + d_in))
+    out["batch_gemm_mac_s"] = skinny / costs.skinny_gemm_macs(tokens, 176, REFERENCE)
 
     # The fft batch path and the delta path's rows way cost, per the planner, row FFTs per token plus a
     # cost per (token, frequency): timed at two K on each backend's own kernels, the slope is the pair
@@ -94,7 +94,7 @@ def _measure(device: torch.device, quick: bool) -> Dict[str, object]:
     # frequency at small K (their entries stay in L1), so a pair of small K underestimates the slope there.
     ks = (176, 11796)
     problems = [_problem(REFERENCE, k, device, seed=k) for k in ks]
-    row_work = tokens * (d_out * math.log2(d_out) + d_in * math.log2(d_in))
+    row_work = costs.row_fft_work(tokens, REFERENCE)
     ways = {"default": (torch_kernels.coeff_grad_batch_fft, delta_kernels.delta_rows)}
     if dispatch.unavailable_reason("cpp") is None and device.type == "cpu":
         kernels = dispatch.kernels("cpp")

@@ -353,7 +353,7 @@ def _recording(monkeypatch, backend):
     layer_coeff_grad, delta_way = linear_op.layer_coeff_grad, quantized_ops._delta_way
     monkeypatch.setattr(linear_op, "layer_coeff_grad", lambda b, path, *a: ran["backward"].append(path)
                         or layer_coeff_grad(b, path, *a))
-    monkeypatch.setattr(quantized_ops, "_delta_way", lambda d, path: ran["delta"].append(path) or delta_way(d, path))
+    monkeypatch.setattr(quantized_ops, "_delta_way", lambda d: ran["delta"].append(d.delta) or delta_way(d))
     return ran
 
 

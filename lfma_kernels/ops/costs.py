@@ -14,7 +14,8 @@ from typing import Dict, Mapping, Optional, Sequence
 
 from .cost_tables import CostTable
 
-__all__ = ["log2", "cheapest", "torch_fft_s", "torch_dw_costs", "backward_costs", "delta_costs", "mixed_costs"]
+__all__ = ["log2", "cheapest", "row_fft_work", "skinny_gemm_macs", "torch_dw_costs", "backward_costs", "delta_costs",
+           "mixed_costs"]
 
 
 def log2(x: float) -> float:
@@ -29,6 +30,18 @@ def cheapest(costs: Mapping[str, float]) -> str:
         if best is None or seconds < costs[best]:
             best = name
     return best
+
+
+def row_fft_work(tokens: int, shape: Sequence[int]) -> float:
+    """The row FFTs of ``tokens`` rows of x (length d_in) and of g (length d_out), in points * log2(length): the
+    unit of ``row_fft_s`` (the fft batch path and the delta path's rows way)."""
+    return tokens * (shape[0] * log2(shape[0]) + shape[1] * log2(shape[1]))
+
+
+def skinny_gemm_macs(tokens: int, k: int, shape: Sequence[int]) -> float:
+    """The multiply-adds of the phase-table GEMMs (2K columns) over ``tokens`` rows: the unit of
+    ``batch_gemm_mac_s`` (the gemm batch path and the delta path's separable way)."""
+    return tokens * 2 * k * (shape[0] + shape[1])
 
 
 def torch_fft_s(t: CostTable, shape: Sequence[int], *, gradient: bool) -> float:
@@ -48,12 +61,10 @@ def backward_costs(t: CostTable, backend: str, tokens: int, k: int, shape: Seque
     """Each way a layer's backward can get ``dL/dcoeffs``: the dense ``G = g^T x`` then the backend's gradient
     from it (``grad_s``), the gemm batch path ``tokens * 2K * (d_out + d_in)``, or the fft batch path (row
     FFTs, then ``backend``'s cost per (token, frequency) pair)."""
-    d_out, d_in = shape
-    n = d_out * d_in
     return {
-        "dense": tokens * n * t.gemm_mac_s + grad_s,
-        "gemm": t.batch_gemm_mac_s * tokens * 2 * k * (d_out + d_in),
-        "fft": t.row_fft_s * tokens * (d_out * log2(d_out) + d_in * log2(d_in)) + t.batch_pair(backend) * tokens * k,
+        "dense": tokens * shape[0] * shape[1] * t.gemm_mac_s + grad_s,
+        "gemm": t.batch_gemm_mac_s * skinny_gemm_macs(tokens, k, shape),
+        "fft": t.row_fft_s * row_fft_work(tokens, shape) + t.batch_pair(backend) * tokens * k,
     }
 
 
@@ -62,19 +73,18 @@ def delta_costs(t: CostTable, backend: str, tokens: int, k: int, shape: Sequence
     """What each way of running a layer beside a quantized base adds to the base layer's own work (a forward,
     and in ``training`` its backward too: the delta's adjoint, or the fold again; ``dL/dcoeffs`` is the same
     batch path whatever the way, so it is left out); ``dw_s``: the backend building dW. ``base_dequantizes``:
-    the base's own kernel dequantizes W and runs a dense GEMM anyway (bitsandbytes and torchao on a CPU, bitsandbytes in
-    training on a GPU), so the fold replaces that work and only adds building dW; where the base has a
-    kernel of its own (a 4-bit GEMV at inference, bitsandbytes' AVX512-BF16 CPU kernel), the fold also
-    pays the dequantization and a dense GEMM in place of that kernel."""
-    d_out, d_in = shape
-    n = d_out * d_in
+    the base's own kernel dequantizes W and runs a dense GEMM anyway (bitsandbytes and torchao on a CPU,
+    bitsandbytes in training on a GPU), so the fold replaces that work and only adds building dW; where the
+    base has a kernel of its own (a 4-bit GEMV at inference, bitsandbytes' AVX512-BF16 CPU kernel), the fold
+    also pays the dequantization and a dense GEMM in place of that kernel."""
+    n = shape[0] * shape[1]
     passes = 2 if training else 1
     fold = dw_s if base_dequantizes else (dw_s + n * t.dequantize_s
                                           + tokens * n * t.gemm_mac_s * (1.0 - t.quantized_kernel_fraction))
     return {
         "fold": passes * fold,
-        "rows": passes * tokens * (t.row_fft_s * (d_out * log2(d_out) + d_in * log2(d_in)) + t.delta_pair(backend) * k),
-        "separable": passes * t.batch_gemm_mac_s * tokens * 2 * k * (d_out + d_in),
+        "rows": passes * (t.row_fft_s * row_fft_work(tokens, shape) + t.delta_pair(backend) * tokens * k),
+        "separable": passes * t.batch_gemm_mac_s * skinny_gemm_macs(tokens, k, shape),
         "dense": passes * (dw_s + tokens * n * t.gemm_mac_s),
     }
 

@@ -82,6 +82,13 @@ class Call(NamedTuple):
     mixed: Optional[MixedFold] = None
     transposed: bool = False          # W + dW is folded in the weight's stored, transposed layout (a Conv1D)
 
+    def dw_layout(self) -> Tuple[Tuple[int, int], Optional[PositionFacts]]:
+        """The shape and position facts dW is built with: the layout it is folded in (dL/dcoeffs is read from
+        G, always (d_out, d_in), with ``shape`` and ``positions``)."""
+        if not self.transposed:
+            return self.shape, self.positions
+        return self.shape[::-1], None if self.positions is None else self.positions.transposed()
+
 
 class Forced(NamedTuple):
     """What :func:`.planner.force` pins (``None``: the cost model chooses)."""
@@ -127,13 +134,23 @@ class Decision:
     estimates: Mapping[str, Mapping[str, float]]  # per decision ("dW", ...): alternative -> estimated seconds
     forced: Forced
     table: CostTable
-    auto_order: Tuple[str, ...]    # auto's order for this device and dtype (empty: a backend asked by name)
-    descriptions: Mapping[str, Tuple[str, str]]  # the chosen backend's algorithms
     # The registry's facts, for the reasons: (backend name) -> why it cannot run this call here, or None.
     why_not: Callable[[str], Optional[str]] = field(compare=False, repr=False)
-    # (backend name) -> why auto passes it over for this call though it runs here, or None.
-    auto_refusal: Callable[[str], Optional[str]] = field(compare=False, repr=False)
     notes: Tuple[str, ...] = ()
+
+    @property
+    def auto_order(self) -> Tuple[str, ...]:
+        """auto's order for this device and dtype (empty: a backend asked by name)."""
+        return self.table.order(self.call.dtype) if self.call.backend == "auto" else ()
+
+    @property
+    def descriptions(self) -> Mapping[str, Tuple[str, str]]:
+        """The chosen backend's algorithms: what each runs for dW and for dL/dcoeffs from G."""
+        return REGISTRY[self.backend].descriptions
+
+    def auto_refusal(self, name: str) -> Optional[str]:
+        """Why auto passes backend ``name`` over for this call though it runs here, or None."""
+        return REGISTRY[name].auto_refusal(self.table, self.call.k, self.call.shape)
 
     # --- the call, for readers -------------------------------------------------------------
     @property
@@ -187,9 +204,7 @@ class Decision:
         if label in ("dW", "gradient") and len(self.descriptions) == 1:
             return " (its only algorithm)"
         if REGISTRY[self.backend].uses_positions and label in ("dW", "gradient"):
-            p = self.call.positions
-            if p is not None and label == "dW" and self.call.transposed:
-                p = p.transposed()
+            p = self.call.dw_layout()[1] if label == "dW" else self.call.positions
             basis = (f"the positions' {p.terms} distinct terms in {p.columns} columns" if p is not None
                      else f"K={self.call.k} random frequencies")
             layout = ", folded in the stored transposed layout" if label == "dW" and self.call.transposed else ""

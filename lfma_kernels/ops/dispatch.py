@@ -8,7 +8,8 @@ decision is a few dict lookups that ``torch.compile`` traces without a break.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import functools
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -16,7 +17,7 @@ from . import planner
 from .backends import BACKENDS, REGISTRY, Kernels
 from .decision import Call, Decision, MixedFold, PositionFacts, QuantizedBase
 
-__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "why_not", "kernels", "require", "prepare",
+__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "why_not", "kernels", "executes", "prepare",
            "decide"]
 
 _reasons: Dict[str, Optional[str]] = {}
@@ -44,6 +45,10 @@ def why_not(name: str, device_type: str) -> Optional[str]:
     reason = unavailable_reason(name)
     if reason is not None:
         return f"not available: {reason}"
+    return _device_refusal(name, device_type)
+
+
+def _device_refusal(name: str, device_type: str) -> Optional[str]:
     devices = REGISTRY[name].devices()
     if devices is not None and device_type not in devices:
         return f"does not run on {device_type} tensors (it runs on {', '.join(devices)})"
@@ -72,17 +77,24 @@ def kernels(name: str) -> Optional[Kernels]:
     return _kernels[name]
 
 
-def require(decision: Decision) -> Optional[Kernels]:
-    """The kernels that execute ``decision``; ``RuntimeError`` naming the reason if its backend cannot run here."""
-    name = decision.backend
-    _require(name)  # a dict lookup once probed: availability does not change within a process
-    loaded = _kernels[name] if name in _kernels else kernels(name)
-    device = decision.call.device
-    devices = REGISTRY[name].devices()
-    if devices is not None and device not in devices:
-        raise RuntimeError(f"backend {name!r} does not run on {device} tensors (it runs on {', '.join(devices)}); "
-                           "move the tensors or use backend='auto'")
-    return loaded
+def executes(oracle: Callable[..., torch.Tensor]):
+    """Decorates an entry point ``body(decision, *args)`` that runs a Decision: a reference decision runs
+    ``oracle(*args)`` (the paper's formulation, no kernels); any other first checks that its backend can run
+    here, on the call's device (``RuntimeError`` naming the reason), and loads its kernels."""
+    def wrap(body):
+        @functools.wraps(body)
+        def run(decision: Decision, *args):
+            name = decision.backend
+            if name == "reference":
+                return oracle(*args)
+            _require(name)  # a dict lookup once probed
+            kernels(name)
+            refusal = _device_refusal(name, decision.call.device)
+            if refusal is not None:
+                raise RuntimeError(f"backend {name!r} {refusal}; move the tensors or use backend='auto'")
+            return body(decision, *args)
+        return run
+    return wrap
 
 
 def prepare(name: str) -> None:

@@ -20,12 +20,12 @@ import torch
 
 from .. import reference
 from . import dispatch
-from .common import add_delta, compute_dtype
+from .common import compute_dtype, fold_with
 from .decision import Decision
 from .trace_checks import trace_check_frequencies, trace_check_matrix, trace_check_positions
 
 __all__ = ["stored_transposed", "fold", "delta_weight", "folded_weight", "coeff_grad_from", "differentiable_delta_weight",
-           "differentiable_coeff_grad", "folded_weight_op", "vmap_by_loop", "coeff_grad_runner"]
+           "folded_weight_op", "coeff_grad_runner"]
 
 
 def stored_transposed(weight: torch.Tensor) -> bool:
@@ -50,7 +50,7 @@ def coeff_grad_from(grad_dw: torch.Tensor, rows, cols, alpha, coeffs_dtype, run)
     return run(grad_dw.to(compute_dtype(coeffs_dtype)), rows, cols, alpha).to(coeffs_dtype)
 
 
-def vmap_by_loop(op):
+def _vmap_by_loop(op):
     """A vmap rule for an op whose kernels take one matrix: one call per batch entry, stacked (per-sample
     gradients, ensembles of coefficients run through the kernels instead of functorch's warning fallback)."""
     def rule(info, in_dims, *args):
@@ -103,7 +103,7 @@ def _(grad_dw, rows, cols, alpha, backend, grad, dw):
 
 
 for _op in (delta_weight_op, folded_weight_op, coeff_grad_op):
-    _op.register_vmap(vmap_by_loop(_op))
+    _op.register_vmap(_vmap_by_loop(_op))
 
 
 def _delta_weight_setup(ctx, inputs, output):
@@ -192,23 +192,18 @@ differentiable_delta_weight = _traceable(delta_weight_op, DeltaWeight)
 differentiable_coeff_grad = _traceable(coeff_grad_op, CoeffGrad)
 
 
+@dispatch.executes(reference.delta_weight)
 def delta_weight(decision: Decision, coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                  shape: Sequence[int], alpha: float) -> torch.Tensor:
     """``dW`` as ``decision`` says, differentiable w.r.t. ``coeffs``."""
-    if decision.backend == "reference":
-        return reference.delta_weight(coeffs, rows, cols, shape, alpha)
-    dispatch.require(decision)
     return differentiable_delta_weight(coeffs, rows, cols, int(shape[0]), int(shape[1]), float(alpha),
                                        decision.backend, decision.dw, decision.grad)
 
 
+@dispatch.executes(fold_with(reference.delta_weight))
 def folded_weight(decision: Decision, weight: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor,
                   cols: torch.Tensor, alpha: float) -> torch.Tensor:
     """``W + dW`` in ``W``'s dtype as ``decision`` says, no autograd."""
-    if decision.backend == "reference":
-        with torch.no_grad():
-            return add_delta(weight, reference.delta_weight(coeffs, rows, cols, tuple(weight.shape), alpha))
-    dispatch.require(decision)
     return folded_weight_op(weight, coeffs.detach(), rows, cols, float(alpha), decision.backend, decision.dw)
 
 

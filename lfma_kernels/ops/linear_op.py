@@ -205,13 +205,11 @@ def _run(*args) -> torch.Tensor:
     return LinearFunction.apply(*args)[0]
 
 
+@dispatch.executes(reference.lfma_linear)
 def lfma_linear(decision: Decision, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, alpha: float) -> torch.Tensor:
     """``F.linear(x, W + dW, bias)`` as ``decision`` says; differentiable w.r.t. ``x``, ``coeffs`` (and ``W``,
     ``bias`` when they require grad)."""
-    if decision.backend == "reference":
-        return reference.lfma_linear(x, weight, bias, coeffs, rows, cols, alpha)
-    dispatch.require(decision)
     choices = (decision.backend, decision.dw, decision.grad, decision.backward or "dense")
     device = x.device.type
     if torch.is_autocast_enabled(device):

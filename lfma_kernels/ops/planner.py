@@ -24,7 +24,7 @@ import torch
 from . import calibration, costs
 from .backends import REGISTRY
 from .cost_tables import CPU, CUDA, TABLES, CostTable
-from .decision import Call, Decision, Forced
+from .decision import BACKWARD_DESCRIPTIONS, DELTA_DESCRIPTIONS, Call, Decision, Forced
 
 __all__ = ["CostTable", "CPU", "CUDA", "TABLES", "table_for", "calibrated", "using", "reload_calibration",
            "DW_ALGORITHMS", "BACKWARD_PATHS", "DELTA_PATHS", "force", "forced", "decide"]
@@ -34,11 +34,11 @@ DW_ALGORITHMS: Tuple[str, ...] = tuple(dict.fromkeys(
     name for backend in REGISTRY.values() if backend.name != "reference" for name in backend.algorithms))
 # Ways a layer's backward gets dL/dcoeffs: from G = g^T x ("dense"), or without forming G through
 # the phase tables ("gemm") or one real FFT of every token row of x and g ("fft").
-BACKWARD_PATHS: Tuple[str, ...] = ("dense", "gemm", "fft")
+BACKWARD_PATHS: Tuple[str, ...] = tuple(BACKWARD_DESCRIPTIONS)
 # Ways a layer beside a quantized base gets its output (docs/math.md, the delta path): dequantize W into a
 # transient dense copy, fold dW into it and run one GEMM ("fold"); or the base layer's own output plus
 # x dW^T by row FFTs ("rows"), the exact-phase tables ("separable") or a dense dW and a second GEMM ("dense").
-DELTA_PATHS: Tuple[str, ...] = ("fold", "rows", "separable", "dense")
+DELTA_PATHS: Tuple[str, ...] = tuple(DELTA_DESCRIPTIONS)
 
 _ACTIVE: Dict[str, CostTable] = {}  # per device kind: the shipped table with this machine's calibration
 
@@ -178,38 +178,37 @@ def decide(call: Call, why_not: Callable[[str], Optional[str]]) -> Decision:
 
 
 def _decide(call: Call, why_not: Callable[[str], Optional[str]], forced_now: Forced, t: CostTable) -> Decision:
-    estimates: Dict[str, Mapping[str, float]] = {}
     notes = []
-
-    def auto_refusal(name: str) -> Optional[str]:
-        return REGISTRY[name].auto_refusal(t, call.k, call.shape)
-
     if call.backend == "auto":
-        order = t.order(call.dtype)
         chosen = "torch"
-        for name in order:  # a loop, not next(generator): Dynamo traces a first decision inside a compiled call
-            if auto_refusal(name) is None and why_not(name) is None:
+        for name in t.order(call.dtype):  # a loop, not next(generator): Dynamo traces a first decision
+            if REGISTRY[name].auto_refusal(t, call.k, call.shape) is None and why_not(name) is None:
                 chosen = name
                 break
     else:
-        order = ()
         chosen = call.backend
         reason = why_not(chosen)
         if reason is not None:
             notes.append(f"backend {chosen!r} cannot run this call here ({reason})")
-    backend = REGISTRY[chosen]
-
+    if call.quantized is not None:
+        notes.append(f"beside a {call.quantized.name} base layer: W is never folded in place and there is no "
+                     "eval cache")
+    estimates: Dict[str, Mapping[str, float]] = {}
     if chosen == "reference":  # the oracle: the paper's formulation, no choices
-        return Decision(call=call, backend=chosen, dw="ifft2", grad="ifft2",
-                        backward=None if call.tokens is None else "autograd",
-                        delta="reference" if call.tokens is not None and (call.quantized or call.mixed) else None,
-                        estimates={}, forced=forced_now, table=t, auto_order=order,
-                        descriptions=backend.descriptions, why_not=why_not, auto_refusal=auto_refusal,
-                        notes=tuple(notes) + _quantized_note(call))
-    # dW is built in the layout it is folded in (a Conv1D's stored, transposed one); dL/dcoeffs read from G,
-    # which is always (d_out, d_in).
-    layouts = {"dw": (call.shape[::-1], None if call.positions is None else call.positions.transposed())
-               if call.transposed else (call.shape, call.positions), "grad": (call.shape, call.positions)}
+        dw = grad = "ifft2"
+        backward = None if call.tokens is None else "autograd"
+        delta = "reference" if call.tokens is not None and (call.quantized or call.mixed) else None
+    else:
+        dw, grad, backward, delta = _choices(call, t, chosen, forced_now, estimates)
+    return Decision(call=call, backend=chosen, dw=dw, grad=grad, backward=backward, delta=delta, estimates=estimates,
+                    forced=forced_now, table=t, why_not=why_not, notes=tuple(notes))
+
+
+def _choices(call: Call, t: CostTable, chosen: str, forced_now: Forced, estimates: Dict) -> tuple:
+    """A fast backend's dW and gradient algorithms, backward path and delta path; ``estimates`` gets the costs
+    compared (not those of a forced choice)."""
+    backend = REGISTRY[chosen]
+    layouts = {"dw": call.dw_layout(), "grad": (call.shape, call.positions)}
     picks, chosen_s = {}, {}
     for what, label in (("dw", "dW"), ("grad", "gradient")):
         shape, positions = layouts[what]
@@ -221,27 +220,16 @@ def _decide(call: Call, why_not: Callable[[str], Optional[str]], forced_now: For
             estimates[label] = options
             picks[what] = costs.cheapest(options)
         chosen_s[what] = options[picks[what]]
-
     backward = None
     if call.tokens is not None:
         options = costs.backward_costs(t, chosen, call.tokens, call.k, call.shape, chosen_s["grad"])
         estimates["backward"] = options
         backward = ("dense" if call.weight_grad else forced_now.backward if forced_now.backward is not None
                     else costs.cheapest(options))
-
     delta = None
     if (call.quantized is not None or call.mixed is not None) and call.tokens is not None:
         delta = _delta(call, t, chosen, chosen_s["dw"], forced_now, estimates)
-    return Decision(call=call, backend=chosen, dw=picks["dw"], grad=picks["grad"], backward=backward, delta=delta,
-                    estimates=estimates, forced=forced_now, table=t, auto_order=order,
-                    descriptions=backend.descriptions, why_not=why_not, auto_refusal=auto_refusal,
-                    notes=tuple(notes) + _quantized_note(call))
-
-
-def _quantized_note(call: Call) -> Tuple[str, ...]:
-    if call.quantized is None:
-        return ()
-    return (f"beside a {call.quantized.name} base layer: W is never folded in place and there is no eval cache",)
+    return picks["dw"], picks["grad"], backward, delta
 
 
 def _delta(call: Call, t: CostTable, backend: str, dw_s: float, forced_now: Forced, estimates: Dict) -> str:

@@ -30,11 +30,12 @@ from .library import coeff_grad_runner, fold
 __all__ = ["delta_linear", "dequantized_linear"]
 
 
-def _delta_way(decision: Decision, path: str):
+def _delta_way(decision: Decision):
+    """``x dW^T`` by the decision's delta path, on its backend's kernels where it has them."""
     kernels = dispatch.kernels(decision.backend)
-    if path == "rows":
+    if decision.delta == "rows":
         return kernels.delta_rows or delta_rows
-    if path == "separable":
+    if decision.delta == "separable":
         return delta_separable
     return delta_dense(lambda c, r, v, shape, alpha: kernels.delta_weight(c, r, v, shape, alpha, decision.dw))
 
@@ -50,7 +51,7 @@ class DeltaLinear(torch.autograd.Function):
     def forward(ctx, x, coeffs, rows, cols, alpha, shape, decision):
         ctx.save_for_backward(x, coeffs, rows, cols)
         ctx.alpha, ctx.shape, ctx.decision = alpha, tuple(shape), decision
-        out = _delta_way(decision, decision.delta)(x.reshape(-1, shape[1]), coeffs, rows, cols, shape, alpha)
+        out = _delta_way(decision)(x.reshape(-1, shape[1]), coeffs, rows, cols, shape, alpha)
         return out.to(x.dtype).reshape(*x.shape[:-1], shape[0])
 
     @staticmethod
@@ -63,7 +64,7 @@ class DeltaLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_c = _coefficient_gradient(decision, x2d, g2d, coeffs, rows, cols, shape, ctx.alpha)
         if ctx.needs_input_grad[0]:
-            way = adjoint(_delta_way(decision, decision.delta))
+            way = adjoint(_delta_way(decision))
             grad_x = way(g2d, coeffs, rows, cols, shape, ctx.alpha).to(x.dtype).reshape(x.shape)
         return grad_x, grad_c, None, None, None, None, None
 
@@ -95,17 +96,13 @@ class DequantizedLinear(torch.autograd.Function):
         return grad_x, grad_c, None, None, None, None, grad_b, None
 
 
+@dispatch.executes(reference.delta_linear)
 def delta_linear(decision: Decision, x, coeffs, rows, cols, alpha, shape: Sequence[int]) -> torch.Tensor:
     """``x dW^T`` by ``decision.delta`` (``rows``, ``separable`` or ``dense``)."""
-    if decision.backend == "reference":
-        return reference.delta_linear(x, coeffs, rows, cols, alpha, shape)
-    dispatch.require(decision)
     return DeltaLinear.apply(x, coeffs, rows, cols, float(alpha), tuple(shape), decision)
 
 
+@dispatch.executes(reference.dequantized_linear)
 def dequantized_linear(decision: Decision, x, coeffs, rows, cols, alpha, dequantize, bias) -> torch.Tensor:
     """``F.linear(x, dequantize() + dW, bias)``, one GEMM, the dense weight transient."""
-    if decision.backend == "reference":
-        return reference.dequantized_linear(x, coeffs, rows, cols, alpha, dequantize, bias)
-    dispatch.require(decision)
     return DequantizedLinear.apply(x, coeffs, rows, cols, float(alpha), dequantize, bias, decision)

@@ -53,7 +53,6 @@ class Kernels(NamedTuple):
 class Backend:
     """One implementation of the LFMA ops. Subclasses set the class attributes and override what differs."""
     name: str = ""
-    summary: str = ""
     kernels_module: Optional[str] = None     # the module whose KERNELS are this backend's (None: no kernels)
     algorithms: Tuple[str, ...] = ()          # ways to build dW, and (the same names) to read dL/dcoeffs from G
     # algorithm -> (what it runs for dW, what it runs for dL/dcoeffs from G)

@@ -22,7 +22,6 @@ __all__ = ["BACKEND"]
 
 class CppBackend(Backend):
     name = "cpp"
-    summary = "compiled C++ CPU kernels (csrc/)"
     kernels_module = "lfma_kernels.ops.cpp_ops"
     algorithms = ("separable", "hybrid", "fft")
     uses_positions = True

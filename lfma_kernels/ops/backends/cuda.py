@@ -11,7 +11,6 @@ __all__ = ["BACKEND"]
 
 class CudaBackend(Backend):
     name = "cuda"
-    summary = "compiled CUDA kernels (csrc/lfma_cuda.cu)"
     kernels_module = "lfma_kernels.ops.cuda_ops"
     algorithms = ("separable",)
     descriptions = {"separable": ("tiled CUDA kernel (cos/sin tables in shared memory)",

@@ -9,7 +9,6 @@ __all__ = ["BACKEND"]
 
 class TorchBackend(Backend):
     name = "torch"
-    summary = "pure PyTorch: separable product or irfft2, folded into W, batch coefficient gradients"
     kernels_module = "lfma_kernels.ops.torch_ops"
     algorithms = ("separable", "fft")
     descriptions = {

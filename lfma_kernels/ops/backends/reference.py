@@ -9,7 +9,6 @@ __all__ = ["BACKEND"]
 
 class Reference(Backend):
     name = "reference"
-    summary = "the paper's formulation (dense spectrum, torch.fft.ifft2, second GEMM): the oracle"
     algorithms = ("ifft2",)
     descriptions = {"ifft2": ("the paper's dense complex spectrum and torch.fft.ifft2 (the oracle)",
                               "autograd through ifft2")}

@@ -19,7 +19,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 class TritonBackend(Backend):
     name = "triton"
-    summary = "fused Triton kernels (GPU, or CPU under TRITON_INTERPRET=1)"
     kernels_module = "lfma_kernels.ops.triton_ops"
     algorithms = ("separable", "fft")     # fft: the torch backend's scatter + irfft2 (cuFFT)
     descriptions = {
