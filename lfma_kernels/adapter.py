@@ -27,9 +27,9 @@ from .selection import Frequencies, init_matrix, num_frequencies, select_frequen
 from .targets import base_device, is_conv1d, is_dtensor
 
 __all__ = [
-    "Adapter", "EvalCacheHooks", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear", "dense_weight",
-    "delta_weight", "folded_weight", "folded_linear", "fold_decision", "quantized_linear", "plan", "merge", "unmerge",
-    "layer_k",
+    "Adapter", "EvalCacheHooks", "needs_grad", "cache_allowed", "base_shape", "logical_weight", "tensor", "linear",
+    "dense_weight", "delta_weight", "folded_weight", "folded_linear", "fold_decision", "quantized_linear", "plan",
+    "merge", "unmerge", "layer_k",
     "choose_frequencies",
 ]
 
@@ -81,9 +81,20 @@ class EvalCacheHooks:
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def clear_cache(self) -> None:
+        """Drop every kept ``W + dW``. Needed only after writing to the coefficients, positions or the weight
+        through ``tensor.data`` outside an optimizer step, which PyTorch hides from the version counters the
+        caches are keyed on; every other change is noticed."""
         for cache in self._caches():
             cache.clear()
-        return super()._apply(fn, *args, **kwargs)
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether a gradient will flow back through a call on ``tensors`` (grad mode on, one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def base_shape(base: nn.Module) -> Tuple[int, int]:
@@ -110,8 +121,10 @@ def _combined(adapters: Sequence[Adapter]) -> Adapter:
                    torch.cat([a.cols for a in adapters]), 1.0)
 
 
-def _decide(backend: str, like: torch.Tensor, a: Adapter, shape: Sequence[int], **facts) -> Decision:
-    return dispatch.decide(backend, like.device, like.dtype, a.rows.shape[0], shape, positions=a.positions, **facts)
+def _decide(backend: str, device: torch.device, dtype: torch.dtype, a: Adapter, shape: Sequence[int],
+            **facts) -> Decision:
+    """The Decision for adapter ``a`` on a ``shape`` weight, tensors on ``device`` in ``dtype``."""
+    return dispatch.decide(backend, device, dtype, a.rows.shape[0], shape, positions=a.positions, **facts)
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
@@ -127,14 +140,15 @@ def folded_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str, si
     w = dense_weight(base)
     a = _combined(adapters)
     coeffs = a.coeffs if sign > 0 else -a.coeffs.detach()
-    decision = _decide(backend, w, a, w.shape, transposed=library.stored_transposed(w))
+    decision = _decide(backend, w.device, w.dtype, a, w.shape, transposed=library.stored_transposed(w))
     return library.folded_weight(decision, w, coeffs, a.rows, a.cols, a.alpha)
 
 
 def delta_weight(base: nn.Module, adapter: Adapter, backend: str) -> torch.Tensor:
     """``dW`` (``(d_out, d_in)``, float32 or wider), differentiable w.r.t. the coefficients."""
     shape = base_shape(base)
-    return library.delta_weight(_decide(backend, adapter.coeffs, adapter, shape), adapter.coeffs, adapter.rows,
+    decision = _decide(backend, adapter.coeffs.device, adapter.coeffs.dtype, adapter, shape)
+    return library.delta_weight(decision, adapter.coeffs, adapter.rows,
                                 adapter.cols, shape, adapter.alpha)
 
 
@@ -145,7 +159,7 @@ def _eval_weight(base: nn.Module, adapters: Sequence[Adapter], backend: str,
     could go unseen (inference tensors track no version). See :mod:`.eval_cache`."""
     w = tensor(base, "weight")
     if cache is None or not cache.enabled or (
-            torch.is_grad_enabled() and (w.requires_grad or any(a.coeffs.requires_grad for a in adapters))):
+            needs_grad(w, *(a.coeffs for a in adapters))):
         return None
     if torch._C._are_functorch_transforms_active():  # wrapped or batched tensors: nothing to cache
         return None
@@ -195,14 +209,14 @@ def fold_decision(x: torch.Tensor, w: torch.Tensor, a: Adapter, backend: str) ->
     multiply the decisions kept, one per sequence length)."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    grad = torch.is_grad_enabled() and (x.requires_grad or a.coeffs.requires_grad or w.requires_grad)
+    grad = needs_grad(x, a.coeffs, w)
     tokens = x.numel() // w.shape[1] if grad else None
     if tokens is not None and not isinstance(tokens, int):
         # A symbolic size (torch.compile with dynamic shapes): the graph must not depend on its value, so the
         # backward path is decided for a typical training step's rows.
         tokens = SYMBOLIC_TOKENS
-    return dispatch.decide(backend, x.device, dtype, a.rows.shape[0], w.shape, positions=a.positions,
-                           tokens=tokens, weight_grad=w.requires_grad, transposed=library.stored_transposed(w))
+    return _decide(backend, x.device, dtype, a, w.shape, tokens=tokens, weight_grad=w.requires_grad,
+                   transposed=library.stored_transposed(w))
 
 
 SYMBOLIC_TOKENS = 4096  # the token count a compiled graph with a dynamic batch size decides its backward for
@@ -225,16 +239,15 @@ FULL_PRECISION = FullPrecision()
 
 
 def _delta_decision(x: torch.Tensor, base: nn.Module, quantization: Quantization, a: Adapter, backend: str,
-                    tokens: Optional[int], grad: Optional[bool] = None) -> Tuple[Decision, bool]:
-    """What a call beside a quantized base runs (and whether it needs a gradient: ``grad``, else from ``x``
-    and the coefficients), decided in the base's compute dtype."""
+                    tokens: Optional[int], grad: Optional[bool] = None) -> Decision:
+    """What a call beside a quantized base runs, decided in the base's compute dtype; whether a gradient will
+    flow (``decision.call.quantized.training``) is ``grad``, else read from ``x`` and the coefficients."""
     if grad is None:
-        grad = torch.is_grad_enabled() and (x.requires_grad or a.coeffs.requires_grad)
+        grad = needs_grad(x, a.coeffs)
     facts = QuantizedBase(quantization.name, grad, quantization.base_dequantizes(base, x, grad),
                           quantization.dequantizes)
-    decision = dispatch.decide(backend, x.device, quantization.compute_dtype(base, x.dtype), a.rows.shape[0],
-                               base_shape(base), tokens=tokens, positions=a.positions, quantized=facts)
-    return decision, grad
+    return _decide(backend, x.device, quantization.compute_dtype(base, x.dtype), a, base_shape(base), tokens=tokens,
+                   quantized=facts)
 
 
 def quantized_linear(x: torch.Tensor, base: nn.Module, quantization: Quantization, adapters: Sequence[Adapter],
@@ -245,8 +258,8 @@ def quantized_linear(x: torch.Tensor, base: nn.Module, quantization: Quantizatio
     No eval cache: a cached dense ``W + dW`` would undo what quantizing the base saved."""
     a = _combined(adapters)
     shape = base_shape(base)
-    decision, grad = _delta_decision(x, base, quantization, a, backend, x.numel() // shape[1])
-    quantization.prepare(base, grad)
+    decision = _delta_decision(x, base, quantization, a, backend, x.numel() // shape[1])
+    quantization.prepare(base, decision.call.quantized.training)
     dtype = decision.call.dtype
     if decision.delta == "fold":
         bias = tensor(base, "bias")
@@ -273,12 +286,12 @@ def plan(x: Optional[torch.Tensor], base: nn.Module, adapters: Sequence[Adapter]
     if quantization is not None:
         like = x if x is not None else torch.empty(0, device=base_device(base))
         tokens = None if x is None else x.numel() // shape[1]
-        return _delta_decision(like, base, quantization, a, backend, tokens, None if x is not None else training)[0]
+        return _delta_decision(like, base, quantization, a, backend, tokens, None if x is not None else training)
     weight = logical_weight(base)
     if x is not None:
         decision = fold_decision(x, weight, a, backend)
     else:
-        decision = _decide(backend, weight, a, shape, weight_grad=weight.requires_grad,
+        decision = _decide(backend, weight.device, weight.dtype, a, shape, weight_grad=weight.requires_grad,
                            transposed=library.stored_transposed(weight))
     if merged:
         note = "merged: the forward is the base layer alone (dW is in its weight)"

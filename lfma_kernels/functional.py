@@ -35,14 +35,14 @@ def delta_weight(
     alpha = finite_number(alpha, "alpha")
     rows, cols = rows.long(), cols.long()
     decision = dispatch.decide(backend, coeffs.device, coeffs.dtype, rows.shape[0], shape,
-                               positions=_positions(rows, cols, shape))
+                               positions=_positions(rows, cols, shape, backend))
     return library.delta_weight(decision, coeffs, rows, cols, shape, alpha).to(dtype or coeffs.dtype)
 
 
-def _positions(rows: torch.Tensor, cols: torch.Tensor, shape: Sequence[int]):
-    """The positions' facts for the planner where a backend that reads them can run (the CPU's): one host
-    copy of K indices, beside the range checks' own."""
-    return count_positions(rows, cols, shape) if rows.device.type == "cpu" else None
+def _positions(rows: torch.Tensor, cols: torch.Tensor, shape: Sequence[int], backend: str):
+    """The positions' facts for the planner where a backend that reads them may run the call: one host copy of
+    K indices, beside the range checks' own."""
+    return count_positions(rows, cols, shape) if dispatch.reads_positions(backend, rows.device.type) else None
 
 
 def lfma_linear(
@@ -69,7 +69,7 @@ def lfma_linear(
     shape = tuple(weight.shape)
     check_frequencies(coeffs, rows, cols, shape)
     alpha = finite_number(alpha, "alpha")
-    a = Adapter(coeffs, rows.long(), cols.long(), alpha, _positions(rows, cols, shape))
+    a = Adapter(coeffs, rows.long(), cols.long(), alpha, _positions(rows, cols, shape, backend))
     return linear_op.lfma_linear(fold_decision(x, weight, a, backend), x, weight, bias, a.coeffs, a.rows, a.cols,
                                  alpha)
 

@@ -137,12 +137,6 @@ class LFMALinear(adapter.EvalCacheHooks, nn.Module):
         return adapter.plan(x, self.base, self._adapters(), self.backend, training=self.training, merged=self._merged,
                             cache=self._cache)
 
-    def clear_cache(self) -> None:
-        """Drop the eval cache of ``W + dW``. Needed only after writing to ``coeffs``, ``rows``,
-        ``cols`` or the weight through ``.data`` outside an optimizer step, which PyTorch hides
-        from the version counters the cache is keyed on; every other change is noticed."""
-        self._cache.clear()
-
     # ------------------------------------------------------------------ merge
     def merge(self, safe: bool = False) -> None:
         """Add ``dW`` into the frozen weight; ``safe=True`` refuses non-finite results and leaves

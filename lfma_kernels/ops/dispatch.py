@@ -17,8 +17,8 @@ from . import planner
 from .backends import BACKENDS, REGISTRY, Kernels
 from .decision import Call, Decision, MixedFold, PositionFacts, QuantizedBase
 
-__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "why_not", "kernels", "executes", "prepare",
-           "decide"]
+__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "why_not", "kernels", "executes", "reads_positions",
+           "prepare", "decide"]
 
 _reasons: Dict[str, Optional[str]] = {}
 _kernels: Dict[str, Optional[Kernels]] = {}
@@ -53,6 +53,14 @@ def _device_refusal(name: str, device_type: str) -> Optional[str]:
     if devices is not None and device_type not in devices:
         return f"does not run on {device_type} tensors (it runs on {', '.join(devices)})"
     return None
+
+
+def reads_positions(backend: str, device_type: str) -> bool:
+    """Whether a call asking for ``backend`` on ``device_type`` tensors may run on a backend whose costs read the
+    positions' facts (worth counting them on the host)."""
+    names = BACKENDS if backend == "auto" else (backend,)
+    return any(name in REGISTRY and REGISTRY[name].uses_positions and why_not(name, device_type) is None
+               for name in names)
 
 
 def _facts(device_type: str):

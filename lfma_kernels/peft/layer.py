@@ -118,12 +118,6 @@ class LfmaLinear(adapter.EvalCacheHooks, nn.Module, LfmaLayer):
     def _caches(self) -> tuple:
         return (self._cache, self._folds)
 
-    def clear_cache(self) -> None:
-        """Drop every kept ``W + dW`` (the eval cache and the mixed batches' ones): after writing
-        through ``tensor.data`` outside an optimizer step, which no version counter sees."""
-        for cache in self._caches():
-            cache.clear()
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
         base = self.base_layer

@@ -98,7 +98,7 @@ def linear(x: torch.Tensor, base: torch.nn.Module, groups: Sequence[Group], pool
     ``pool``."""
     shape = adapter.base_shape(base)
     per_sample = x[0].numel() // shape[1] if x.shape[0] else 0
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(g.adapter.coeffs.requires_grad for g in groups))
+    grad = adapter.needs_grad(x, *(g.adapter.coeffs for g in groups))
     q = quantization if quantization is not None else adapter.FULL_PRECISION
     dtype = q.compute_dtype(base, x.dtype)
     q.prepare(base, grad)  # before the base layer runs (bitsandbytes' CPU repacking, see quantized.py)
@@ -136,9 +136,11 @@ def _grouped(x: torch.Tensor, out: torch.Tensor, deltas, dtype: torch.dtype, sha
     (decoding: a few rows per adapter, where one call per adapter would cost more than its work);
     return the groups left for one call each."""
     def grouped_kernel(decision):
-        kernels = dispatch.kernels(decision.backend) if decision.backend != "reference" else None
+        kernels = dispatch.kernels(decision.backend)  # None for the reference
         return None if kernels is None else kernels.delta_rows_grouped
 
+    if len(deltas) < 2:
+        return deltas
     batchable = [d for d in deltas if d[1].delta == "rows" and grouped_kernel(d[1]) is not None
                  and d[1].backend == deltas[0][1].backend]
     if len(batchable) < 2 or sum(len(g.samples) for g, _ in batchable) * per_sample > GROUPED_ROWS:
@@ -148,7 +150,8 @@ def _grouped(x: torch.Tensor, out: torch.Tensor, deltas, dtype: torch.dtype, sha
     delta = grouped_kernel(batchable[0][1])(rows, [g.adapter for g, _ in batchable],
                                             [len(g.samples) * per_sample for g, _ in batchable], shape)
     out.index_add_(0, index, delta.reshape(len(index), *out.shape[1:]).to(out.dtype))
-    return [d for d in deltas if not any(d is b for b in batchable)]
+    done = {id(d) for d in batchable}
+    return [d for d in deltas if id(d) not in done]
 
 
 def _folded(x: torch.Tensor, base: torch.nn.Module, folds, caches, run_base: Callable[[torch.Tensor], torch.Tensor]
@@ -160,7 +163,7 @@ def _folded(x: torch.Tensor, base: torch.nn.Module, folds, caches, run_base: Cal
     pieces = []
     for g, decision in folds:
         folded.update(g.samples)
-        cache = None if pool is None else eval_cache if len(g.samples) == x.shape[0] else pool.cache(g.name)
+        cache = None if pool is None else eval_cache if decision.call.mixed.whole_batch else pool.cache(g.name)
         pieces.append((g.index, adapter.folded_linear(x.index_select(0, g.index), base, [g.adapter], decision.backend,
                                                       cache)))
     if len(folded) < x.shape[0]:
