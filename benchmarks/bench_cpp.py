@@ -18,8 +18,9 @@ Default: the acceptance comparisons of issue 4, median milliseconds side by side
 
 --crossover: every CPU algorithm of the extension (separable, hybrid, fft2; csrc/cpu_kernels.cpp)
   for dW and for dL/dcoeffs from G, against the torch backend, over K and shapes; the columns
-  "best" and "model" show the fastest measured and what the kernels' cost model picks. The cost
-  model constants (lfma_kernels/ops/cost_tables.py, CompiledCpuCosts) and the cpp/torch order of the planner's CPU table come from here.
+  "best" and "model" show the fastest measured and what the cpp backend's cost model
+  (lfma_kernels/ops/backends/cpp.py) picks. Its constants (lfma_kernels/ops/cost_tables.py,
+  CompiledCpuCosts) and the cpp/torch order of the planner's CPU table come from here.
 
 Candidates are timed round-robin (one run of each per round, in a random order, medians over the
 rounds), so load from other processes falls on all of them alike; a comparison is repeated while

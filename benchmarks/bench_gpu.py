@@ -437,15 +437,16 @@ def run_crossover(args: argparse.Namespace) -> int:
                 c, r, cl = _random_problem(shape, k, dev)
                 x = torch.randn(tokens, shape[1], device=dev, dtype=torch.bfloat16)
                 gy = torch.randn(tokens, shape[0], device=dev, dtype=torch.bfloat16)
+                decided = dispatch.decide("triton", "cuda", torch.float32, k, shape, tokens=tokens)
                 dense = bench(f"{shape} {tokens} K={k} dense", lambda: lambda: triton_ops.KERNELS.coeff_grad(
-                    (gy.T @ x).float(), r, cl, 1.0, dispatch.decide("triton", "cuda", torch.float32, k, shape).grad))
+                    (gy.T @ x).float(), r, cl, 1.0, decided.grad))
                 gemm = bench(f"{shape} {tokens} K={k} gemm", lambda: lambda: triton_ops.coeff_grad_batch_gemm(
                     x, gy, r, cl, shape, 1.0, torch.float32))
                 fft = bench(f"{shape} {tokens} K={k} fft", lambda: lambda: torch_kernels.coeff_grad_batch_fft(
                     x, gy, r, cl, shape, 1.0, torch.float32))
                 measured = {"dense": dense, "gemm": gemm, "fft": fft}
                 best = min((v, name) for name, v in measured.items() if v is not None)[1] if any(measured.values()) else "-"
-                model = dispatch.decide("triton", "cuda", torch.float32, k, shape, tokens=tokens).backward
+                model = decided.backward
                 grad_rows.append([spec, str(tokens), str(k), fmt_ms(dense), fmt_ms(gemm), fmt_ms(fft), best, model])
                 grad_json.append({"shape": spec, "tokens": tokens, "k": k, "dense_ms": dense, "gemm_ms": gemm,
                                   "fft_ms": fft, "fastest": best, "model": model})

@@ -18,11 +18,8 @@
 //
 // `algo` is the CPU algorithm the Python planner chose (0 separable, 1 hybrid, 2 2-D FFT; see
 // cpu_kernels.cpp; what each costs is lfma_kernels/ops/backends/cpp.py's) and is ignored on CUDA.
-#include <sstream>
-#include <string>
 #include <vector>
 
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "lfma_ext.h"

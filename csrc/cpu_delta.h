@@ -12,14 +12,6 @@
 namespace lfma_ext {
 namespace cpu {
 
-// With Q[t, k] = sum_n x[t, n] e^{2 pi i n v_k / N} (a stored bin of the row's real FFT, or its conjugate)
-// and c_k the coefficients, (x dW^T)[t, m] = s Re sum_k c_k e^{2 pi i m u_k / M} Q[t, k], which is M times
-// the inverse real FFT of the Hermitian half spectrum H[u] = (R[u] + conj(R[-u])) / 2, R[u] = sum over
-// u_k = u of c_k Q[t, k]. So each frequency adds gamma * X[j] or gamma * conj(X[j]) at up to two bins of H
-// (u and -u, where they lie in the stored half): per token, one real FFT, 2K complex products gathered
-// from one spectrum row and scattered into another, one inverse real FFT: T (N log N + M log M + K)
-// instead of T M N. Entries with the same (target, source, conjugation) are merged first. Memory as the
-// batch path: token blocks whose two spectra stay in the thread's L2.
 // One adapter's frequencies as the (target, source, conjugation) entries that the token loop applies.
 template <typename T>
 struct DeltaEntries {
@@ -88,6 +80,14 @@ struct DeltaEntries {
 // more than it saves once (at K = 943 on 768x768: 30 against 40 us), and from two tokens on it pays.
 constexpr int64_t kMergeTokens = 2;
 
+// With Q[t, k] = sum_n x[t, n] e^{2 pi i n v_k / N} (a stored bin of the row's real FFT, or its conjugate)
+// and c_k the coefficients, (x dW^T)[t, m] = s Re sum_k c_k e^{2 pi i m u_k / M} Q[t, k], which is M times
+// the inverse real FFT of the Hermitian half spectrum H[u] = (R[u] + conj(R[-u])) / 2, R[u] = sum over
+// u_k = u of c_k Q[t, k]. So each frequency adds gamma * X[j] or gamma * conj(X[j]) at up to two bins of H
+// (u and -u, where they lie in the stored half): per token, one real FFT, 2K complex products gathered
+// from one spectrum row and scattered into another, one inverse real FFT: T (N log N + M log M + K)
+// instead of T M N. Entries with the same (target, source, conjugation) are merged first from
+// kMergeTokens tokens on. Memory as the batch path: token blocks whose two spectra stay in the thread's L2.
 template <typename T>
 void delta_rows(const at::Tensor& x, const T* coeffs, const int64_t* rows, const int64_t* cols, int64_t k,
                 int64_t m, double s, at::Tensor& out) {

@@ -24,7 +24,7 @@ struct Terms {
 Terms make_terms(const int64_t* rows, const int64_t* cols, int64_t k, int64_t m, int64_t n);
 
 // How a call runs: the algorithm; for the separable product whether it runs as fused loops (small K)
-// or a GEMM; for the hybrid its terms (built once, also for the choice).
+// or a GEMM; for the hybrid its terms.
 struct Plan {
   int64_t algo;
   bool fused_loops;
